@@ -1,0 +1,1 @@
+"""Shared pieces of the four RLHF stage scripts (see DESIGN.md)."""

@@ -1,0 +1,237 @@
+"""Tokenizer and model loading shared by every stage.
+
+A model argument may be a Hub id, a full model folder, or a LoRA adapter folder. An adapter folder (it has
+``adapter_config.json``) is loaded on top of its base (``base_model_name_or_path`` from that file, or the
+override the user gives) and merged in memory, so ``merge_with_lora.py`` is optional between stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from trl import ModelConfig
+
+from common.cli import UserError
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ``ModelConfig`` with this project's defaults: LoRA on, dtype chosen by device, and the base of an
+    adapter folder overridable."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, model folder, or LoRA adapter folder (its base is read from adapter_config.json)."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base model for an adapter given as --model_name_or_path (default: the adapter's own)."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use (default: the model's, or the adapter folder's if it has one)."}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights dtype. Default: float32 on CPU, bfloat16 on GPUs that support it, else float32.",
+            "choices": ["auto", "bfloat16", "float16", "float32", None],
+        },
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (false: full fine-tuning)."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts (default: every linear layer but the output head)."},
+    )
+
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UserError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+        super().__post_init__()
+
+
+def default_dtype() -> torch.dtype:
+    """float32 on CPU (bf16 is several times slower there); bf16 on GPUs that support it; else float32."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, ""):
+        return default_dtype()
+    if name == "auto":
+        return "auto"
+    return getattr(torch, name)
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def read_adapter_config(path: str) -> dict:
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_base(name_or_path: str, base_override: str | None = None) -> tuple[str, str | None]:
+    """(base model, adapter folder or None) for a model argument."""
+    if is_adapter_folder(name_or_path):
+        base = base_override or read_adapter_config(name_or_path).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{name_or_path}/adapter_config.json names no base model: pass --base_model_name_or_path")
+        return base, name_or_path
+    return name_or_path, None
+
+
+def check_model_path(name_or_path: str, flag: str) -> None:
+    """A clear error for a local-looking path that does not exist (a Hub id is left to the Hub)."""
+    if not name_or_path:
+        raise UserError(f"{flag} is required")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.exists(name_or_path):
+        raise UserError(f"{flag} {name_or_path}: no such folder")
+    if os.path.isdir(name_or_path) and not (
+        is_adapter_folder(name_or_path) or os.path.isfile(os.path.join(name_or_path, "config.json"))
+    ):
+        raise UserError(f"{flag} {name_or_path}: folder holds neither a model (config.json) nor an adapter (adapter_config.json)")
+
+
+def quantization_config(args: ModelArguments, dtype: torch.dtype | str):
+    """A ``BitsAndBytesConfig`` for ``--load_in_4bit``/``--load_in_8bit``, or None."""
+    if args.load_in_4bit and args.load_in_8bit:
+        raise UserError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str | None = None):
+    """Tokenizer with a pad token always set (the EOS token if it had none).
+
+    For an adapter folder, its own tokenizer files are used when it has them, else the base's.
+    """
+    from transformers import AutoTokenizer
+
+    source = name_or_path
+    if is_adapter_folder(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json")):
+        source = resolve_base(name_or_path)[0]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a tokenizer from {source}: {str(e).splitlines()[0]}") from e
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {source} has no EOS token; generation and packing need one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side:
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _from_pretrained(cls, name_or_path: str, **kwargs):
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load a model from {name_or_path}: {str(e).splitlines()[0]}") from e
+
+
+def load_model(
+    args: ModelArguments,
+    task: str = "CAUSAL_LM",
+    trust_remote_code: bool = False,
+    pad_token_id: int | None = None,
+    flag: str = "--model_name_or_path",
+    name_or_path: str | None = None,
+):
+    """Load a causal LM (``task="CAUSAL_LM"``) or a one-score sequence classifier (``"SEQ_CLS"``).
+
+    An adapter folder is put on its base and merged, so the result is a plain ``transformers`` model ready for a
+    new adapter. ``pad_token_id`` is written into the config (sequence classification scores the last non-pad
+    token, so it must be right).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name_or_path = name_or_path or args.model_name_or_path
+    if not name_or_path:
+        raise UserError(f"{flag} is required")
+    check_model_path(name_or_path, flag)
+    base, adapter = resolve_base(name_or_path, args.base_model_name_or_path)
+    dtype = resolve_dtype(args.dtype)
+    kwargs = dict(
+        dtype=dtype,
+        revision=args.model_revision,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        quantization_config=quantization_config(args, dtype),
+    )
+    if task == "SEQ_CLS":
+        kwargs["num_labels"] = 1
+        if adapter and read_adapter_config(adapter).get("task_type") not in (None, "SEQ_CLS"):
+            raise UserError(
+                f"{flag} {adapter} is a {read_adapter_config(adapter).get('task_type')} adapter, not a reward model "
+                "(SEQ_CLS): merge it first, or pass the reward model's adapter"
+            )
+        model = _from_pretrained(AutoModelForSequenceClassification, base, **kwargs)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, base, **kwargs)
+    if args.load_in_4bit:
+        _keep_4bit_layers_differentiable(model)
+    if adapter:
+        from peft import PeftModel
+
+        # Merged in memory (into a 4/8-bit base too, with peft's rounding) so that a new adapter can go on top.
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def _keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes 0.50 on a CPU with avx512_bf16 repacks a 4-bit layer for inference the first time it runs in
+    eval mode without grad, and from then on its matmul has no autograd: LoRA layers before it stop getting
+    gradients (after the first evaluation, or after PPO's rollout). Opt out of the repacking."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(args: ModelArguments, task: str = "CAUSAL_LM"):
+    """The LoRA config from flags; a reward model also trains and saves its ``score`` head."""
+    if not args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    modules_to_save = list(args.lora_modules_to_save or [])
+    if task == "SEQ_CLS" and "score" not in modules_to_save:
+        modules_to_save.append("score")
+    target = args.lora_target_modules
+    if isinstance(target, list) and len(target) == 1:
+        target = target[0]
+    return LoraConfig(
+        task_type=task,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target,
+        modules_to_save=modules_to_save or None,
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
+        bias="none",
+    )

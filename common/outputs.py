@@ -1,0 +1,237 @@
+"""What every stage writes into its output folder (DESIGN.md, "Output folder"): the resolved arguments, one
+JSON line per log step, a model card, and the final model saved atomically.
+
+The final save's commit point is the model's config file (``adapter_config.json`` or ``config.json``): weights
+and tokenizer are written first under a temporary folder and moved in, the config last, so a folder that looks
+like a model always is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+import yaml
+
+from common.cli import UserError
+
+FINAL_MARKERS = ("adapter_config.json", "config.json")
+METRICS_FILE = "metrics.jsonl"
+
+
+def holds_final_model(output_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(output_dir, m)) for m in FINAL_MARKERS)
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool = False, flag: str = "--overwrite_output_dir") -> None:
+    """Refuse to write over a finished run unless asked to."""
+    if holds_final_model(output_dir) and not overwrite and not resuming:
+        raise UserError(f"--output_dir {output_dir} already holds a final model; pass {flag} to replace it, or choose another folder")
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+
+
+def _plain(value):
+    """A YAML/JSON-safe copy of an argument value (enums, dtypes and other objects become strings)."""
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(getattr(value, "value", value))
+
+
+def write_run_args(output_dir: str, *arg_objects, extra: dict | None = None) -> str:
+    """``run_args.yaml``: every resolved argument, grouped by dataclass, plus the command line."""
+    record = {"command": command_line()}
+    for obj in arg_objects:
+        record[type(obj).__name__] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    if extra:
+        record.update(_plain(extra))
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "run_args.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(record, f, sort_keys=False, width=120)
+    return path
+
+
+class MetricsWriter:
+    """Appends one JSON object per log step to ``metrics.jsonl``; a second log of the same step (the eval after
+    the train log, the end-of-training summary) is merged into that step's line.
+
+    On resume, lines past the checkpoint's step are dropped first, so the file continues without duplicate or
+    missing steps.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.enabled = enabled
+        self._last: dict | None = None
+        self._last_offset = 0
+
+    def truncate_after(self, step: int) -> None:
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+    def reset(self) -> None:
+        if self.enabled and os.path.isfile(self.path):
+            os.remove(self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as f:
+            if self._last is not None and self._last.get("step") == clean.get("step"):
+                f.truncate(self._last_offset)  # rewrite this step's line with both logs merged
+                clean = {**self._last, **clean}
+            f.seek(0, os.SEEK_END)
+            self._last_offset = f.tell()
+            f.write(json.dumps(clean) + "\n")
+        self._last = clean
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def final_tmp_dir(output_dir: str, clear: bool = False) -> str:
+    """The temporary folder the final model is written to before ``commit_final`` moves it into place.
+
+    Its name is the same on every process, so a distributed save (every rank takes part, the main one writes)
+    lands in one place. ``clear`` removes a leftover of a crashed earlier run (main process, before training).
+    """
+    tmp = os.path.join(output_dir, ".final-tmp")
+    if clear and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def commit_final(tmp: str, output_dir: str) -> None:
+    """Move the files of ``tmp`` into ``output_dir``, the model's config file last (main process only)."""
+    for marker in FINAL_MARKERS:  # an older final model stops looking complete before its files are replaced
+        if os.path.isfile(os.path.join(output_dir, marker)):
+            os.remove(os.path.join(output_dir, marker))
+    for name in sorted(os.listdir(tmp), key=lambda n: n in FINAL_MARKERS):
+        dst = os.path.join(output_dir, name)
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)
+    os.rmdir(tmp)
+
+
+def atomic_save(output_dir: str, save: Callable[[str], None]) -> None:
+    """Single-process form: ``save(tmp)`` then ``commit_final``."""
+    tmp = final_tmp_dir(output_dir, clear=True)
+    os.makedirs(tmp)
+    save(tmp)
+    commit_final(tmp, output_dir)
+
+
+def write_model_card(output_dir: str, stage: str, base_model: str, dataset: str, metrics: dict, notes: str = "") -> str:
+    """A short ``README.md``: what this folder is, how it was made, and its key numbers."""
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
+    text = f"""---
+library_name: transformers
+tags: [rlhf, {re.sub(r'[^a-z0-9-]', '-', stage.lower())}]
+base_model: {base_model}
+---
+
+# {stage}
+
+- Base model: `{base_model}`
+- Data: `{dataset}`
+- Written: {time.strftime('%Y-%m-%d %H:%M:%S')}
+
+## Key metrics
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Command
+
+```
+{command_line()}
+```
+
+Every resolved argument is in `run_args.yaml`; the metrics of every log step in `{METRICS_FILE}`.
+{notes}
+"""
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
+    """Resolve ``--resume_from_checkpoint``: a path, or ``latest``/``true`` for the newest complete checkpoint.
+
+    A checkpoint is complete once ``trainer_state.json`` is in it (written last; see ``common.checkpoint``).
+    """
+    if value in (None, "", False) or str(value).lower() in ("false", "none", "no"):
+        return None
+    if str(value).lower() not in ("latest", "true", "last", "yes"):
+        if not os.path.isdir(str(value)):
+            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
+        if not os.path.isfile(os.path.join(str(value), "trainer_state.json")):
+            raise UserError(f"--resume_from_checkpoint {value} is incomplete (no trainer_state.json): it was not fully written")
+        return str(value)
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            m = re.fullmatch(r"checkpoint-(\d+)", name)
+            path = os.path.join(output_dir, name)
+            if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+                found.append((int(m.group(1)), path))
+    if not found:
+        raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}")
+    return max(found)[1]
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        return int(json.load(f)["global_step"])
+
+
+def metrics_callback(writer: MetricsWriter):
+    """A ``TrainerCallback`` that writes each log of the main process to ``writer`` (``step`` first)."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                record = {"step": state.global_step, "epoch": state.epoch}
+                record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str)) or v is None})
+                writer.write(record)
+
+    return MetricsCallback()

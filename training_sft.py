@@ -1,0 +1,202 @@
+"""Stage 1: supervised fine-tuning on `question` / `response_j` with TRL's SFTTrainer (LoRA by default).
+
+    # the offline demo: tiny model, sample data, CPU, about a minute
+    python -m common.tiny_model --output_dir models/tiny
+    python training_sft.py --model_name_or_path models/tiny --dataset_name . --subset data/finetune \
+        --size_valid_set 200 --seq_length 256 --max_steps 60 --eval_freq 20 --save_freq 30 --output_dir runs/sft
+
+    # StackLLaMA's command runs unchanged
+    torchrun --nnodes 1 --nproc_per_node 8 training_sft.py --model_path=<BASE> --streaming \
+        --learning_rate 1e-5 --max_steps 5000 --output_dir ./llama-se
+
+Each example is `Question: {question}\n\nAnswer: {response_j}</s>` (common/prompts.py). By default examples are
+packed end to end into `--seq_length` blocks (`--packing_strategy wrapped`, StackLLaMA's constant-length
+packing with plain causal attention) and the loss is on the answer tokens only (`--completion_only_loss true`;
+`false` trains on the question too, as StackLLaMA did). Without packing, examples longer than `--seq_length`
+are truncated and counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import IntervalStrategy
+from trl import SFTConfig, SFTTrainer
+
+from common.cli import collect, parse_args, run
+from common.data import load_and_validate
+from common.modeling import ModelArguments, check_model_path, load_model, load_tokenizer, lora_config
+from common.outputs import (
+    MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
+    metrics_callback, write_model_card, write_run_args,
+)
+from common.prompts import tokenize_example
+
+FIELDS = ["question", "response_j"]
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(
+        default="lvwerra/stack-exchange-paired",
+        metadata={"help": "Hub id, local folder (with --subset as its sub-folder), data file, or save_to_disk folder."},
+    )
+    subset: str = field(default="data/finetune", metadata={"help": "The data_dir inside --dataset_name."})
+    split: str = field(default="train", metadata={"help": "Split to train on; the validation rows are held out of it."})
+    size_valid_set: int = field(default=4000, metadata={"help": "Rows held out of --split for evaluation (0: none)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data set instead of downloading it whole."})
+    shuffle_buffer: int = field(default=5000, metadata={"help": "Shuffle buffer size when streaming."})
+    eos_token_id: int | None = field(default=None, metadata={"help": "EOS id to end each example with (default: the tokenizer's)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
+    eval_first_step: bool = field(default=False, metadata={"help": "Evaluate once before training (the baseline eval loss)."})
+
+
+# StackLLaMA's flags, kept as aliases of the Hugging Face names (STACKLLAMA.md).
+ALIASES = {
+    "--model_path": "model_name_or_path",
+    "--model_name": "model_name_or_path",
+    "--seq_length": "max_length",
+    "--batch_size": "per_device_train_batch_size",
+    "--num_warmup_steps": "warmup_steps",
+    "--num_workers": "dataloader_num_workers",
+    "--log_freq": "logging_steps",
+    "--eval_freq": "eval_steps",
+    "--save_freq": "save_steps",
+}
+
+
+def device_defaults() -> dict:
+    """bf16 and gradient checkpointing pay off on GPUs and cost several times the step time on a CPU."""
+    on_gpu = torch.cuda.is_available()
+    return {
+        "bf16": None if on_gpu and torch.cuda.is_bf16_supported() else False,  # None: TRL's "bf16 unless fp16"
+        "gradient_checkpointing": on_gpu,
+        "dataloader_pin_memory": on_gpu,
+    }
+
+
+# StackLLaMA's historical defaults, then this project's (packing, answer-only loss, no reporting by default).
+DEFAULTS = {
+    "learning_rate": 1e-4, "max_steps": 10000, "per_device_train_batch_size": 4, "max_length": 1024,
+    "lr_scheduler_type": "cosine", "warmup_steps": 100, "weight_decay": 0.05, "output_dir": "./checkpoints",
+    "logging_steps": 1, "eval_steps": 1000, "save_steps": 1000, "seed": 0, "eval_strategy": "steps",
+    "packing": True, "packing_strategy": "wrapped", "completion_only_loss": True, "report_to": "none",
+    "per_device_eval_batch_size": 4,
+}
+
+
+def check_args(script: ScriptArguments, config: SFTConfig) -> None:
+    problems = []
+    if config.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0, got {config.learning_rate}")
+    if config.max_steps == 0 or (config.max_steps < 0 and config.num_train_epochs <= 0):
+        problems.append(f"--max_steps must be > 0 (or -1 with --num_train_epochs > 0), got {config.max_steps}")
+    if config.max_length is None or config.max_length <= 0:
+        problems.append(f"--seq_length/--max_length must be > 0, got {config.max_length}")
+    if script.size_valid_set < 0:
+        problems.append(f"--size_valid_set must be >= 0, got {script.size_valid_set}")
+    if script.streaming and config.max_steps <= 0:
+        problems.append("--streaming needs --max_steps > 0 (a stream has no length to count epochs by)")
+    if config.per_device_train_batch_size <= 0:
+        problems.append(f"--batch_size/--per_device_train_batch_size must be > 0, got {config.per_device_train_batch_size}")
+    collect(problems)
+
+
+def split_valid(loaded, script: ScriptArguments):
+    """Hold `--size_valid_set` rows out of the training split (StackLLaMA's take/skip when streaming)."""
+    ds = loaded.dataset
+    if script.streaming:
+        from datasets import Dataset
+
+        valid = Dataset.from_list(list(ds.take(script.size_valid_set))) if script.size_valid_set else None
+        return ds.skip(script.size_valid_set).shuffle(buffer_size=script.shuffle_buffer, seed=0), valid
+    if script.size_valid_set == 0:
+        return ds, None
+    if script.size_valid_set >= len(ds):
+        collect([f"--size_valid_set {script.size_valid_set} leaves no training rows: {loaded.source} has {len(ds)} rows"])
+    parts = ds.train_test_split(test_size=script.size_valid_set, seed=0)
+    return parts["train"], parts["test"]
+
+
+def tokenize(ds, tokenizer, streaming: bool):
+    fn = lambda row: tokenize_example(tokenizer, row["question"], row["response_j"])  # noqa: E731
+    kwargs = {} if streaming else {"desc": "Tokenizing"}
+    return ds.map(fn, remove_columns=list(ds.column_names or []), **kwargs)
+
+
+def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments) -> None:
+    check_args(script, config)
+    check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
+    resume = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    check_output_dir(config.output_dir, script.overwrite_output_dir, resuming=resume is not None)
+    is_main = config.process_index == 0
+
+    # Data first: a bad row should cost seconds, not a model load.
+    loaded = load_and_validate(script.dataset_name, script.subset, script.split, FIELDS, streaming=script.streaming)
+    train_rows, valid_rows = split_valid(loaded, script)
+    if valid_rows is None:
+        config.eval_strategy = IntervalStrategy.NO
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "", config.trust_remote_code, "right")
+    if script.eos_token_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(script.eos_token_id)
+    train_ds = tokenize(train_rows, tokenizer, script.streaming)
+    eval_ds = tokenize(valid_rows, tokenizer, False) if valid_rows is not None else None
+    if not script.streaming and is_main:
+        lengths = [len(ids) for ids in train_ds["input_ids"]]
+        over = sum(n > config.max_length for n in lengths)
+        what = "span two packed blocks" if config.packing else "are truncated"
+        print(f"train: {len(lengths)} examples, {sum(lengths)} tokens; {over} longer than --seq_length {config.max_length} {what}")
+
+    model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
+    writer = MetricsWriter(config.output_dir, enabled=is_main)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, "CAUSAL_LM"),
+        callbacks=[metrics_callback(writer)],
+    )
+    if is_main:
+        final_tmp_dir(config.output_dir, clear=True)
+        write_run_args(config.output_dir, script, model_args, config)
+        writer.truncate_after(checkpoint_step(resume)) if resume else writer.reset()
+    if script.eval_first_step and eval_ds is not None and not resume:
+        trainer.evaluate()
+    trainer.train(resume_from_checkpoint=resume)
+    if eval_ds is not None and trainer.state.global_step % config.eval_steps != 0:
+        trainer.evaluate()  # the final eval loss, if the last step was not an eval step
+
+    tmp = final_tmp_dir(config.output_dir)
+    trainer.save_model(tmp)  # every process takes part (sharded states); the main one writes
+    trainer.accelerator.wait_for_everyone()
+    if is_main:
+        tokenizer.save_pretrained(tmp)
+        if os.path.isfile(os.path.join(tmp, "training_args.bin")):
+            os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
+        commit_final(tmp, config.output_dir)
+        history = trainer.state.log_history
+        losses = [h["loss"] for h in history if "loss" in h]
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+        write_model_card(
+            config.output_dir,
+            "SFT " + ("LoRA adapter" if model_args.use_peft else "model"),
+            model_args.model_name_or_path,
+            f"{script.dataset_name} ({script.subset}, {script.split})",
+            {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
+             "train_loss_last": losses[-1] if losses else None, "eval_loss_first": evals[0] if evals else None,
+             "eval_loss_last": evals[-1] if evals else None},
+        )
+        print(f"saved to {config.output_dir}")
+
+
+def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfig, ModelArguments]:
+    return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES, {**DEFAULTS, **device_defaults()}, argv, __doc__)
+
+
+if __name__ == "__main__":
+    run(lambda: main(*parse()))
