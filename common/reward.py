@@ -11,8 +11,11 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_le
     """Reward-model scores of ``texts`` (float32, on CPU, shape ``[len(texts)]``).
 
     Each text is tokenized with the reward model's own tokenizer (so policy and reward model need not share a
-    vocabulary), batched with padding, and scored at its last non-pad token (``config.pad_token_id``).
+    vocabulary), ended with its EOS token as TRL's ``RewardTrainer`` ends every training text, batched with
+    padding, and scored at its last non-pad token (``config.pad_token_id``).
     """
+    eos = tokenizer.eos_token or ""
+    texts = [t if t.endswith(eos) else t + eos for t in texts]
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     was_training = model.training
