@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
 from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
 from common.cli import collect, parse_args, run
 from common.data import load_and_validate
-from common.modeling import ModelArguments, check_model_path, load_model, load_tokenizer, lora_config
+from common.modeling import (
+    ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
+)
 from common.outputs import (
     MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
     metrics_callback, write_model_card, write_run_args,
@@ -65,16 +66,6 @@ ALIASES = {
     "--eval_freq": "eval_steps",
     "--save_freq": "save_steps",
 }
-
-
-def device_defaults() -> dict:
-    """bf16 and gradient checkpointing pay off on GPUs and cost several times the step time on a CPU."""
-    on_gpu = torch.cuda.is_available()
-    return {
-        "bf16": None if on_gpu and torch.cuda.is_bf16_supported() else False,  # None: TRL's "bf16 unless fp16"
-        "gradient_checkpointing": on_gpu,
-        "dataloader_pin_memory": on_gpu,
-    }
 
 
 # StackLLaMA's historical defaults, then this project's (packing, answer-only loss, no reporting by default).
@@ -195,7 +186,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfig, ModelArguments]:
-    return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES, {**DEFAULTS, **device_defaults()}, argv, __doc__)
+    return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES, {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,22 @@ class ModelArguments(ModelConfig):
         super().__post_init__()
 
 
+def trainer_device_defaults() -> dict:
+    """Defaults for a TRL trainer config that fit the device.
+
+    bf16 autocast and gradient checkpointing pay off on GPUs and cost several times the step time on a CPU.
+    ``use_cpu`` on a machine without a GPU also lets ``torchrun`` form a gloo process group (accelerate only
+    does that when told the run is on CPU).
+    """
+    on_gpu = torch.cuda.is_available()
+    return {
+        "bf16": None if on_gpu and torch.cuda.is_bf16_supported() else False,  # None: TRL's "bf16 unless fp16"
+        "gradient_checkpointing": on_gpu,
+        "dataloader_pin_memory": on_gpu,
+        "use_cpu": not on_gpu,
+    }
+
+
 def default_dtype() -> torch.dtype:
     """float32 on CPU (bf16 is several times slower there); bf16 on GPUs that support it; else float32."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -155,6 +171,7 @@ def load_model(
     pad_token_id: int | None = None,
     flag: str = "--model_name_or_path",
     name_or_path: str | None = None,
+    require_score_head: bool = False,
 ):
     """Load a causal LM (``task="CAUSAL_LM"``) or a one-score sequence classifier (``"SEQ_CLS"``).
 
@@ -184,7 +201,13 @@ def load_model(
                 f"{flag} {adapter} is a {read_adapter_config(adapter).get('task_type')} adapter, not a reward model "
                 "(SEQ_CLS): merge it first, or pass the reward model's adapter"
             )
-        model = _from_pretrained(AutoModelForSequenceClassification, base, **kwargs)
+        model, info = _from_pretrained(AutoModelForSequenceClassification, base, output_loading_info=True, **kwargs)
+        head_missing = any(k.split(".")[0] == "score" for k in info.get("missing_keys", []))
+        if require_score_head and head_missing and not (adapter and _adapter_has(adapter, "score")):
+            raise UserError(
+                f"{flag} {name_or_path} has no trained `score` head (it is not a reward model): pass the output "
+                "folder of training_reward_model.py, or a sequence-classification model with one label"
+            )
     else:
         model = _from_pretrained(AutoModelForCausalLM, base, **kwargs)
     if args.load_in_4bit:
@@ -210,6 +233,17 @@ def _keep_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def _adapter_has(adapter: str, module: str) -> bool:
+    """Whether the adapter's weights include ``module`` (e.g. a reward model's ``score`` head)."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return False
+    with safe_open(path, "pt") as f:
+        return any(f".{module}." in f".{k}" for k in f.keys())
 
 
 def lora_config(args: ModelArguments, task: str = "CAUSAL_LM"):

@@ -1,0 +1,157 @@
+"""Stage 3 end to end on tiny models: outputs, metrics, resume, tokenizers, processes, and bad input."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from common.outputs import read_metrics
+from conftest import ROOT, assert_user_error, run_script
+
+METRIC_KEYS = [
+    "step", "episodes", "objective/scores", "objective/scores_std", "objective/kl", "objective/kl_coef",
+    "objective/rlhf_reward", "objective/entropy", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value",
+    "val/clipfrac", "val/explained_variance", "response/length_mean", "response/eos_fraction", "time/generate",
+    "time/score", "time/train", "throughput/episodes_per_s",
+]
+FAST = ["--dataset_name", ".", "--subset", "data/rl", "--batch_size", "8", "--mini_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--output_min_length", "6",
+        "--output_max_length", "12", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+
+
+def _save_reward_model(base: str, out: str, seed: int = 0) -> str:
+    """A sequence classifier on ``base`` with a random but saved `score` head: enough to drive PPO."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model, tmp_path_factory):
+    return _save_reward_model(tiny_model, str(tmp_path_factory.mktemp("rm") / "rm"))
+
+
+def ppo(tiny_model, reward_model, out, *extra, check=True, launcher=None):
+    args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", reward_model, *FAST, "--output_dir", out, *extra]
+    if launcher:
+        args = [*launcher, *args]
+    return run_script(*args, check=check)
+
+
+@pytest.mark.slow
+def test_ppo_writes_metrics_samples_checkpoints_and_resumes_exactly(tiny_model, reward_model, tmp_path):
+    from safetensors.torch import load_file
+
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    common = ["--steps", "32", "--save_freq", "2"]  # 4 PPO steps of 8 episodes
+    ppo(tiny_model, reward_model, full, *common)
+    metrics = read_metrics(full)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32
+    for key in METRIC_KEYS:
+        assert all(key in m for m in metrics), key
+    assert all(abs(m["objective/kl"]) < 10 for m in metrics) and metrics[0]["objective/kl"] == pytest.approx(0, abs=1e-4)
+    samples = [json.loads(line) for line in open(os.path.join(full, "samples.jsonl"))]
+    assert {s["step"] for s in samples} == {1, 2, 3, 4} and all({"question", "response", "score"} <= set(s) for s in samples)
+    assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md", "run_args.yaml",
+            "tokenizer.json", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(full))
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "value_head.safetensors",
+            "adapter_model.safetensors"} <= set(os.listdir(os.path.join(full, "checkpoint-2")))
+    state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
+    assert state["global_step"] == 2 and state["episodes"] == 16 and state["kl_coef"] == metrics[1]["objective/kl_coef"]
+
+    # The same run, stopped right after checkpoint-2 (with one step of metrics written past it), then resumed.
+    ppo(tiny_model, reward_model, cut, *common)
+    for name in os.listdir(cut):
+        if name not in ("checkpoint-2", "metrics.jsonl", "samples.jsonl", "run_args.yaml"):
+            path = os.path.join(cut, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    lines = open(os.path.join(cut, "metrics.jsonl")).read().splitlines()
+    open(os.path.join(cut, "metrics.jsonl"), "w").write("\n".join(lines[:3]) + "\n")
+    ppo(tiny_model, reward_model, cut, *common, "--resume_from_checkpoint", "latest")
+    resumed = read_metrics(cut)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(metrics, resumed):
+        assert a["objective/scores"] == pytest.approx(b["objective/scores"], abs=1e-6)
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(os.path.join(full, name)), load_file(os.path.join(cut, name))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+    # The adapter really moved away from the reference (LoRA B starts at zero).
+    assert max(v.abs().max().item() for k, v in load_file(os.path.join(full, "adapter_model.safetensors")).items() if "lora_B" in k) > 0
+
+
+@pytest.mark.slow
+def test_reward_model_with_another_tokenizer_and_full_fine_tuning(tiny_model, tmp_path):
+    from common.tiny_model import main as build
+
+    other = build(["--output_dir", str(tmp_path / "other"), "--vocab_size", "1024", "--hidden_size", "128", "--seed", "1"])
+    rm = _save_reward_model(other, str(tmp_path / "rm_other"))
+    out = str(tmp_path / "ppo")
+    ppo(tiny_model, rm, out, "--steps", "16", "--use_peft", "false", "--learning_rate", "1e-5")
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["objective/kl"] == m["objective/kl"] for m in metrics)
+    assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "value_head.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes(tiny_model, reward_model, tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = ppo(tiny_model, reward_model, out, "--steps", "32", "--batch_size", "4", "--mini_batch_size", "2",
+               launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"])
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32  # 2 x 4 per step
+    assert proc.stdout.count("saved to") == 1  # only the main process prints and saves
+
+
+def test_stackllama_flags_parse_with_their_meaning():
+    import training_rl
+
+    a, m = training_rl.parse([
+        "--log_with=wandb", "--model_name=M", "--reward_model_name=R", "--adafactor=False", "--tokenizer_name=T",
+        "--save_freq=100", "--output_max_length=128", "--batch_size=8", "--gradient_accumulation_steps=8",
+        "--batched_gen=True", "--ppo_epochs=4", "--seed=0", "--learning_rate=1.4e-5", "--early_stopping=True",
+        "--output_dir=llama-se-rl-finetune", "--steps", "20000", "--init_kl_coef", "0.2", "--adap_kl_ctrl", "True",
+        "--target_kl", "0.1", "--reward_baseline", "0.0", "--mini_batch_size", "1", "--load_in_8bit",
+    ])
+    assert (m.model_name_or_path, m.tokenizer_name, a.reward_model_name, a.report_to) == ("M", "T", "R", "wandb")
+    assert (a.adafactor, a.batched_gen, a.early_stopping, a.save_freq, a.batch_size, a.steps) == (False, True, True, 100, 8, 20000)
+    assert a.learning_rate == 1.4e-5 and m.load_in_8bit and a.output_min_length == 32 and a.target == 6.0
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--batch_size", "6", "--mini_batch_size", "4"], "--batch_size"),
+    (["--learning_rate", "-1"], "--learning_rate"),
+    (["--steps", "0"], "--steps"),
+    (["--output_max_length", "0"], "--output_max_length"),
+    (["--max_prompt_length", "3"], "--max_prompt_length"),
+    (["--load_in_4bit", "--load_in_8bit"], "--load_in_4bit"),
+    (["--reward_model_name", "./missing/rm"], "./missing/rm"),
+])
+def test_bad_flags_give_one_clear_message(tiny_model, reward_model, tmp_path, capsys, flags, needle):
+    import training_rl
+    from common.cli import run
+
+    args = ["--model_name", tiny_model, "--reward_model_name", reward_model, *FAST, "--output_dir", str(tmp_path / "o"), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: training_rl.main(*training_rl.parse(args)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err, err
+
+
+def test_a_causal_lm_is_not_a_reward_model(tiny_model, tmp_path, capsys):
+    import training_rl
+    from common.cli import run
+
+    args = ["--model_name", tiny_model, "--reward_model_name", tiny_model, *FAST, "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        run(lambda: training_rl.main(*training_rl.parse(args)))
+    assert "score" in capsys.readouterr().err
