@@ -38,7 +38,7 @@ from common.outputs import (
     write_run_args,
 )
 from common.ppo import AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOHyperparameters, PPOTrainer
-from common.prompts import tokenize_prompt
+from common.prompts import format_prompt
 
 
 @dataclass
@@ -124,8 +124,9 @@ def check_args(a: ScriptArguments, m: ModelArguments) -> None:
 def load_prompts(a: ScriptArguments, tokenizer):
     """Validated, tokenized prompts; those over --max_prompt_length are dropped and counted."""
     loaded = load_and_validate(a.dataset_name, a.subset, a.split, ["question"])
-    ds = loaded.dataset.map(lambda row: {"input_ids": tokenize_prompt(tokenizer, row["question"])},
-                            remove_columns=[c for c in loaded.dataset.column_names if c != "question"])
+    # Batched, with the same call as tokenize_prompt (the prefix SFT trained on, byte for byte).
+    ds = loaded.dataset.map(lambda rows: {"input_ids": tokenizer([format_prompt(q) for q in rows["question"]])["input_ids"]},
+                            batched=True, remove_columns=[c for c in loaded.dataset.column_names if c != "question"])
     kept = ds.filter(lambda row: len(row["input_ids"]) <= a.max_prompt_length)
     if len(kept) == 0:
         raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length {a.max_prompt_length}: nothing to train on")

