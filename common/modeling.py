@@ -217,6 +217,9 @@ def load_model(
 
         # Merged in memory (into a 4/8-bit base too, with peft's rounding) so that a new adapter can go on top.
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        # A new adapter trained on top must record this adapter folder as its base (peft reads name_or_path),
+        # or merging it later would silently drop this adapter's weights.
+        model.name_or_path = model.config._name_or_path = name_or_path
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
         if getattr(model, "generation_config", None) is not None:

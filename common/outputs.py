@@ -135,8 +135,12 @@ def commit_final(tmp: str, output_dir: str) -> None:
     for marker in FINAL_MARKERS:  # an older final model stops looking complete before its files are replaced
         if os.path.isfile(os.path.join(output_dir, marker)):
             os.remove(os.path.join(output_dir, marker))
+    umask = os.umask(0)
+    os.umask(umask)
     for name in sorted(os.listdir(tmp), key=lambda n: n in FINAL_MARKERS):
         dst = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(tmp, name)):  # safetensors writes 0600 whatever the umask; share like any file
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)
         os.replace(os.path.join(tmp, name), dst)
