@@ -15,8 +15,8 @@
 The policy starts from `--model_name` (a model, or an SFT adapter merged in memory) with a new LoRA adapter;
 the reference is the same network with the adapter disabled. The reward model (any one-label sequence
 classifier: Hub id, folder or adapter folder) scores `Question: …\n\nAnswer: {response}` with its own tokenizer.
-`--steps` counts episodes (responses), as in StackLLaMA: the run makes ceil(steps / (batch_size * processes))
-PPO steps.
+`--steps` counts episodes (responses) per process, as TRL's PPOConfig did for StackLLaMA: the run makes
+ceil(steps / batch_size) PPO steps, each of batch_size responses on every process.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ScriptArguments:
     subset: str = field(default="data/rl", metadata={"help": "The data_dir inside --dataset_name."})
     split: str = field(default="train", metadata={"help": "Split of the prompts."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (in policy tokens) are dropped."})
-    steps: int = field(default=20000, metadata={"help": "Episodes (responses) to train on, across processes."})
+    steps: int = field(default=20000, metadata={"help": "Episodes (responses) per process: ceil(steps / batch_size) PPO steps."})
     batch_size: int = field(default=32, metadata={"help": "Responses per PPO step, per process."})
     mini_batch_size: int = field(default=1, metadata={"help": "Responses per forward/backward in the update."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
@@ -97,8 +97,11 @@ ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to", "--r
 
 def check_args(a: ScriptArguments, m: ModelArguments) -> None:
     problems = []
-    for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                 "output_min_length", "output_max_length", "max_prompt_length", "reward_batch_size"):
+    for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "target",
+                 "horizon", "output_min_length", "output_max_length", "max_prompt_length", "reward_batch_size",
+                 "max_skipped_steps", "generation_batch_size"):
+        if getattr(a, name) is None:
+            continue
         if getattr(a, name) <= 0:
             problems.append(f"--{name} must be > 0, got {getattr(a, name)}")
     if a.learning_rate <= 0:
@@ -151,6 +154,9 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
     prompts, dropped, source = load_prompts(a, tokenizer)
+    if len(prompts) < a.batch_size * accelerator.num_processes:
+        raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
+                        f"(--batch_size {a.batch_size} x {accelerator.num_processes} processes)")
     if is_main:
         print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length {a.max_prompt_length} dropped")
     reward_stats = None
@@ -174,21 +180,23 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
         policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
     else:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(accelerator.device)
-    for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, detail 1)
+    for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, sec. 4)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
     if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
 
-    total_steps = math.ceil(a.steps / (a.batch_size * accelerator.num_processes))
+    total_steps = math.ceil(a.steps / a.batch_size)  # as TRL's PPOConfig counted: per process
     params = [p for p in model.parameters() if p.requires_grad]
     if a.adafactor:
         from transformers.optimization import Adafactor
 
         optimizer = Adafactor(params, lr=a.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
     else:
-        optimizer = torch.optim.AdamW(params, lr=a.learning_rate)
+        optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)  # Adam, as TRL's PPO used
     scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=total_steps)
     kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
     hp = PPOHyperparameters(

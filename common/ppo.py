@@ -13,6 +13,7 @@ including the first EOS and 0 after it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.cli import UserError
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math
@@ -39,7 +42,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
     """(x - mean) / std over the unmasked entries; ``reduce(t)`` sums ``t`` across processes (DDP), if given.
 
-    The variance is the unbiased one of all unmasked tokens of the (global) batch (Huang et al. 2024, detail 4).
+    The variance is the unbiased one of all unmasked tokens of the (global) batch (advantage normalisation: Huang et al. 2022, "37 details", #7).
     """
     stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
     if reduce is not None:
@@ -181,7 +184,7 @@ class PolicyWithValueHead(nn.Module):
         self.policy = policy
         hidden = policy.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))  # Huang et al. 2024, detail 9
+        nn.init.zeros_(self.value_head.weight)  # as lm-human-preferences: V = 0 until the value loss teaches it
         nn.init.zeros_(self.value_head.bias)
 
     def lm(self) -> nn.Module:
@@ -272,7 +275,9 @@ class PPOTrainer:
         self.accelerator, self.hp = accelerator, hp
         self.tokenizer, self.reward_model, self.reward_tokenizer = tokenizer, reward_model, reward_tokenizer
         self.prompts, self.kl_ctl, self.reward_stats, self.ref_model = prompts, kl_ctl, reward_stats, ref_model
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # The scheduler stays outside `prepare`: accelerate would step it once per process per call.
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
         self.running = RunningMoments()
         self.step_count, self.episodes, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
         self.data_epoch, self.data_index = 0, 0  # position in the (shuffled, global) prompt stream
@@ -311,7 +316,7 @@ class PPOTrainer:
                 max_new = self.length_rng.randint(hp.output_min_length, hp.output_max_length)
                 out = policy.generate(
                     input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                    temperature=hp.temperature, max_new_tokens=max_new, min_new_tokens=1,
+                    temperature=hp.temperature, max_new_tokens=max_new,
                     eos_token_id=eos, pad_token_id=pad, use_cache=True,
                 )
                 for row in out[:, width:].tolist():
@@ -332,7 +337,9 @@ class PPOTrainer:
         if hp.reward_normalization == "stats":
             shaped = (shaped - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-8)
         elif hp.reward_normalization == "running":
-            self.running.update(self.accelerator.gather(raw))
+            gathered = self.accelerator.gather(raw)
+            if torch.isfinite(gathered).all():  # a NaN would poison the moments for good
+                self.running.update(gathered)
             shaped = (shaped - self.running.mean) / max(self.running.std, 1e-8)
         shaped = shaped - hp.reward_baseline
         if hp.reward_clip is not None:
@@ -395,7 +402,8 @@ class PPOTrainer:
         b = self.collate(batch, responses)
         mask = b["mask"]
         old_logprobs, old_values, ref_logprobs, entropy = self.reference_and_values(b)
-        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value)
+        kl_coef = self.kl_ctl.value  # the coefficient these rewards use (logged; the controller updates after)
+        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)
         advantages, returns = compute_gae(rewards, old_values, mask, hp.gamma, hp.lam)
         advantages = masked_whiten(advantages, mask, reduce=lambda t: acc.reduce(t, "sum"))
 
@@ -427,8 +435,8 @@ class PPOTrainer:
             "objective/scores_std": all_raw.std().item() if all_raw.numel() > 1 else 0.0,
             "objective/scores_shaped": self._mean(scores.mean()),
             "objective/kl": mean_kl,
-            "objective/kl_coef": self.kl_ctl.value,
-            "objective/rlhf_reward": self._mean((scores - self.kl_ctl.value * kl.sum(1)).mean()),
+            "objective/kl_coef": kl_coef,
+            "objective/rlhf_reward": self._mean((scores - kl_coef * kl.sum(1)).mean()),
             "objective/entropy": self._mean(masked_mean(entropy, mask)),
             "val/explained_variance": 1.0 - var_resid / var_returns if var_returns > 0 else float("nan"),
             "val/mean": self._mean(masked_mean(old_values, mask)),
@@ -455,6 +463,7 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(hp.seed * 100003 + self.step_count)
         totals: dict[str, float] = {}
         n_updates, n_micro = 0, 0
+        snapshot = self._snapshot()
         self.model.train()
         for _epoch in range(hp.ppo_epochs):
             b_inds = torch.randperm(hp.batch_size, generator=gen)
@@ -475,16 +484,16 @@ class PPOTrainer:
                         if self._all(~bad):
                             acc.backward(loss / hp.gradient_accumulation_steps)
                     if not self._all(~bad):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        return None  # nothing of this step reaches the weights past its last good update
+                        self._restore(snapshot)
+                        return None
                     approx_kls.append(stats["policy/approxkl"])
                     n_micro += 1
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value.item()
                 if hp.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), hp.max_grad_norm)
-                    if not self._all(torch.isfinite(torch.as_tensor(grad_norm))):
-                        self.optimizer.zero_grad(set_to_none=True)
+                    if grad_norm is not None and not self._all(torch.isfinite(torch.as_tensor(grad_norm))):
+                        self._restore(snapshot)
                         return None
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -499,6 +508,27 @@ class PPOTrainer:
         return out
 
     # --- helpers ---------------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict | None:
+        """Trainable weights and optimizer state before an update, so a non-finite loss in a later minibatch
+        can undo the step's earlier optimizer steps too. Taken when the trainable weights are small (LoRA and
+        value head); with full fine-tuning a copy would double the memory, and only the failing optimizer step
+        is skipped (docs/ppo.md)."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters()):
+            return None
+        return {"params": [p.detach().clone() for p in params], "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def _restore(self, snapshot: dict | None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if snapshot is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            for p, saved in zip([p for p in model.parameters() if p.requires_grad], snapshot["params"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
 
     def _mean(self, x) -> float:
         """Mean across processes of a scalar tensor."""
@@ -517,6 +547,7 @@ class PPOTrainer:
     def state(self) -> dict:
         return {
             "global_step": self.step_count, "episodes": self.episodes, "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips, "num_processes": self.accelerator.num_processes,
             "kl_coef": self.kl_ctl.value, "running": [self.running.mean, self.running.var, self.running.count],
             "data_epoch": self.data_epoch, "data_index": self.data_index,
             "length_rng": _rng_to_json(self.length_rng.getstate()),
@@ -528,16 +559,19 @@ class PPOTrainer:
         rng = {"torch": torch.get_rng_state(), "python": _rng_to_json(random.getstate())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        tmp = folder + ".tmp"
         acc.wait_for_everyone()
         if acc.is_main_process:
-            tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
+        acc.wait_for_everyone()
+        torch.save(rng, os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))  # every process its own
+        acc.wait_for_everyone()
+        if acc.is_main_process:
             self.save_model(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             if self.scheduler is not None:
                 torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch.save(rng, os.path.join(tmp, "rng_state.pth"))
             for name, text in (extra_files or {}).items():
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(text)
@@ -576,11 +610,16 @@ class PPOTrainer:
         with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
             s = json.load(f)
         self.step_count, self.episodes, self.skipped_steps = s["global_step"], s["episodes"], s["skipped_steps"]
+        self.consecutive_skips = s.get("consecutive_skips", 0)
         self.kl_ctl.value = s["kl_coef"]
         self.running.mean, self.running.var, self.running.count = s["running"]
         self.data_epoch, self.data_index = s["data_epoch"], s["data_index"]
         self.length_rng.setstate(_rng_from_json(s["length_rng"]))
-        rng = torch.load(os.path.join(folder, "rng_state.pth"), weights_only=True)
+        rng_file = os.path.join(folder, f"rng_state_{self.accelerator.process_index}.pth")
+        if not os.path.isfile(rng_file):
+            raise UserError(f"{folder} has no {os.path.basename(rng_file)}: it was written by a run with "
+                            f"{s.get('num_processes')} processes; resume with the same number")
+        rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(_rng_from_json(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():

@@ -64,7 +64,7 @@ def test_ppo_writes_metrics_samples_checkpoints_and_resumes_exactly(tiny_model, 
     assert {s["step"] for s in samples} == {1, 2, 3, 4} and all({"question", "response", "score"} <= set(s) for s in samples)
     assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md", "run_args.yaml",
             "tokenizer.json", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(full))
-    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "value_head.safetensors",
+    assert {"optimizer.pt", "scheduler.pt", "rng_state_0.pth", "trainer_state.json", "value_head.safetensors",
             "adapter_model.safetensors"} <= set(os.listdir(os.path.join(full, "checkpoint-2")))
     state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
     assert state["global_step"] == 2 and state["episodes"] == 16 and state["kl_coef"] == metrics[1]["objective/kl_coef"]
@@ -105,7 +105,7 @@ def test_reward_model_with_another_tokenizer_and_full_fine_tuning(tiny_model, tm
 @pytest.mark.slow
 def test_two_processes(tiny_model, reward_model, tmp_path):
     out = str(tmp_path / "ddp")
-    proc = ppo(tiny_model, reward_model, out, "--steps", "32", "--batch_size", "4", "--mini_batch_size", "2",
+    proc = ppo(tiny_model, reward_model, out, "--steps", "16", "--batch_size", "4", "--mini_batch_size", "2",
                launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"])
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32  # 2 x 4 per step
