@@ -1,29 +1,82 @@
 #!/usr/bin/env bash
-# The whole chain on the sample data with the offline tiny model (see README.md). Stages that exist so far:
-# build the tiny model, then SFT. Later stages (merge, reward model, PPO) are added as they land.
+# The whole RLHF chain: SFT -> merge -> reward model -> merge -> PPO -> merge, then a summary with plots.
+#
+#   bash scripts/run_pipeline.sh                      # offline demo: tiny model, sample data, CPU, minutes
+#
+#   # a real run: your base model and data, each stage under accelerate with a config from configs/
+#   BASE_MODEL=meta-llama/Llama-2-7b-hf DATASET=lvwerra/stack-exchange-paired OUT=runs/llama \
+#   LAUNCHER="accelerate launch --config_file configs/accelerate/multi_gpu.yaml" \
+#   SFT_ARGS="--load_in_4bit --streaming --max_steps 5000 --seq_length 1024 --learning_rate 1e-5" \
+#   RM_ARGS="--load_in_4bit --train_subset 100000 --eval_subset 5000 --max_length 512" \
+#   PPO_ARGS="--load_in_4bit --steps 20000 --batch_size 8 --gradient_accumulation_steps 8 --early_stopping true" \
+#   bash scripts/run_pipeline.sh
+#
+# Environment: BASE_MODEL (default: build the offline tiny model), DATASET (default: . = the sample data in
+# data/), OUT (default runs/pipeline), LAUNCHER (default python), PYTHON, and SFT_ARGS, RM_ARGS, PPO_ARGS,
+# MERGE_ARGS appended to a stage's command (later flags win). Each stage whose output folder already holds a
+# final model is skipped, so re-running continues from the first unfinished stage; the first failing stage
+# stops the run with a message naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/pipeline}
 PY=${PYTHON:-python}
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+LAUNCH=${LAUNCHER:-$PY}
+DATASET=${DATASET:-.}
+export TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
+TIMES="$OUT/seconds_per_stage.json"
+[ -f "$TIMES" ] || echo "{}" > "$TIMES"
 
-stage() { echo; echo "=== $1 ==="; }
+done_stage() { [ -f "$1/adapter_config.json" ] || [ -f "$1/config.json" ]; }
 
-stage "tiny model"
-[ -f "$OUT/tiny/config.json" ] || $PY -m common.tiny_model --output_dir "$OUT/tiny"
-
-stage "SFT"
-if [ ! -f "$OUT/sft/adapter_config.json" ]; then
-  $PY training_sft.py --model_name_or_path "$OUT/tiny" --dataset_name . --subset data/finetune \
-    --size_valid_set 200 --seq_length 128 --batch_size 8 --max_steps 80 --learning_rate 5e-3 \
-    --num_warmup_steps 4 --lora_modules_to_save lm_head --eval_first_step true --eval_freq 40 --save_freq 40 \
-    --log_freq 5 --output_dir "$OUT/sft" ${SFT_ARGS:-} || { echo "error: stage SFT failed" >&2; exit 1; }
-fi
-$PY - "$OUT/sft" <<'PYEOF'
-import sys
-from common.outputs import read_metrics
-m = read_metrics(sys.argv[1])
-ev = [r["eval_loss"] for r in m if "eval_loss" in r]
-print(f"\nSFT: eval loss {ev[0]:.3f} -> {ev[-1]:.3f} over {max(r['step'] for r in m)} steps ({sys.argv[1]})")
+# stage NAME OUTPUT_DIR COMMAND...: run COMMAND unless OUTPUT_DIR holds a final model; record its seconds.
+stage() {
+  local name=$1 dir=$2; shift 2
+  echo; echo "=== $name -> $dir ==="
+  if done_stage "$dir"; then echo "(done already: skipped)"; return 0; fi
+  local start=$SECONDS
+  if ! "$@"; then
+    echo "error: pipeline stage '$name' failed (command: $*); fix it and re-run to continue from this stage" >&2
+    exit 1
+  fi
+  $PY - "$TIMES" "$name" "$((SECONDS - start))" <<'PYEOF'
+import json, sys
+path, name, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+times = json.load(open(path)); times[name] = seconds; json.dump(times, open(path, "w"))
 PYEOF
+}
+
+if [ -z "${BASE_MODEL:-}" ]; then
+  # Offline demo. The tiny model is random: its frozen head caps what plain LoRA learns in a minute, so SFT
+  # also trains the head (modules_to_save); a pretrained model does not need that.
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+  BASE_MODEL="$OUT/tiny"
+  stage "tiny model" "$BASE_MODEL" $PY -m common.tiny_model --output_dir "$BASE_MODEL"
+  DEMO_SFT="--size_valid_set 200 --seq_length 128 --batch_size 8 --max_steps 200 --learning_rate 5e-3
+    --num_warmup_steps 10 --lora_modules_to_save lm_head --eval_first_step true --eval_freq 50 --save_freq 100
+    --log_freq 5"
+  DEMO_RM="--per_device_train_batch_size 8 --learning_rate 1e-3 --max_steps 60 --max_length 256
+    --eval_first_step true --eval_steps 20 --save_steps 60 --logging_steps 5"
+  DEMO_PPO="--steps 1280 --batch_size 16 --mini_batch_size 4 --gradient_accumulation_steps 1 --ppo_epochs 2
+    --learning_rate 3e-4 --output_min_length 16 --output_max_length 32 --init_kl_coef 0.05 --target 2
+    --horizon 2000 --save_freq 40"
+else
+  DEMO_SFT="" DEMO_RM="" DEMO_PPO=""
+fi
+
+stage "SFT" "$OUT/sft" $LAUNCH training_sft.py --model_name_or_path "$BASE_MODEL" --dataset_name "$DATASET" \
+  --subset data/finetune --output_dir "$OUT/sft" $DEMO_SFT ${SFT_ARGS:-}
+stage "merge SFT" "$OUT/sft_merged" $PY merge_with_lora.py --adapter_model_name "$OUT/sft" \
+  --output_name "$OUT/sft_merged" ${MERGE_ARGS:-}
+stage "reward model" "$OUT/rm" $LAUNCH training_reward_model.py --model_name_or_path "$OUT/sft_merged" \
+  --dataset_name "$DATASET" --output_dir "$OUT/rm" $DEMO_RM ${RM_ARGS:-}
+stage "merge reward model" "$OUT/rm_merged" $PY merge_with_lora.py --adapter_model_name "$OUT/rm" \
+  --output_name "$OUT/rm_merged" ${MERGE_ARGS:-}
+stage "PPO" "$OUT/ppo" $LAUNCH training_rl.py --model_name "$OUT/sft_merged" --reward_model_name "$OUT/rm_merged" \
+  --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/ppo" $DEMO_PPO ${PPO_ARGS:-}
+stage "merge PPO" "$OUT/final" $PY merge_with_lora.py --adapter_model_name "$OUT/ppo" \
+  --output_name "$OUT/final" ${MERGE_ARGS:-}
+
+echo; echo "=== summary ==="
+$PY -m common.report "$OUT" --seconds_per_stage "$(cat "$TIMES")"
+echo; echo "report: $OUT/report.md   summary: $OUT/summary.json   plots: $OUT/*.png"
