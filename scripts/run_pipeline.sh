@@ -52,14 +52,14 @@ if [ -z "${BASE_MODEL:-}" ]; then
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
   BASE_MODEL="$OUT/tiny"
   stage "tiny model" "$BASE_MODEL" $PY -m common.tiny_model --output_dir "$BASE_MODEL"
-  DEMO_SFT="--size_valid_set 200 --seq_length 128 --batch_size 8 --max_steps 200 --learning_rate 5e-3
-    --num_warmup_steps 10 --lora_modules_to_save lm_head --eval_first_step true --eval_freq 50 --save_freq 100
+  DEMO_SFT="--size_valid_set 200 --seq_length 128 --batch_size 8 --max_steps 120 --learning_rate 5e-3
+    --num_warmup_steps 10 --lora_modules_to_save lm_head --eval_first_step true --eval_freq 40 --save_freq 60
     --log_freq 5"
   DEMO_RM="--per_device_train_batch_size 8 --learning_rate 1e-3 --max_steps 60 --max_length 256
     --eval_first_step true --eval_steps 20 --save_steps 60 --logging_steps 5"
-  DEMO_PPO="--steps 1280 --batch_size 16 --mini_batch_size 4 --gradient_accumulation_steps 1 --ppo_epochs 2
-    --learning_rate 3e-4 --output_min_length 16 --output_max_length 32 --init_kl_coef 0.05 --target 2
-    --horizon 2000 --save_freq 40"
+  DEMO_PPO="--steps 640 --batch_size 16 --mini_batch_size 4 --gradient_accumulation_steps 1 --ppo_epochs 2
+    --learning_rate 3e-4 --output_min_length 16 --output_max_length 32 --init_kl_coef 0.1 --target 4
+    --horizon 500 --save_freq 20"
 else
   DEMO_SFT="" DEMO_RM="" DEMO_PPO=""
 fi

@@ -1,0 +1,85 @@
+"""The whole chain on the sample data with the tiny model (scripts/run_pipeline.sh), as the README runs it,
+with fewer steps; and the example run configs in configs/ parse."""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import OFFLINE_ENV, ROOT
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pipeline") / "run")
+    env = {**os.environ, **OFFLINE_ENV, "OUT": out, "SFT_ARGS": "--max_steps 100 --disable_tqdm true",
+           "RM_ARGS": "--max_steps 40 --disable_tqdm true", "PPO_ARGS": "--steps 480 --save_freq 1000 --disable_tqdm true"}
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_shows_that_rlhf_worked(pipeline):
+    out, stdout = pipeline
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    for key in ("sft_eval_loss_before", "sft_eval_loss_after", "rm_eval_accuracy", "ppo_score_first", "ppo_score_last",
+                "ppo_kl_last", "seconds_per_stage"):
+        assert summary[key] is not None, key
+    assert summary["sft_eval_loss_after"] < summary["sft_eval_loss_before"]
+    assert summary["rm_eval_accuracy"] >= 0.9
+    assert summary["ppo_score_last"] > summary["ppo_score_first"] + 0.5, summary
+    assert 0 <= summary["ppo_kl_last"] < 20 and summary["ppo_kl_max"] < 30  # bounded by the KL penalty
+    assert {"SFT", "reward model", "PPO", "merge SFT", "merge reward model", "merge PPO"} <= set(summary["seconds_per_stage"])
+    assert "RLHF pipeline summary" in stdout and "rose: yes" in stdout
+
+
+@pytest.mark.slow
+def test_pipeline_writes_report_plots_and_plain_models(pipeline):
+    out, _ = pipeline
+    report = open(os.path.join(out, "report.md")).read()
+    assert "eval accuracy" in report and report.count("| score ") == 3  # three questions, scored before and after
+    answers = json.load(open(os.path.join(out, "answers.json")))
+    assert len(answers) == 3 and all({"sft_merged", "final"} <= set(a) for a in answers)
+    for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(4) == b"\x89PNG", png
+    for merged in ("sft_merged", "rm_merged", "final"):
+        assert os.path.isfile(os.path.join(out, merged, "model.safetensors")), merged
+        assert not os.path.isfile(os.path.join(out, merged, "adapter_config.json"))
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_skips_finished_stages(pipeline):
+    out, _ = pipeline
+    env = {**os.environ, **OFFLINE_ENV, "OUT": out}
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.count("(done already: skipped)") == 7, proc.stdout[-2000:]
+
+
+def test_a_failing_stage_is_named(tmp_path):
+    env = {**os.environ, **OFFLINE_ENV, "OUT": str(tmp_path), "BASE_MODEL": str(tmp_path / "missing-model")}
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "pipeline stage 'SFT' failed" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "runs", "*.yaml"))))
+def test_example_run_configs_parse(path):
+    import training_reward_model
+    import training_rl
+    import training_sft
+
+    script = {"sft": training_sft, "rm": training_reward_model, "ppo": training_rl}[os.path.basename(path).split("_")[0]]
+    parsed = script.parse(["--config", path])
+    values = {k: v for obj in parsed for k, v in vars(obj).items()}
+    for key, value in yaml.safe_load(open(path)).items():
+        assert key in values or key in ("seq_length", "batch_size", "num_warmup_steps", "eval_freq", "save_freq"), key
+
+
+def test_accelerate_configs_are_valid_yaml():
+    for path in glob.glob(os.path.join(ROOT, "configs", "accelerate", "*.yaml")):
+        config = yaml.safe_load(open(path))
+        assert config["distributed_type"] in ("MULTI_GPU", "DEEPSPEED", "FSDP", "MULTI_CPU"), path
