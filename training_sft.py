@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
-from common.cli import collect, parse_args, run
+from common.cli import UserError, collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
     ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
 )
 from common.outputs import (
     MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
-    metrics_callback, write_model_card, write_run_args,
+    metrics_callback, nonfinite_guard, write_model_card, write_run_args,
 )
 from common.prompts import tokenize_example
 
@@ -143,6 +143,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
 
     model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir, enabled=is_main)
+    guard = nonfinite_guard()
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -150,7 +151,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(model_args, "CAUSAL_LM"),
-        callbacks=[metrics_callback(writer)],
+        callbacks=[guard, metrics_callback(writer)],
     )
     if is_main:
         final_tmp_dir(config.output_dir, clear=True)
@@ -159,6 +160,9 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     if script.eval_first_step and eval_ds is not None and not resume:
         trainer.evaluate()
     trainer.train(resume_from_checkpoint=resume)
+    if guard.stopped:
+        raise UserError(f"stopping: {guard.consecutive} optimizer steps in a row had non-finite gradients (skipped, the "
+                        f"weights are untouched); the checkpoints in {config.output_dir} are intact, no final model was saved")
     if eval_ds is not None and trainer.state.global_step % config.eval_steps != 0:
         trainer.evaluate()  # the final eval loss, if the last step was not an eval step
 

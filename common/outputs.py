@@ -207,7 +207,7 @@ def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
     if str(value).lower() not in ("latest", "true", "last", "yes"):
         if not os.path.isdir(str(value)):
             raise UserError(f"--resume_from_checkpoint {value}: no such folder")
-        if not os.path.isfile(os.path.join(str(value), "trainer_state.json")):
+        if not _complete(str(value)):
             raise UserError(f"--resume_from_checkpoint {value} is incomplete (no trainer_state.json): it was not fully written")
         return str(value)
     found = []
@@ -215,11 +215,20 @@ def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
         for name in os.listdir(output_dir):
             m = re.fullmatch(r"checkpoint-(\d+)", name)
             path = os.path.join(output_dir, name)
-            if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            if m and _complete(path):
                 found.append((int(m.group(1)), path))
     if not found:
         raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}")
     return max(found)[1]
+
+
+def _complete(checkpoint: str) -> bool:
+    """A checkpoint is complete once its ``trainer_state.json`` (written last, by the Trainer and by PPO) parses."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return "global_step" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def checkpoint_step(checkpoint: str) -> int:
@@ -239,3 +248,41 @@ def metrics_callback(writer: MetricsWriter):
                 writer.write(record)
 
     return MetricsCallback()
+
+
+def nonfinite_guard(max_consecutive: int = 3):
+    """A ``TrainerCallback`` that keeps non-finite gradients out of the weights.
+
+    Before each optimizer step it checks the gradients (already all-reduced under DDP, so every process agrees);
+    if any is NaN or infinite it drops them all (``grad = None``: the optimizer leaves those weights and their
+    moments alone), counts the step as skipped, and adds ``skipped_steps`` to the logs. After
+    ``max_consecutive`` skipped steps in a row it stops training; ``guard.stopped`` then tells the script to
+    stop with a message instead of saving a final model (the last checkpoint stays as it was).
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class NonFiniteGuard(TrainerCallback):
+        def __init__(self):
+            self.skipped, self.consecutive, self.stopped = 0, 0, False
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            finite = all(torch.isfinite(g).all() for g in grads)
+            if finite:
+                self.consecutive = 0
+                return
+            for p in model.parameters():
+                p.grad = None
+            self.skipped += 1
+            self.consecutive += 1
+            if self.consecutive >= max_consecutive:
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and any(k in logs for k in ("loss", "train_loss")):
+                logs["skipped_steps"] = self.skipped
+
+    return NonFiniteGuard()

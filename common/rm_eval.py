@@ -126,17 +126,18 @@ def pair_report(questions: list[str], chosen: list[str], rejected: list[str], r_
 def report_markdown(report: dict) -> str:
     """A short human-readable `eval_report.md` of ``pair_report``'s dict."""
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lc = report["length_correlation"]
+    lc, longer = report["length_correlation"], report["accuracy_when_rejected_is_longer"]
     lines = [
         "# Reward model evaluation", "",
         f"- Pairs: {report['n_pairs']}; accuracy (ties count as wrong): **{f(report['accuracy'])}** ({report['ties']} ties)",
         f"- Mean margin r_j - r_k: {f(report['mean_margin'])}; chosen scores {f(report['chosen_scores']['mean'])} "
         f"± {f(report['chosen_scores']['std'])}, rejected {f(report['rejected_scores']['mean'])} ± {f(report['rejected_scores']['std'])}",
         f"- Expected calibration error of sigmoid(r_j - r_k), 10 bins: **{f(report['ece'])}**",
-        f"- Pearson correlation of score with answer length ({report['length_unit']}): chosen {f(lc['chosen'])}, "
+        f"- Pearson correlation of score with answer length in {report['length_unit']}: chosen {f(lc['chosen'])}, "
         f"rejected {f(lc['rejected'])}, all {f(lc['all'])}",
-        f"- Accuracy on the {report['accuracy_when_rejected_is_longer']['count']} pairs whose rejected answer is longer: "
-        f"{f(report['accuracy_when_rejected_is_longer']['accuracy'])} (far below the overall accuracy: the model prefers length)",
+        f"- Accuracy on the {longer['count']} pairs whose rejected answer is longer: {f(longer['accuracy'])}"
+        + (" (well below the overall accuracy: the model may be rewarding length)"
+           if longer["accuracy"] is not None and longer["accuracy"] < report["accuracy"] - 0.1 else ""),
         "", "## Accuracy by |r_j - r_k|", "", "| abs margin | pairs | accuracy |", "| --- | --- | --- |",
         *(f"| {b['abs_margin']} | {b['count']} | {f(b['accuracy'])} |" for b in report["accuracy_by_abs_margin"]),
         "", "## Calibration", "",

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -49,11 +48,11 @@ def ppo(tiny_model, reward_model, out, *extra, check=True, launcher=None):
 
 
 @pytest.mark.slow
-def test_ppo_writes_metrics_samples_checkpoints_and_resumes_exactly(tiny_model, reward_model, tmp_path):
+def test_ppo_writes_metrics_samples_and_checkpoints(tiny_model, reward_model, tmp_path):
     from safetensors.torch import load_file
 
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    common = ["--steps", "32", "--save_freq", "2"]  # 4 PPO steps of 8 episodes
+    full = str(tmp_path / "full")
+    common = ["--steps", "32", "--save_freq", "2"]  # 4 PPO steps of 8 episodes (resume: test_reliability.py)
     ppo(tiny_model, reward_model, full, *common)
     metrics = read_metrics(full)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32
@@ -69,22 +68,6 @@ def test_ppo_writes_metrics_samples_checkpoints_and_resumes_exactly(tiny_model, 
     state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
     assert state["global_step"] == 2 and state["episodes"] == 16 and state["kl_coef"] == metrics[1]["objective/kl_coef"]
 
-    # The same run, stopped right after checkpoint-2 (with one step of metrics written past it), then resumed.
-    ppo(tiny_model, reward_model, cut, *common)
-    for name in os.listdir(cut):
-        if name not in ("checkpoint-2", "metrics.jsonl", "samples.jsonl", "run_args.yaml"):
-            path = os.path.join(cut, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    lines = open(os.path.join(cut, "metrics.jsonl")).read().splitlines()
-    open(os.path.join(cut, "metrics.jsonl"), "w").write("\n".join(lines[:3]) + "\n")
-    ppo(tiny_model, reward_model, cut, *common, "--resume_from_checkpoint", "latest")
-    resumed = read_metrics(cut)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(metrics, resumed):
-        assert a["objective/scores"] == pytest.approx(b["objective/scores"], abs=1e-6)
-    for name in ("adapter_model.safetensors", "value_head.safetensors"):
-        a, b = load_file(os.path.join(full, name)), load_file(os.path.join(cut, name))
-        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
     # The adapter really moved away from the reference (LoRA B starts at zero).
     assert max(v.abs().max().item() for k, v in load_file(os.path.join(full, "adapter_model.safetensors")).items() if "lora_B" in k) > 0
 

@@ -1,0 +1,153 @@
+"""Reliability: non-finite values never reach the weights, incomplete checkpoints are never resumed from,
+and a run killed with SIGKILL right after a checkpoint resumes to the same weights."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.cli import UserError, run
+from common.outputs import find_checkpoint, read_metrics
+from conftest import OFFLINE_ENV, ROOT, run_script
+
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
+    for step, state in ((2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "half")):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state == "half":
+            (folder / "trainer_state.json").write_text('{"global_st')  # killed while writing
+        elif state:
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+    (tmp_path / "checkpoint-10.tmp").mkdir()
+    assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
+    assert find_checkpoint(str(tmp_path), "true") == str(tmp_path / "checkpoint-4")
+    assert find_checkpoint(str(tmp_path), None) is None
+    with pytest.raises(UserError, match="incomplete"):
+        find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-6"))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        find_checkpoint(str(tmp_path / "checkpoint-2"), "latest")
+
+
+@pytest.mark.slow
+def test_nan_loss_in_sft_is_skipped_counted_and_repeated_ones_stop_the_run(tiny_model, tmp_path, monkeypatch, capsys):
+    import training_sft
+    from trl import SFTTrainer
+
+    real = SFTTrainer.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):  # NaN at optimizer step 3, then from step 6 on
+        calls["n"] += 1
+        out = real(self, *args, **kwargs)
+        if calls["n"] == 3 or calls["n"] >= 6:
+            out = (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+        return out
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
+    out = str(tmp_path / "sft")
+    args = ["--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "0",
+            "--seq_length", "64", "--batch_size", "2", "--max_steps", "20", "--save_freq", "4", "--learning_rate", "1e-3",
+            "--disable_tqdm", "true", "--output_dir", out]
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: training_sft.main(*training_sft.parse(args)))
+    assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
+    metrics = read_metrics(out)
+    assert [m["skipped_steps"] for m in metrics if "loss" in m][:5] == [0, 0, 1, 1, 1]
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))  # no final model from a broken run
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(out, "checkpoint-4", "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint_intact(tiny_model, tmp_path, monkeypatch, capsys):
+    import common.reward
+    import training_rl
+    from test_ppo import FAST, _save_reward_model
+
+    rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
+    real = common.reward.score_texts
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # step 2's scores are NaN, then every step from 4 on
+        calls["n"] += 1
+        scores = real(*args, **kwargs)
+        return scores * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else scores
+
+    monkeypatch.setattr(common.reward, "score_texts", poisoned)
+    out = str(tmp_path / "ppo")
+    args = ["--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "80", "--save_freq", "1",
+            "--output_dir", out]
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: training_rl.main(*training_rl.parse(args)))
+    assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
+    metrics = read_metrics(out)
+    assert [m["skipped_steps"] for m in metrics] == [0, 1, 1, 2, 3, 4]
+    assert math.isnan(metrics[1]["loss/policy"]) if metrics[1]["loss/policy"] is not None else True
+    # A skipped step leaves the weights exactly as they were.
+    from safetensors.torch import load_file
+
+    ck = {n: load_file(os.path.join(out, f"checkpoint-{n}", "adapter_model.safetensors")) for n in (1, 2, 3, 5)}
+    assert all(torch.equal(ck[1][k], ck[2][k]) for k in ck[1])
+    assert any(not torch.equal(ck[2][k], ck[3][k]) for k in ck[2])  # step 3 was a good one
+    assert all(torch.equal(ck[3][k], ck[5][k]) and torch.isfinite(ck[5][k]).all() for k in ck[3])
+    assert not os.path.exists(os.path.join(out, "checkpoint-6"))  # the run stopped at step 6, before saving
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+
+
+def _kill_after_checkpoint(cmd: list[str], checkpoint: str, timeout: float = 300) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` is complete."""
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def _same_weights(a_dir: str, b_dir: str, name: str) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, tmp_path):
+    args = ["training_sft.py", "--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune",
+            "--size_valid_set", "20", "--seq_length", "64", "--batch_size", "2", "--max_steps", "16", "--save_freq", "8",
+            "--eval_freq", "8", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_script(*args, "--output_dir", full)
+    _kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-8"))
+    run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
+    assert [m["step"] for m in read_metrics(cut)] == list(range(1, 17))
+    assert _same_weights(full, cut, "adapter_model.safetensors") < 1e-5
+
+
+@pytest.mark.slow
+def test_ppo_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, tmp_path):
+    from test_ppo import FAST, _save_reward_model
+
+    rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
+    args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "32", "--save_freq", "2"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_script(*args, "--output_dir", full)
+    _kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-2"))
+    run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
+    assert [m["step"] for m in read_metrics(cut)] == [1, 2, 3, 4]
+    assert _same_weights(full, cut, "adapter_model.safetensors") < 1e-5
+    assert _same_weights(full, cut, "value_head.safetensors") < 1e-5
