@@ -407,10 +407,10 @@ def test_several_problems_are_reported_at_once(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     msg = raises_data_error(path, None, "train", FIELDS)
     assert msg.startswith(f"4 invalid values in file {path}:")
-    assert f"row 1: field 'question' is an empty string" in msg
-    assert f"row 2: field 'response_j' is null" in msg
-    assert f"row 3: field 'question' is an empty string" in msg
-    assert f"row 3: field 'response_k' is a int, not a string" in msg
+    assert "row 1: field 'question' is an empty string" in msg
+    assert "row 2: field 'response_j' is null" in msg
+    assert "row 3: field 'question' is an empty string" in msg
+    assert "row 3: field 'response_k' is a int, not a string" in msg
     assert "more" not in msg
 
 
@@ -482,7 +482,7 @@ def test_folder_without_data_files(tmp_path, contents):
     for name in contents:
         write_text(root / name, "hello\n")
     msg = raises_data_error(str(root), None, "train", FIELDS)
-    assert f"no data files" in msg and str(root) in msg
+    assert "no data files" in msg and str(root) in msg
     for ext in (".jsonl", ".json", ".csv", ".parquet", ".arrow"):
         assert ext in msg
 

@@ -2,13 +2,12 @@
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from common.outputs import read_metrics
-from conftest import ROOT, assert_user_error, run_script
+from conftest import run_script
 
 METRIC_KEYS = [
     "step", "episodes", "objective/scores", "objective/scores_std", "objective/kl", "objective/kl_coef",
