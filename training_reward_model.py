@@ -1,0 +1,247 @@
+"""Stage 2: a pairwise reward model on `question` / `response_j` (preferred) / `response_k` (rejected) with TRL's
+RewardTrainer (LoRA by default), and a report of how good it is.
+
+    # the offline demo: tiny model, sample data, CPU, about two minutes
+    python -m common.tiny_model --output_dir models/tiny
+    python training_reward_model.py --model_name_or_path models/tiny --dataset_name . --max_length 256 \
+        --per_device_train_batch_size 8 --learning_rate 1e-3 --max_steps 60 --eval_steps 20 --output_dir runs/rm
+
+    # StackLLaMA's command runs unchanged
+    torchrun --nnodes 1 --nproc_per_node 8 training_reward_model.py --model_name=<SFT_MODEL>
+
+Both answers are scored as `Question: {question}\n\nAnswer: {answer}</s>` (common/prompts.py, the text SFT trains on
+and PPO scores) at the last non-pad token; the loss is `-logsigmoid(r_j - r_k - margin)` (`--margin`, default 0),
+plus `--center_rewards_coefficient * (r_j + r_k)^2` if set. Pairs with either side longer than `--max_length`
+tokens are dropped (truncating would cut the very part that tells the answers apart) and counted.
+Evaluation batches like training (`--per_device_eval_batch_size` defaults to the train batch size). After training
+the final model scores the evaluation pairs once more for `eval_report.{json,md}` (accuracy by margin,
+calibration, length bias, worst pairs) and `reward_stats.json` (mean and std of scores, for PPO), see
+common/rm_eval.py.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import set_seed
+from trl import RewardConfig, RewardTrainer
+
+from common.cli import UserError, collect, parse_args, run
+from common.data import load_and_validate
+from common.modeling import (
+    ModelArguments, check_model_path, is_adapter_folder, load_model, load_tokenizer, lora_config, read_adapter_config,
+    resolve_base, trainer_device_defaults,
+)
+from common.outputs import (
+    MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
+    metrics_callback, nonfinite_guard, write_model_card, write_run_args,
+)
+from common.prompts import format_example
+from common.rm_eval import pair_report, score_pairs, write_report
+
+FIELDS = ["question", "response_j", "response_k"]
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(
+        default="lvwerra/stack-exchange-paired",
+        metadata={"help": "Hub id, local folder (with the data dirs below as its sub-folders), data file, or save_to_disk folder."},
+    )
+    train_data_dir: str = field(default="data/reward", metadata={"help": "The data_dir of the training pairs."})
+    eval_data_dir: str = field(default="data/evaluation", metadata={"help": "The data_dir of the evaluation pairs."})
+    split: str = field(default="train", metadata={"help": "Split to read from both data dirs."})
+    train_subset: int = field(default=100000, metadata={"help": "Use the first N training pairs (<= 0: all)."})
+    eval_subset: int = field(default=50000, metadata={"help": "Use the first N evaluation pairs (<= 0: all)."})
+    margin: float = field(
+        default=0.0,
+        metadata={"help": "Constant margin m in the loss -logsigmoid(r_j - r_k - m): r_j must beat r_k by m (0: none)."},
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
+    eval_first_step: bool = field(default=False, metadata={"help": "Evaluate once before training (the untrained baseline)."})
+
+
+ALIASES = {"--model_name": "model_name_or_path"}  # StackLLaMA's other flags are the Hugging Face names already
+
+
+# StackLLaMA's historical defaults (STACKLLAMA.md), then this project's: evaluation batches like training
+# (None: the train batch size, resolved in main), no reporting by default. TRL's RewardConfig turns every dropout
+# off, LoRA's included (after peft builds the model); StackLLaMA trained with them on, and so does this script, or
+# the LoRA dropout of 0.1 would be a dead setting.
+DEFAULTS = {
+    "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "disable_dropout": False,
+    "learning_rate": 2e-5, "per_device_train_batch_size": 4, "per_device_eval_batch_size": None,
+    "weight_decay": 0.001, "num_train_epochs": 1, "lr_scheduler_type": "linear", "max_length": 512,
+    "output_dir": "./reward_model", "eval_strategy": "steps", "eval_steps": 500, "save_strategy": "steps",
+    "save_steps": 500, "logging_steps": 10, "seed": 0, "report_to": "none",
+}
+
+
+def check_args(script: ScriptArguments, config: RewardConfig) -> None:
+    problems = []
+    if config.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0, got {config.learning_rate}")
+    if config.max_steps == 0:
+        problems.append("--max_steps must be > 0 (or -1, the default, to train --num_train_epochs epochs), got 0")
+    elif config.max_steps < 0 and config.num_train_epochs <= 0:
+        problems.append(f"--num_train_epochs must be > 0 (or --max_steps > 0), got {config.num_train_epochs}")
+    if config.max_length is None or config.max_length <= 0:
+        problems.append(f"--max_length must be > 0, got {config.max_length}")
+    if config.per_device_train_batch_size <= 0:
+        problems.append(f"--per_device_train_batch_size must be > 0, got {config.per_device_train_batch_size}")
+    if config.per_device_eval_batch_size is not None and config.per_device_eval_batch_size <= 0:
+        problems.append(f"--per_device_eval_batch_size must be > 0, got {config.per_device_eval_batch_size}")
+    collect(problems)
+    if script.margin < 0:
+        warnings.warn(f"--margin {script.margin} is negative: pairs count as learned before r_j beats r_k")
+
+
+def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, verbose: bool):
+    """`chosen_ids`/`rejected_ids` exactly as RewardTrainer makes them (text + EOS, special tokens added), so it
+    skips its own tokenizing; pairs over `max_length` dropped here, so the count can be reported. Returns the
+    tokenized pairs and the kept rows (the text, for the evaluation report)."""
+    eos = tokenizer.eos_token
+
+    def fn(batch):
+        out = {}
+        for key, answer in (("chosen_ids", "response_j"), ("rejected_ids", "response_k")):
+            texts = [format_example(q, a) for q, a in zip(batch["question"], batch[answer])]
+            out[key] = tokenizer([t if t.endswith(eos) else t + eos for t in texts])["input_ids"]
+        out["n_tokens"] = [max(len(c), len(r)) for c, r in zip(out["chosen_ids"], out["rejected_ids"])]
+        if script.margin:
+            out["margin"] = [script.margin] * len(batch["question"])
+        return out
+
+    ds = rows.map(fn, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {name} pairs")
+    keep = [i for i, n in enumerate(ds["n_tokens"]) if n <= max_length]
+    if verbose:
+        print(f"{name}: {len(ds)} pairs; {len(ds) - len(keep)} longer than --max_length {max_length} tokens dropped")
+    if not keep:
+        collect([f"every {name} pair is longer than --max_length {max_length} tokens"])
+    return ds.select(keep).remove_columns("n_tokens"), rows.select(keep)
+
+
+def load_rows(script: ScriptArguments, data_dir: str, subset: int):
+    ds = load_and_validate(script.dataset_name, data_dir, script.split, FIELDS).dataset
+    return ds.select(range(subset)) if 0 < subset < len(ds) else ds
+
+
+def load_base(model_args: ModelArguments, trust_remote_code: bool, pad_token_id: int):
+    """The classifier to train, from a Hub id, a model folder, or an adapter folder (merged in memory).
+
+    Until common.modeling.load_model accepts an SFT (causal-LM) adapter for a classifier, that case is done here:
+    peft's causal-LM wrapper expects a generate() the classifier lacks, and `lm_head` (saved by some SFT adapters)
+    has no counterpart in a classifier, so the adapter is merged as a plain LoRA over the shared backbone.
+    """
+    from peft import PeftConfig, PeftModel
+
+    name = model_args.model_name_or_path
+    if not (is_adapter_folder(name) and read_adapter_config(name).get("task_type") == "CAUSAL_LM"):
+        return load_model(model_args, "SEQ_CLS", trust_remote_code, pad_token_id)
+    base, _ = resolve_base(name, model_args.base_model_name_or_path)
+    model = load_model(model_args, "SEQ_CLS", trust_remote_code, pad_token_id, name_or_path=base)
+    adapter = PeftConfig.from_pretrained(name)
+    adapter.task_type = None
+    present = {n for full, _ in model.named_modules() for n in (full, full.rsplit(".", 1)[-1])}
+    adapter.modules_to_save = [m for m in adapter.modules_to_save or [] if m in present] or None
+    if isinstance(adapter.target_modules, (list, set)):
+        adapter.target_modules = {m for m in adapter.target_modules if m in present}
+    model = PeftModel.from_pretrained(model, name, config=adapter).merge_and_unload()
+    # As load_model does for an adapter: the new adapter records this folder as its base, not the raw base
+    # (which would silently drop the SFT weights when the reward model is loaded or merged).
+    model.name_or_path = model.config._name_or_path = name
+    return model
+
+
+def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> None:
+    check_args(script, config)
+    check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
+    resume = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    check_output_dir(config.output_dir, script.overwrite_output_dir, resuming=resume is not None)
+    if config.per_device_eval_batch_size is None:
+        config.per_device_eval_batch_size = config.per_device_train_batch_size
+    is_main = config.process_index == 0
+
+    # Data first: a bad row should cost seconds, not a model load.
+    train_rows = load_rows(script, script.train_data_dir, script.train_subset)
+    eval_rows = load_rows(script, script.eval_data_dir, script.eval_subset)
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "", config.trust_remote_code, "right")
+    if config.eos_token:  # RewardTrainer would switch to it only after the pairs below are tokenized
+        tokenizer.eos_token = config.eos_token
+    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", is_main)
+    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", is_main)
+
+    set_seed(config.seed)  # the score head is initialised at random when the classifier is built
+    model = load_base(model_args, config.trust_remote_code, tokenizer.pad_token_id)
+    writer = MetricsWriter(config.output_dir, enabled=is_main)
+    guard = nonfinite_guard()
+    trainer = RewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, "SEQ_CLS"),
+        callbacks=[guard, metrics_callback(writer)],
+    )
+    if is_main:
+        final_tmp_dir(config.output_dir, clear=True)
+        write_run_args(config.output_dir, script, model_args, config)
+        writer.truncate_after(checkpoint_step(resume)) if resume else writer.reset()
+    if script.eval_first_step and not resume:
+        trainer.evaluate()
+    trainer.train(resume_from_checkpoint=resume)
+    if guard.stopped:
+        raise UserError(f"stopping: {guard.consecutive} optimizer steps in a row had non-finite gradients (skipped, the "
+                        f"weights are untouched); the checkpoints in {config.output_dir} are intact, no final model was saved")
+    if not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in trainer.state.log_history):
+        trainer.evaluate()  # the final eval metrics, if the last step was not an eval step
+
+    tmp = final_tmp_dir(config.output_dir)
+    trainer.save_model(tmp)  # every process takes part (sharded states); the main one writes
+    # The report scores the final model afresh, pair by pair with common/reward.py as PPO will, rather than trust
+    # RewardTrainer's per-batch averages.
+    r_j, r_k = score_pairs(
+        trainer.model, tokenizer, [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_j"])],
+        [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_k"])],
+        config.per_device_eval_batch_size, trainer.accelerator,
+    )
+    trainer.accelerator.wait_for_everyone()
+    if is_main:
+        tokenizer.save_pretrained(tmp)
+        if os.path.isfile(os.path.join(tmp, "training_args.bin")):
+            os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
+        report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k)
+        all_scores = torch.cat([r_j, r_k])
+        stats = {"mean": float(all_scores.mean()), "std": float(all_scores.std(unbiased=False)), "n": len(all_scores),
+                 "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}
+        write_report(tmp, report, stats)
+        commit_final(tmp, config.output_dir)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        write_model_card(
+            config.output_dir,
+            "Reward model " + ("LoRA adapter" if model_args.use_peft else "(full fine-tuning)"),
+            model_args.model_name_or_path,
+            f"{script.dataset_name} ({script.train_data_dir} / {script.eval_data_dir}, {script.split})",
+            {"steps": trainer.state.global_step, "train_loss_last": losses[-1] if losses else None,
+             "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"], "eval_mean_margin": report["mean_margin"],
+             "ece": report["ece"], "length_correlation_all": report["length_correlation"]["all"],
+             "score_mean": stats["mean"], "score_std": stats["std"]},
+            notes="\nHow good it is: `eval_report.md`. Score statistics for PPO's normalisation: `reward_stats.json`.\n",
+        )
+        print(f"eval accuracy {report['accuracy']:.4f} on {report['n_pairs']} pairs, ECE {report['ece']:.4f}; "
+              f"saved to {config.output_dir}")
+
+
+def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:
+    try:
+        return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES, {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
+    except ImportError as e:  # TrainingArguments checks packages as it parses: `--deepspeed` without deepspeed
+        raise UserError(f"a flag needs a package that is not installed: {e}") from e
+
+
+if __name__ == "__main__":
+    run(lambda: main(*parse()))
