@@ -64,7 +64,7 @@ def parse_args(
     class Parser(HfArgumentParser):
         error = ArgumentParser.error  # raise UserError instead of exiting
 
-    parser = Parser(list(dataclass_types), description=description)
+    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False)  # a typo is an error, not a prefix
     parser.add_argument("--config", default=None, help="YAML file of argument defaults; command-line flags override it.")
     for alias, dest in aliases.items():
         action = next((a for a in parser._actions if a.dest == dest), None)

@@ -1,0 +1,119 @@
+"""Bad input across the scripts: each case exits 2 with one `error:` message naming the flag, file, row or field,
+and writes nothing. (More cases: test_data.py, and the bad-flag tests of each stage's test file.)"""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from common.cli import run
+
+
+def _main(script: str, args: list[str]):
+    import importlib
+
+    module = importlib.import_module(script)
+    return lambda: module.main(*module.parse(args))
+
+
+def _expect_error(capsys, script, args, *needles):
+    with pytest.raises(SystemExit) as exit_info:
+        run(_main(script, args))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: " in err, err
+    message = err[err.index("error: "):]
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+@pytest.fixture
+def bad_rows(tmp_path):
+    def write(rows):
+        path = tmp_path / "bad.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+    return write
+
+
+GOOD = {"question": "How?", "response_j": "Like this: `x`.", "response_k": "No idea."}
+
+
+@pytest.mark.parametrize("script, fields", [("training_sft", ["question", "response_j"]),
+                                            ("training_reward_model", ["question", "response_j", "response_k"]),
+                                            ("training_rl", ["question"])])
+@pytest.mark.parametrize("problem", ["missing", "null", "number", "empty"])
+def test_each_stage_names_the_bad_field_and_row(script, fields, problem, bad_rows, tmp_path, capsys, tiny_model):
+    field = fields[-1]
+    bad = dict(GOOD)
+    if problem == "missing":
+        bad.pop(field)
+    else:
+        bad[field] = {"null": None, "number": 7, "empty": "  "}[problem]
+    path = bad_rows([GOOD, GOOD, bad])
+    data = {"training_sft": ["--dataset_name", path, "--subset", ""],
+            "training_reward_model": ["--dataset_name", path, "--train_data_dir", "", "--eval_data_dir", ""],
+            "training_rl": ["--dataset_name", path, "--subset", "", "--reward_model_name", tiny_model, "--batch_size", "1",
+                            "--mini_batch_size", "1", "--gradient_accumulation_steps", "1"]}[script]
+    args = ["--model_name_or_path", tiny_model, *data, "--output_dir", str(tmp_path / "out")]
+    needles = [repr(field)] + ([] if problem == "missing" else [path, "row 3"])
+    _expect_error(capsys, script, args, *needles)
+    assert not os.path.exists(tmp_path / "out" / "adapter_config.json")
+
+
+def test_unknown_key_in_a_yaml_config(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"learning_rate": 1e-4, "lerning_rate": 3}))
+    _expect_error(capsys, "training_sft", ["--config", str(config)], "lerning_rate", str(config))
+
+
+def test_unknown_flag(capsys):
+    _expect_error(capsys, "training_rl", ["--model_name", "m", "--ppo_epoch", "3"], "--ppo_epoch")
+
+
+def test_a_model_path_that_does_not_exist(tmp_path, capsys):
+    _expect_error(capsys, "training_reward_model", ["--model_name", str(tmp_path / "nope"), "--dataset_name", "."], str(tmp_path / "nope"))
+
+
+def test_an_sft_adapter_given_as_reward_model(tiny_model, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = str(tmp_path / "sft_adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(task_type="CAUSAL_LM", r=2)).save_pretrained(adapter)
+    args = ["--model_name", tiny_model, "--reward_model_name", adapter, "--dataset_name", ".", "--subset", "data/rl",
+            "--batch_size", "2", "--mini_batch_size", "1", "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "o")]
+    _expect_error(capsys, "training_rl", args, adapter, "CAUSAL_LM", "SEQ_CLS")
+
+
+def test_a_tokenizer_with_no_eos_or_pad_token(tiny_model, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    config.pop("pad_token", None)
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = json.loads((broken / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (broken / "tokenizer.json").write_text(json.dumps(tok))
+    args = ["--model_name_or_path", tiny_model, "--tokenizer_name", str(broken), "--dataset_name", ".",
+            "--subset", "data/finetune", "--size_valid_set", "10", "--output_dir", str(tmp_path / "o")]
+    _expect_error(capsys, "training_sft", args, "EOS")
+
+
+def test_prompts_all_longer_than_the_limit(tiny_model, tmp_path, capsys):
+    args = ["--model_name", tiny_model, "--reward_model_name", tiny_model, "--dataset_name", ".", "--subset", "data/rl",
+            "--max_prompt_length", "2", "--output_dir", str(tmp_path / "o")]
+    _expect_error(capsys, "training_rl", args, "--max_prompt_length", "nothing to train on")
+
+
+def test_an_output_folder_holding_a_final_model(tiny_model, tmp_path, capsys):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    args = ["--model_name", tiny_model, "--reward_model_name", tiny_model, "--dataset_name", ".", "--output_dir", str(out)]
+    _expect_error(capsys, "training_rl", args, "--output_dir", "--overwrite_output_dir")
+    assert (out / "adapter_config.json").read_text() == "{}"
