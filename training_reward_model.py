@@ -32,8 +32,7 @@ from trl import RewardConfig, RewardTrainer
 from common.cli import UserError, collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
-    ModelArguments, check_model_path, is_adapter_folder, load_model, load_tokenizer, lora_config, read_adapter_config,
-    resolve_base, trainer_device_defaults,
+    ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
 )
 from common.outputs import (
     MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
@@ -129,33 +128,6 @@ def load_rows(script: ScriptArguments, data_dir: str, subset: int):
     return ds.select(range(subset)) if 0 < subset < len(ds) else ds
 
 
-def load_base(model_args: ModelArguments, trust_remote_code: bool, pad_token_id: int):
-    """The classifier to train, from a Hub id, a model folder, or an adapter folder (merged in memory).
-
-    Until common.modeling.load_model accepts an SFT (causal-LM) adapter for a classifier, that case is done here:
-    peft's causal-LM wrapper expects a generate() the classifier lacks, and `lm_head` (saved by some SFT adapters)
-    has no counterpart in a classifier, so the adapter is merged as a plain LoRA over the shared backbone.
-    """
-    from peft import PeftConfig, PeftModel
-
-    name = model_args.model_name_or_path
-    if not (is_adapter_folder(name) and read_adapter_config(name).get("task_type") == "CAUSAL_LM"):
-        return load_model(model_args, "SEQ_CLS", trust_remote_code, pad_token_id)
-    base, _ = resolve_base(name, model_args.base_model_name_or_path)
-    model = load_model(model_args, "SEQ_CLS", trust_remote_code, pad_token_id, name_or_path=base)
-    adapter = PeftConfig.from_pretrained(name)
-    adapter.task_type = None
-    present = {n for full, _ in model.named_modules() for n in (full, full.rsplit(".", 1)[-1])}
-    adapter.modules_to_save = [m for m in adapter.modules_to_save or [] if m in present] or None
-    if isinstance(adapter.target_modules, (list, set)):
-        adapter.target_modules = {m for m in adapter.target_modules if m in present}
-    model = PeftModel.from_pretrained(model, name, config=adapter).merge_and_unload()
-    # As load_model does for an adapter: the new adapter records this folder as its base, not the raw base
-    # (which would silently drop the SFT weights when the reward model is loaded or merged).
-    model.name_or_path = model.config._name_or_path = name
-    return model
-
-
 def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> None:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
@@ -175,7 +147,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", is_main)
 
     set_seed(config.seed)  # the score head is initialised at random when the classifier is built
-    model = load_base(model_args, config.trust_remote_code, tokenizer.pad_token_id)
+    model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir, enabled=is_main)
     guard = nonfinite_guard()
     trainer = RewardTrainer(
@@ -237,10 +209,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:
-    try:
-        return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES, {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
-    except ImportError as e:  # TrainingArguments checks packages as it parses: `--deepspeed` without deepspeed
-        raise UserError(f"a flag needs a package that is not installed: {e}") from e
+    return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES, {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def parse_args(
         values = {k: v for k, v in vars(namespace).items() if k in keys}
         try:
             outputs.append(dtype(**values))
-        except (ValueError, TypeError) as e:  # a library config's own validation (e.g. TrainingArguments)
+        except (ValueError, TypeError, ImportError) as e:  # a library config's own validation (e.g. TrainingArguments)
             raise UserError(str(e)) from e
     return tuple(outputs)
 

@@ -7,6 +7,7 @@ override the user gives) and merged in memory, so ``merge_with_lora.py`` is opti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -186,6 +187,12 @@ def load_model(
         raise UserError(f"{flag} is required")
     check_model_path(name_or_path, flag)
     base, adapter = resolve_base(name_or_path, args.base_model_name_or_path)
+    if adapter and is_adapter_folder(base):
+        # An adapter trained on another adapter folder (a reward model on an SFT adapter): load and merge that
+        # one first, down to the root of the chain; the override applies to the first link only.
+        model = load_model(dataclasses.replace(args, base_model_name_or_path=None), task, trust_remote_code,
+                           pad_token_id, flag, name_or_path=base)
+        return _merge_adapter(model, adapter, task, name_or_path, flag, require_score_head)
     dtype = resolve_dtype(args.dtype)
     kwargs = dict(
         dtype=dtype,
@@ -196,10 +203,10 @@ def load_model(
     )
     if task == "SEQ_CLS":
         kwargs["num_labels"] = 1
-        if adapter and read_adapter_config(adapter).get("task_type") not in (None, "SEQ_CLS"):
+        if adapter and read_adapter_config(adapter).get("task_type") not in (None, "SEQ_CLS", "CAUSAL_LM"):
             raise UserError(
-                f"{flag} {adapter} is a {read_adapter_config(adapter).get('task_type')} adapter, not a reward model "
-                "(SEQ_CLS): merge it first, or pass the reward model's adapter"
+                f"{flag} {adapter} is a {read_adapter_config(adapter).get('task_type')} adapter; a reward model "
+                "loads a SEQ_CLS (reward model) or CAUSAL_LM (SFT) adapter"
             )
         model, info = _from_pretrained(AutoModelForSequenceClassification, base, output_loading_info=True, **kwargs)
         head_missing = any(k.split(".")[0] == "score" for k in info.get("missing_keys", []))
@@ -213,17 +220,36 @@ def load_model(
     if args.load_in_4bit:
         _keep_4bit_layers_differentiable(model)
     if adapter:
-        from peft import PeftModel
-
-        # Merged in memory (into a 4/8-bit base too, with peft's rounding) so that a new adapter can go on top.
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        # A new adapter trained on top must record this adapter folder as its base (peft reads name_or_path),
-        # or merging it later would silently drop this adapter's weights.
-        model.name_or_path = model.config._name_or_path = name_or_path
+        model = _merge_adapter(model, adapter, task, name_or_path, flag, False)  # the score head was checked above
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def _merge_adapter(model, adapter: str, task: str, name_or_path: str, flag: str, require_score_head: bool):
+    """``adapter`` merged into ``model`` in memory (into a 4/8-bit base too, with peft's rounding), so that a new
+    adapter can go on top. An SFT (CAUSAL_LM) adapter merges into a classifier's backbone: peft's causal-LM wrapper
+    expects a generate() the classifier lacks, and an `lm_head` it targets or saves has no counterpart there."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter)
+    if task == "SEQ_CLS" and config.task_type == "CAUSAL_LM":
+        if require_score_head:
+            raise UserError(f"{flag} {name_or_path}: {adapter} is an SFT (CAUSAL_LM) adapter, not a reward model")
+        present = {n for full, _ in model.named_modules() for n in (full, full.rsplit(".", 1)[-1])}
+        config.task_type = None
+        config.modules_to_save = [m for m in config.modules_to_save or [] if m in present] or None
+        if isinstance(config.target_modules, (list, set)):
+            config.target_modules = {m for m in config.target_modules if m in present}
+    elif require_score_head and task == "SEQ_CLS" and not _adapter_has(adapter, "score"):
+        # A reward adapter on top of another adapter must bring its own head (its base, an adapter, has none).
+        raise UserError(f"{flag} {name_or_path}: {adapter} has no trained `score` head (it is not a reward model)")
+    model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
+    # A new adapter trained on top must record this adapter folder as its base (peft reads name_or_path),
+    # or merging it later would silently drop this adapter's weights.
+    model.name_or_path = model.config._name_or_path = name_or_path
     return model
 
 
