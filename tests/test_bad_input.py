@@ -84,7 +84,7 @@ def test_an_sft_adapter_given_as_reward_model(tiny_model, tmp_path, capsys):
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(task_type="CAUSAL_LM", r=2)).save_pretrained(adapter)
     args = ["--model_name", tiny_model, "--reward_model_name", adapter, "--dataset_name", ".", "--subset", "data/rl",
             "--batch_size", "2", "--mini_batch_size", "1", "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "o")]
-    _expect_error(capsys, "training_rl", args, adapter, "CAUSAL_LM", "SEQ_CLS")
+    _expect_error(capsys, "training_rl", args, adapter, "score", "not a reward model")
 
 
 def test_a_tokenizer_with_no_eos_or_pad_token(tiny_model, tmp_path, capsys):
