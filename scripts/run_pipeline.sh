@@ -23,6 +23,9 @@ PY=${PYTHON:-python}
 LAUNCH=${LAUNCHER:-$PY}
 DATASET=${DATASET:-.}
 export TOKENIZERS_PARALLELISM=false
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads made steps
+# several times slower (benchmarks/README.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 mkdir -p "$OUT"
 TIMES="$OUT/seconds_per_stage.json"
 [ -f "$TIMES" ] || echo "{}" > "$TIMES"

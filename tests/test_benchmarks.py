@@ -1,0 +1,44 @@
+"""benchmarks/run.py runs end to end and writes its figures. Not a timed test: the numbers are only checked to be
+positive and finite (the benchmark's own table and JSON are for people)."""
+
+import json
+import math
+
+import pytest
+
+from conftest import run_script
+
+REQUIRED = [
+    "sft.ratio_to_bare", "sft.ours.tokens_per_s", "sft.bare.tokens_per_s", "sft.ours.median_s", "sft.bare.median_s",
+    "rm.ratio_to_bare", "rm.ours.pairs_per_s", "rm.bare.pairs_per_s",
+    "ppo.ratio_to_bare", "ppo.ours.episodes_per_s", "ppo.bare.episodes_per_s",
+    "ppo.ours.generate_s_median", "ppo.ours.score_s_median", "ppo.ours.train_s_median",
+    "ppo.bare.generate_s_median", "ppo.bare.score_s_median", "ppo.bare.train_s_median",
+    "ppo.peak_rss_over_weights", "ppo.peak_rss_bytes", "ppo.weight_bytes",
+    "model.params", "model.weight_bytes", "environment.torch_threads",
+]
+
+
+def _get(results: dict, dotted: str):
+    value = results
+    for key in dotted.split("."):
+        assert isinstance(value, dict) and key in value, f"{dotted}: {key!r} missing"
+        value = value[key]
+    return value
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_stage_and_writes_the_figures(tmp_path):
+    out = tmp_path / "results.json"
+    # --tiny: the --quick code paths (SFTTrainer, RewardTrainer, PPOTrainer and their bare loops) on a smaller model
+    # with fewer repetitions, so the test takes about a minute.
+    proc = run_script("benchmarks/run.py", "--tiny", "--output", out, "--work_dir", tmp_path / "work", timeout=600)
+    results = json.loads(out.read_text())
+    for key in REQUIRED:
+        value = _get(results, key)
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{key} = {value!r}"
+    assert results["ppo"]["config"]["response_length"] > 0
+    assert results["environment"]["device"]
+    for stage in ("SFT", "RM", "PPO"):
+        assert stage in proc.stdout  # the table
+    assert "ratio" in proc.stdout
