@@ -241,7 +241,6 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
         if a.save_freq and trainer.step_count % a.save_freq == 0:
             trainer.save_checkpoint(os.path.join(a.output_dir, f"checkpoint-{trainer.step_count}"))
     bar.close()
-    accelerator.end_training()
 
     tmp = final_tmp_dir(a.output_dir)
     accelerator.wait_for_everyone()
@@ -261,6 +260,7 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
                           "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
                           "skipped_steps": trainer.skipped_steps})
         print(f"saved to {a.output_dir}")
+    accelerator.end_training()  # last: it also ends the process group
 
 
 def _read(output_dir):

@@ -41,7 +41,7 @@ def test_pipeline_shows_that_rlhf_worked(pipeline):
 def test_pipeline_writes_report_plots_and_plain_models(pipeline):
     out, _ = pipeline
     report = open(os.path.join(out, "report.md")).read()
-    assert "eval accuracy" in report and report.count("| score ") == 3  # three questions, scored before and after
+    assert "eval accuracy" in report and report.count("| score ") == 6  # three questions, each scored before and after
     answers = json.load(open(os.path.join(out, "answers.json")))
     assert len(answers) == 3 and all({"sft_merged", "final"} <= set(a) for a in answers)
     for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png"):

@@ -65,7 +65,7 @@ def test_ppo_writes_metrics_samples_and_checkpoints(tiny_model, reward_model, tm
     assert {"optimizer.pt", "scheduler.pt", "rng_state_0.pth", "trainer_state.json", "value_head.safetensors",
             "adapter_model.safetensors"} <= set(os.listdir(os.path.join(full, "checkpoint-2")))
     state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
-    assert state["global_step"] == 2 and state["episodes"] == 16 and state["kl_coef"] == metrics[1]["objective/kl_coef"]
+    assert state["global_step"] == 2 and state["episodes"] == 16 and state["kl_coef"] == metrics[2]["objective/kl_coef"]  # the coefficient step 3 used
 
     # The adapter really moved away from the reference (LoRA B starts at zero).
     assert max(v.abs().max().item() for k, v in load_file(os.path.join(full, "adapter_model.safetensors")).items() if "lora_B" in k) > 0

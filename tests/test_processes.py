@@ -35,7 +35,7 @@ def test_reward_model_runs_on_two_processes(tiny_model, tmp_path):
     proc = run_script(*TORCHRUN, "--master_port", "29562", "training_reward_model.py", "--model_name_or_path", tiny_model,
                       "--dataset_name", ".", "--max_length", "256", "--per_device_train_batch_size", "4",
                       "--learning_rate", "1e-3", "--max_steps", "6", "--eval_steps", "6", "--save_steps", "6",
-                      "--eval_subset", "40", "--disable_tqdm", "true", "--output_dir", out)
+                      "--eval_subset", "40", "--logging_steps", "1", "--disable_tqdm", "true", "--output_dir", out)
     assert proc.stdout.count("saved to") == 1
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == 6
     assert os.path.isfile(os.path.join(out, "eval_report.json")) and os.path.isfile(os.path.join(out, "reward_stats.json"))
