@@ -34,7 +34,7 @@ from common.cli import UserError, collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import ModelArguments, check_model_path, load_model, load_tokenizer, lora_config
 from common.outputs import (
-    MetricsWriter, check_output_dir, commit_final, final_tmp_dir, find_checkpoint, write_model_card,
+    MetricsWriter, check_output_dir, commit_final, final_tmp_dir, find_checkpoint, read_metrics, write_model_card,
     write_run_args,
 )
 from common.ppo import AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOHyperparameters, PPOTrainer
@@ -249,7 +249,7 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
         trainer.save_model(tmp)
         tokenizer.save_pretrained(tmp)
         commit_final(tmp, a.output_dir)
-        history = [m for m in _read(a.output_dir) if "objective/scores" in m]
+        history = [m for m in read_metrics(a.output_dir) if "objective/scores" in m]
         fifth = max(1, len(history) // 5)
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         write_model_card(a.output_dir, "PPO policy " + ("LoRA adapter + value head" if model_args.use_peft else "model + value head"),
@@ -261,12 +261,6 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
                           "skipped_steps": trainer.skipped_steps})
         print(f"saved to {a.output_dir}")
     accelerator.end_training()  # last: it also ends the process group
-
-
-def _read(output_dir):
-    from common.outputs import read_metrics
-
-    return read_metrics(output_dir)
 
 
 def _truncate_samples(path: str, step: int) -> None:
