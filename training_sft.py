@@ -52,6 +52,12 @@ class ScriptArguments:
     eos_token_id: int | None = field(default=None, metadata={"help": "EOS id to end each example with (default: the tokenizer's)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
     eval_first_step: bool = field(default=False, metadata={"help": "Evaluate once before training (the baseline eval loss)."})
+    lm_head: str = field(
+        default="auto",
+        metadata={"help": "How the loss is taken from the LM head: 'fused' (TRL's chunked head, no [tokens, vocab] "
+                          "logits kept), 'plain' (full logits, faster without Triton), 'auto' (plain on CPU).",
+                  "choices": ["auto", "fused", "plain"]},
+    )
 
 
 # StackLLaMA's flags, kept as aliases of the Hugging Face names (STACKLLAMA.md).
@@ -117,6 +123,67 @@ def tokenize(ds, tokenizer, streaming: bool):
     return ds.map(fn, remove_columns=list(ds.column_names or []), **kwargs)
 
 
+def plain_lm_head(model) -> bool:
+    """Make `model(..., fused_lm_head=True)` compute what TRL's fused LM head returns, from plain full logits.
+
+    `SFTTrainer` takes its loss, entropy and token accuracy from `trl.trainer.utils.add_fused_lm_head`, which never
+    holds the `[tokens, vocab]` logits. Without Triton (on CPU) it does so tile by tile in torch and recomputes
+    every tile in the backward, which costs more than the logits it saves (benchmarks/README.md: SFT at about 0.90
+    of the bare loop with it, 0.97-1.00 without). This gives the same loss, log-probs, entropy and top-1 flags
+    (tests/test_sft.py compares both heads, values and gradients). Calls it does not cover -- generation, pre-shifted
+    labels, MoE router losses -- go to TRL's head; models with logit soft-capping or scaling are left alone.
+    Returns whether the head was replaced.
+    """
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    if any(getattr(text_config, k, None) is not None for k in scaled) or getattr(text_config, "output_router_logits", False):
+        return False
+    fused = model.forward  # TRL's, kept for every call not handled here
+
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None:
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        logits = self.get_output_embeddings()(hidden).float()
+        logp = logits.log_softmax(-1)
+        log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        with torch.no_grad():  # metrics only
+            entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0.0)
+            is_top1 = (logits.argmax(-1) == labels) & mask
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / count
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments, tokenizer, train_ds,
+                  eval_ds=None, callbacks=()) -> SFTTrainer:
+    """The model and `SFTTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
+    model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, "CAUSAL_LM"),
+        callbacks=list(callbacks),
+    )
+    if script.lm_head == "plain" or (script.lm_head == "auto" and trainer.args.device.type == "cpu"):
+        plain_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
+    return trainer
+
+
 def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments) -> None:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
@@ -141,18 +208,9 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
         what = "span two packed blocks" if config.packing else "are truncated"
         print(f"train: {len(lengths)} examples, {sum(lengths)} tokens; {over} longer than --seq_length {config.max_length} {what}")
 
-    model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir, enabled=is_main)
     guard = nonfinite_guard()
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args, "CAUSAL_LM"),
-        callbacks=[guard, metrics_callback(writer)],
-    )
+    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, [guard, metrics_callback(writer)])
     if is_main:
         final_tmp_dir(config.output_dir, clear=True)
         write_run_args(config.output_dir, script, model_args, config)

@@ -239,7 +239,6 @@ def build_sft(models: dict, p: dict, out_dir: str):
     import torch
     import torch.nn.functional as F
     from peft import get_peft_model
-    from trl import SFTTrainer
 
     import training_sft
     from common.data import load_and_validate
@@ -258,11 +257,9 @@ def build_sft(models: dict, p: dict, out_dir: str):
     train_rows, _ = training_sft.split_valid(loaded, script)
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code, "right")
     train_ds = training_sft.tokenize(train_rows, tokenizer, False)
-    model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=lora_config(model_args, "CAUSAL_LM"),
-                         callbacks=[nonfinite_guard(), metrics_callback(writer)])
+    trainer = training_sft.build_trainer(script, config, model_args, tokenizer, train_ds,
+                                         callbacks=[nonfinite_guard(), metrics_callback(writer)])
     device = trainer.args.device
 
     bare_model = get_peft_model(load_model(model_args, "CAUSAL_LM", False, tokenizer.pad_token_id), lora_config(model_args, "CAUSAL_LM"))
@@ -285,6 +282,7 @@ def build_sft(models: dict, p: dict, out_dir: str):
         opt.zero_grad(set_to_none=True)
 
     bare_step.params = params
+    bare_step.script = script
     return trainer, bare_step, config, model_args
 
 
@@ -300,7 +298,7 @@ def bench_sft(models: dict, p: dict, out_dir: str) -> dict:
     result["config"] = {"seq_length": p["sft_seq"], "batch_size": p["sft_bs"], "packing_strategy": config.packing_strategy,
                         "completion_only_loss": config.completion_only_loss, "lora_r": model_args.lora_r,
                         "bf16": bool(trainer.args.bf16), "gradient_checkpointing": trainer.args.gradient_checkpointing,
-                        "logging_steps": config.logging_steps, "optim": str(config.optim)}
+                        "logging_steps": config.logging_steps, "optim": str(config.optim), "lm_head": bare_step.script.lm_head}
     result["trainable_params"] = sum(q.numel() for q in params)
     del trainer
     return result

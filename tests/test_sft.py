@@ -143,3 +143,52 @@ def test_bad_flags_give_one_clear_message(tiny_model, tmp_path, capsys, flags, n
 def test_a_bad_flag_exits_without_traceback(tmp_path):
     proc = run_script("training_sft.py", "--model_path", "m", "--learning_rate", "-1", "--output_dir", str(tmp_path), check=False)
     assert_user_error(proc, "--learning_rate")
+
+
+def test_plain_lm_head_matches_trls_fused_head(tiny_model):
+    """The CPU head (`--lm_head plain`, the default on CPU) returns what TRL's fused head does: the same loss,
+    per-token log-probs, entropy and top-1 flags, and the same LoRA gradients."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from training_sft import plain_lm_head
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    models = []
+    for plain in (False, True):
+        m = copy.deepcopy(base)
+        add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+        if plain:
+            assert plain_lm_head(m)
+        peft = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        models.append(peft)
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, base.config.vocab_size, (3, 40))
+    labels = ids.clone()
+    labels[:, :12] = -100  # a prompt
+    labels[2, 30:] = -100  # padding
+    outs = []
+    for m in models:
+        out = m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        outs.append((out, grads))
+    (fused, g_fused), (plain, g_plain) = outs
+    assert torch.allclose(fused.loss, plain.loss, atol=1e-5)
+    assert fused.loss.item() > 1.0  # random weights: a real loss, not a zero from an empty mask
+    assert torch.equal(fused.label_mask, plain.label_mask)
+    assert torch.allclose(fused.log_probs, plain.log_probs, atol=1e-5)
+    assert torch.allclose(fused.entropy, plain.entropy, atol=1e-4)
+    assert torch.equal(fused.is_top1, plain.is_top1)
+    assert len(g_fused) == 2 * 2 * base.config.num_hidden_layers
+    for name, g in g_fused.items():
+        assert g.abs().sum() > 0, name
+        assert torch.allclose(g, g_plain[name], atol=1e-6, rtol=1e-4), name
+    # Generation and plain forwards still go through the model's own head.
+    logits = models[1](input_ids=ids).logits
+    assert logits.shape == (3, 40, base.config.vocab_size)
