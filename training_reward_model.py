@@ -35,7 +35,7 @@ from common.modeling import (
     ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
 )
 from common.outputs import (
-    MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
+    AtomicCheckpoints, MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
     metrics_callback, nonfinite_guard, write_model_card, write_run_args,
 )
 from common.prompts import format_example
@@ -128,6 +128,10 @@ def load_rows(script: ScriptArguments, data_dir: str, subset: int):
     return ds.select(range(subset)) if 0 < subset < len(ds) else ds
 
 
+class Trainer(AtomicCheckpoints, RewardTrainer):
+    """TRL's RewardTrainer, with checkpoints written under a temporary name and renamed."""
+
+
 def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> None:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
@@ -150,7 +154,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir, enabled=is_main)
     guard = nonfinite_guard()
-    trainer = RewardTrainer(
+    trainer = Trainer(
         model=model,
         args=config,
         train_dataset=train_ds,

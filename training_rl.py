@@ -244,9 +244,8 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
 
     tmp = final_tmp_dir(a.output_dir)
     accelerator.wait_for_everyone()
+    trainer.save_model(tmp)  # every process takes part (ZeRO-3/FSDP gather); the main one writes
     if is_main:
-        os.makedirs(tmp, exist_ok=True)
-        trainer.save_model(tmp)
         tokenizer.save_pretrained(tmp)
         commit_final(tmp, a.output_dir)
         history = [m for m in read_metrics(a.output_dir) if "objective/scores" in m]

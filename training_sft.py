@@ -30,7 +30,7 @@ from common.modeling import (
     ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
 )
 from common.outputs import (
-    MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
+    AtomicCheckpoints, MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
     metrics_callback, nonfinite_guard, write_model_card, write_run_args,
 )
 from common.prompts import tokenize_example
@@ -166,11 +166,15 @@ def plain_lm_head(model) -> bool:
     return True
 
 
+class Trainer(AtomicCheckpoints, SFTTrainer):
+    """TRL's SFTTrainer, with checkpoints written under a temporary name and renamed."""
+
+
 def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments, tokenizer, train_ds,
-                  eval_ds=None, callbacks=()) -> SFTTrainer:
+                  eval_ds=None, callbacks=()) -> Trainer:
     """The model and `SFTTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=model,
         args=config,
         train_dataset=train_ds,

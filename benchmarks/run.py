@@ -310,7 +310,6 @@ def build_rm(models: dict, p: dict, out_dir: str):
     import torch.nn.functional as F
     from peft import get_peft_model
     from transformers import set_seed
-    from trl import RewardTrainer
 
     import training_reward_model as rm_script
     from common.modeling import load_model, load_tokenizer, lora_config
@@ -334,9 +333,9 @@ def build_rm(models: dict, p: dict, out_dir: str):
     set_seed(config.seed)
     model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir)
-    trainer = RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer,
-                            peft_config=lora_config(model_args, "SEQ_CLS"),
-                            callbacks=[nonfinite_guard(), metrics_callback(writer)])
+    trainer = rm_script.Trainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer,
+                                peft_config=lora_config(model_args, "SEQ_CLS"),
+                                callbacks=[nonfinite_guard(), metrics_callback(writer)])
     device = trainer.args.device
 
     set_seed(config.seed)

@@ -197,10 +197,49 @@ def _fmt(v) -> str:
     return str(v)
 
 
+class AtomicCheckpoints:
+    """A ``Trainer`` mixin (``class T(AtomicCheckpoints, SFTTrainer)``): every checkpoint is written whole under
+    ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N`` once every process has written its part, so a crash
+    mid-save leaves only a ``.tmp`` folder, which ``find_checkpoint`` never picks and the next save replaces.
+
+    The Trainer builds the path ``<run dir>/checkpoint-N`` itself; pointing its run dir at the ``.tmp`` folder for
+    the save puts the checkpoint at ``checkpoint-N.tmp/checkpoint-N``, which is then moved up. Old checkpoints
+    are rotated (``--save_total_limit``) only after the new one is in place.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # a crashed save of the same step
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging  # this save only
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, shards)
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == os.path.join(staging, name):
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+            if os.path.isdir(final):
+                shutil.rmtree(final)  # the same step saved again by a run resumed from an earlier checkpoint
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
 def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
     """Resolve ``--resume_from_checkpoint``: a path, or ``latest``/``true`` for the newest complete checkpoint.
 
-    A checkpoint is complete once ``trainer_state.json`` is in it (written last; see ``common.checkpoint``).
+    Only ``checkpoint-N`` folders count (never ``checkpoint-N.tmp``, a save in progress or cut short), and only
+    complete ones: ``trainer_state.json``, written last, must parse.
     """
     if value in (None, "", False) or str(value).lower() in ("false", "none", "no"):
         return None

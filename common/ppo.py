@@ -205,24 +205,48 @@ class PolicyWithValueHead(nn.Module):
 @contextlib.contextmanager
 def unwrap_for_generation(model, accelerator):
     """The bare ``PolicyWithValueHead`` for ``generate``: gradient checkpointing off (it disables the KV cache)
-    and, under DeepSpeed ZeRO-3, the sharded parameters gathered on every process for the duration."""
+    and, under DeepSpeed ZeRO-3 and FSDP1, the sharded parameters gathered on every process for the duration."""
     unwrapped = accelerator.unwrap_model(model)
     policy = unwrapped.policy
     checkpointing = getattr(policy, "is_gradient_checkpointing", False)
     if checkpointing:
         policy.gradient_checkpointing_disable()
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    fsdp1 = accelerator.distributed_type.name == "FSDP" and not accelerator.is_fsdp2
     try:
         if plugin is not None and plugin.zero_stage == 3:  # untested here (no GPUs): see docs/ppo.md
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
                 yield unwrapped
+        elif fsdp1:  # FSDP2 gathers in its forward hooks; FSDP1's root parameters stay flat shards without this
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.summon_full_params(model, writeback=False, recurse=True):
+                yield unwrapped
         else:
             yield unwrapped
     finally:
         if checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def configure_deepspeed(config: dict, hp: "PPOHyperparameters") -> None:
+    """Fill a DeepSpeed config's "auto" batch fields from the PPO flags, and refuse values that disagree.
+
+    accelerate fills these from a prepared DataLoader, and PPO prepares none: without this, `prepare` fails
+    asking for `train_micro_batch_size_per_gpu`. One engine micro-batch is one PPO minibatch; the engine steps
+    after `gradient_accumulation_steps` of them and clips to `--max_grad_norm` itself.
+    """
+    wanted = {"train_micro_batch_size_per_gpu": (hp.mini_batch_size, "--mini_batch_size"),
+              "gradient_accumulation_steps": (hp.gradient_accumulation_steps, "--gradient_accumulation_steps"),
+              "gradient_clipping": (hp.max_grad_norm or 0.0, "--max_grad_norm")}
+    for key, (value, flag) in wanted.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif float(config[key]) != float(value):
+            raise UserError(f"the DeepSpeed config sets {key} {config[key]} but {flag} is {value}: make them agree "
+                            f"(or set it to 'auto' in the DeepSpeed config)")
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -275,6 +299,10 @@ class PPOTrainer:
         self.accelerator, self.hp = accelerator, hp
         self.tokenizer, self.reward_model, self.reward_tokenizer = tokenizer, reward_model, reward_tokenizer
         self.prompts, self.kl_ctl, self.reward_stats, self.ref_model = prompts, kl_ctl, reward_stats, ref_model
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            configure_deepspeed(plugin.deepspeed_config, hp)
+        accelerator.gradient_accumulation_steps = hp.gradient_accumulation_steps
         # The scheduler stays outside `prepare`: accelerate would step it once per process per call.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
@@ -460,6 +488,7 @@ class PPOTrainer:
         """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per ``mini * grad_accum`` rows."""
         acc, hp, mask = self.accelerator, self.hp, b["mask"]
         backward_bs = hp.mini_batch_size * hp.gradient_accumulation_steps
+        acc.gradient_accumulation_steps = hp.gradient_accumulation_steps  # accelerate's state is per process, not ours
         gen = torch.Generator().manual_seed(hp.seed * 100003 + self.step_count)
         totals: dict[str, float] = {}
         n_updates, n_micro = 0, 0
@@ -470,11 +499,11 @@ class PPOTrainer:
             stop = False
             for start in range(0, hp.batch_size, backward_bs):
                 approx_kls = []
-                for k, mb_start in enumerate(range(start, start + backward_bs, hp.mini_batch_size)):
+                acc.step = 0  # accelerate counts micro-batches: the last of these `gradient_accumulation_steps` syncs
+                for mb_start in range(start, start + backward_bs, hp.mini_batch_size):
                     mb_inds = b_inds[mb_start : mb_start + hp.mini_batch_size].to(mask.device)
-                    last = k == hp.gradient_accumulation_steps - 1
-                    ctx = acc.no_sync(self.model) if not last else contextlib.nullcontext()  # DDP: sync once
-                    with ctx:
+                    # DDP: gradients all-reduced on the last micro-batch only; DeepSpeed: its engine steps there
+                    with acc.accumulate(self.model):
                         _, values, logprobs = self.forward(self.model, b, mb_inds)
                         loss, stats = ppo_losses(
                             logprobs, old_logprobs[mb_inds], values, old_values[mb_inds], advantages[mb_inds],
@@ -482,7 +511,7 @@ class PPOTrainer:
                         )
                         bad = ~torch.isfinite(loss)
                         if self._all(~bad):
-                            acc.backward(loss / hp.gradient_accumulation_steps)
+                            acc.backward(loss)  # divided by gradient_accumulation_steps (by DeepSpeed's engine there)
                     if not self._all(~bad):
                         self._restore(snapshot)
                         return None
@@ -521,7 +550,8 @@ class PPOTrainer:
         return {"params": [p.detach().clone() for p in params], "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def _restore(self, snapshot: dict | None) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.model.parameters():  # not optimizer.zero_grad: accelerate skips it mid-accumulation
+            p.grad = None
         if snapshot is None:
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -566,10 +596,13 @@ class PPOTrainer:
             os.makedirs(tmp)
         acc.wait_for_everyone()
         torch.save(rng, os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))  # every process its own
+        self.save_model(tmp)
+        if self._sharded():  # optimizer state split across processes: each writes its part (accelerate's format)
+            acc.save_state(os.path.join(tmp, "sharded_state"))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self.save_model(tmp)
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            if not self._sharded():
+                torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             if self.scheduler is not None:
                 torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             for name, text in (extra_files or {}).items():
@@ -583,28 +616,39 @@ class PPOTrainer:
         acc.wait_for_everyone()
 
     def save_model(self, folder: str) -> None:
-        """The policy (adapter, or full model) and the value head, in safetensors."""
+        """The policy (adapter, or full model) and the value head, in safetensors. Every process calls it: under
+        ZeRO-3 and FSDP the full weights are gathered from all of them; the main process writes."""
         from safetensors.torch import save_file
 
-        model = self.accelerator.unwrap_model(self.model)
-        model.policy.save_pretrained(folder)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+        acc = self.accelerator
+        state = acc.get_state_dict(self.model)  # DDP / one process: the module's own state_dict, no copy
+        if not acc.is_main_process:
+            return
+        os.makedirs(folder, exist_ok=True)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+        acc.unwrap_model(self.model).policy.save_pretrained(folder, state_dict=part("policy."))
+        save_file({k: v.detach().cpu().contiguous() for k, v in part("value_head.").items()},
                   os.path.join(folder, "value_head.safetensors"))
+
+    def _sharded(self) -> bool:
+        """DeepSpeed or FSDP: weights and optimizer state are split across processes."""
+        return self.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
 
     def load_checkpoint(self, folder: str) -> None:
         from safetensors.torch import load_file
 
-        model = self.accelerator.unwrap_model(self.model)
-        model.value_head.load_state_dict(load_file(os.path.join(folder, "value_head.safetensors")))
-        if hasattr(model.policy, "load_adapter") and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            from peft import set_peft_model_state_dict
-
-            adapter = load_file(os.path.join(folder, "adapter_model.safetensors"))
-            set_peft_model_state_dict(model.policy, adapter)
+        if self._sharded():  # weights and optimizer state, each process its shard
+            self.accelerator.load_state(os.path.join(folder, "sharded_state"))
         else:
-            state = load_file(os.path.join(folder, "model.safetensors"))
-            model.policy.load_state_dict(state, strict=False)
-        self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+            model = self.accelerator.unwrap_model(self.model)
+            model.value_head.load_state_dict(load_file(os.path.join(folder, "value_head.safetensors")))
+            if hasattr(model.policy, "load_adapter") and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(model.policy, load_file(os.path.join(folder, "adapter_model.safetensors")))
+            else:
+                model.policy.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
+            self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
         if self.scheduler is not None and os.path.isfile(os.path.join(folder, "scheduler.pt")):
             self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
         with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:

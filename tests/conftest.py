@@ -1,8 +1,10 @@
 """Shared fixtures: offline mode, the repo root, and the tiny model built once per test session."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,3 +46,25 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in message, f"{needle!r} not in error message:\n{message}"
     return message
+
+
+def kill_after_checkpoint(cmd: list[str], checkpoint: str, timeout: float = 300) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` is complete."""
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def max_weight_diff(a_dir: str, b_dir: str, name: str) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)

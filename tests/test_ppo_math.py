@@ -443,3 +443,66 @@ def test_value_head_logprobs_match_generation(tiny_llama):
     torch.testing.assert_close(logits, gen_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(logprobs_from_logits(logits, seq[:, 5:]),
                                logprobs_from_logits(gen_logits, seq[:, 5:]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Gradient accumulation and the DeepSpeed batch fields
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _hp(**overrides):
+    from common.ppo import PPOHyperparameters
+
+    base = dict(batch_size=4, mini_batch_size=1, gradient_accumulation_steps=1, ppo_epochs=2, learning_rate=0.5,
+                gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, max_grad_norm=None,
+                early_stopping=False, target_kl=1.0, temperature=1.0, output_min_length=4, output_max_length=4,
+                generation_batch_size=4, reward_baseline=0.0, reward_normalization="none", reward_clip=None,
+                missing_eos_penalty=None, reward_batch_size=4, seed=0)
+    return PPOHyperparameters(**{**base, **overrides})
+
+
+def _updated_weights(mini: int, accumulate: int) -> dict:
+    """One `update` (2 epochs over 4 rows) with plain SGD, so a wrongly scaled gradient changes the weights."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, pad_token_id=0)
+    model = PolicyWithValueHead(LlamaForCausalLM(config))
+    hp = _hp(mini_batch_size=mini, gradient_accumulation_steps=accumulate)
+    trainer = PPOTrainer(Accelerator(cpu=True), model, SimpleNamespace(pad_token_id=0), None, None, [], hp,
+                         FixedKLController(0.1), optimizer=torch.optim.SGD(model.parameters(), lr=hp.learning_rate))
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"input_ids": torch.randint(3, 50, (n,), generator=g).tolist()} for n in (5, 3, 4, 5)]
+    responses = torch.randint(3, 50, (4, 6), generator=g).tolist()  # equal lengths: minibatch means agree
+    b = trainer.collate(prompts, responses)
+    with torch.no_grad():
+        _, old_values, old_logprobs = trainer.forward(model, b)
+    advantages = torch.randn(4, 6, generator=g)
+    returns = old_values + torch.randn(4, 6, generator=g)
+    stats = trainer.update(b, old_logprobs - 0.05, old_values, advantages, returns)
+    assert stats["ppo/updates"] == 2 * 4 // (mini * accumulate)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_gradient_accumulation_equals_the_larger_minibatch():
+    one = _updated_weights(mini=2, accumulate=1)
+    two = _updated_weights(mini=1, accumulate=2)
+    start = _updated_weights(mini=4, accumulate=1)  # a different schedule: must differ
+    assert any(not torch.allclose(one[k], start[k], atol=1e-4) for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-6, rtol=1e-5)
+
+
+def test_deepspeed_auto_batch_fields_come_from_the_ppo_flags():
+    from common.cli import UserError
+    from common.ppo import configure_deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {}}
+    configure_deepspeed(config, _hp(mini_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5))
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    assert config["gradient_clipping"] == 0.5
+    configure_deepspeed(config, _hp(mini_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5))  # agrees
+    with pytest.raises(UserError, match="gradient_accumulation_steps 4 but --gradient_accumulation_steps is 8"):
+        configure_deepspeed(config, _hp(mini_batch_size=2, gradient_accumulation_steps=8, max_grad_norm=0.5))

@@ -4,17 +4,13 @@ and a run killed with SIGKILL right after a checkpoint resumes to the same weigh
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from common.cli import UserError, run
 from common.outputs import find_checkpoint, read_metrics
-from conftest import OFFLINE_ENV, ROOT, run_script
+from conftest import kill_after_checkpoint, max_weight_diff, run_script
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
@@ -103,26 +99,46 @@ def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint
     assert not os.path.exists(os.path.join(out, "adapter_config.json"))
 
 
-def _kill_after_checkpoint(cmd: list[str], checkpoint: str, timeout: float = 300) -> None:
-    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` is complete."""
-    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+@pytest.mark.slow
+def test_a_checkpoint_cut_short_is_left_as_tmp_and_never_resumed_from(tiny_model, tmp_path, monkeypatch):
+    """A save that dies half-way (here: an error once the weights and optimizer are written) leaves no
+    `checkpoint-N` folder, only `checkpoint-N.tmp`; `latest` resumes from the one before, the next save of that
+    step replaces the leftover, and `--save_total_limit` rotates only complete checkpoints."""
+    import transformers
 
+    import training_sft
 
-def _same_weights(a_dir: str, b_dir: str, name: str) -> float:
-    from safetensors.torch import load_file
+    real = transformers.Trainer._save_rng_state
+    crashed = []
 
-    a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    def crash_at_step_6(self, output_dir):
+        if self.state.global_step == 6 and not crashed:
+            crashed.append(output_dir)
+            raise OSError("disk full (simulated)")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", crash_at_step_6)
+    out = str(tmp_path / "sft")
+    args = ["--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "0",
+            "--seq_length", "64", "--batch_size", "2", "--max_steps", "8", "--save_freq", "2", "--save_total_limit", "2",
+            "--learning_rate", "1e-3", "--disable_tqdm", "true", "--output_dir", out]
+    with pytest.raises(OSError, match="disk full"):
+        run(lambda: training_sft.main(*training_sft.parse(args)))
+    assert crashed == [os.path.join(out, "checkpoint-6.tmp", "checkpoint-6")]
+    assert sorted(os.listdir(crashed[0])) and os.path.isfile(os.path.join(crashed[0], "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(crashed[0], "trainer_state.json"))
+    names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint"))
+    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6.tmp"]  # nothing named checkpoint-6
+    assert find_checkpoint(out, "latest") == os.path.join(out, "checkpoint-4")
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        assert os.path.isfile(os.path.join(out, "checkpoint-4", name)), name
+
+    run(lambda: training_sft.main(*training_sft.parse([*args, "--resume_from_checkpoint", "latest"])))
+    names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint"))
+    assert names == ["checkpoint-6", "checkpoint-8"]  # the leftover replaced, the oldest rotated out
+    assert json.load(open(os.path.join(out, "checkpoint-8", "trainer_state.json")))["global_step"] == 8
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 9))
+    assert os.path.isfile(os.path.join(out, "adapter_config.json"))
 
 
 @pytest.mark.slow
@@ -132,10 +148,10 @@ def test_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, t
             "--eval_freq", "8", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*args, "--output_dir", full)
-    _kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-8"))
+    kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-8"))
     run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
     assert [m["step"] for m in read_metrics(cut)] == list(range(1, 17))
-    assert _same_weights(full, cut, "adapter_model.safetensors") < 1e-5
+    assert max_weight_diff(full, cut, "adapter_model.safetensors") < 1e-5
 
 
 @pytest.mark.slow
@@ -146,8 +162,8 @@ def test_ppo_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, t
     args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "32", "--save_freq", "2"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*args, "--output_dir", full)
-    _kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-2"))
+    kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-2"))
     run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
     assert [m["step"] for m in read_metrics(cut)] == [1, 2, 3, 4]
-    assert _same_weights(full, cut, "adapter_model.safetensors") < 1e-5
-    assert _same_weights(full, cut, "value_head.safetensors") < 1e-5
+    assert max_weight_diff(full, cut, "adapter_model.safetensors") < 1e-5
+    assert max_weight_diff(full, cut, "value_head.safetensors") < 1e-5

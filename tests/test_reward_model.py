@@ -4,7 +4,6 @@ config files, resume, an SFT adapter as the base, and bad input."""
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import yaml
 
 from common.outputs import read_metrics
 from common.prompts import format_example
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, kill_after_checkpoint, run_script
 
 DATA = ["--dataset_name", ".", "--train_data_dir", "data/reward", "--eval_data_dir", "data/evaluation"]
 # A random base needs a far higher learning rate than StackLLaMA's 2e-5 for a pretrained 7B model.
@@ -119,7 +118,7 @@ def test_stackllama_flags_run_unchanged(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_config_yaml_and_resume_continue_to_the_same_weights(tiny_model, tmp_path):
+def test_config_yaml_and_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -133,12 +132,10 @@ def test_config_yaml_and_resume_continue_to_the_same_weights(tiny_model, tmp_pat
     assert args["RewardConfig"]["max_steps"] == 4 and args["ScriptArguments"]["train_subset"] == 24
     assert args["RewardConfig"]["per_device_eval_batch_size"] == 4  # evaluation batches like training by default
 
-    # The interrupted run: what was on disk right after checkpoint-2 was written.
-    shutil.copytree(full, cut)
-    for name in os.listdir(cut):
-        if name not in ("checkpoint-2", "metrics.jsonl", "run_args.yaml"):
-            path = os.path.join(cut, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    # The interrupted run: SIGKILL as soon as checkpoint-2 is in place, then resumed.
+    kill_after_checkpoint(["training_reward_model.py", "--config", str(config), "--max_steps", "4", "--output_dir", cut],
+                          os.path.join(cut, "checkpoint-2"))
+    assert not os.path.exists(os.path.join(cut, "adapter_config.json"))
     run_script("training_reward_model.py", "--config", str(config), "--max_steps", "4", "--output_dir", cut,
                "--resume_from_checkpoint", "latest")
     assert [m["step"] for m in read_metrics(cut)] == [1, 2, 3, 4]
