@@ -132,6 +132,15 @@ class Trainer(AtomicCheckpoints, RewardTrainer):
     """TRL's RewardTrainer, with checkpoints written under a temporary name and renamed."""
 
 
+def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, train_ds, eval_ds=None,
+                  callbacks=()) -> Trainer:
+    """The model and `RewardTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
+    set_seed(config.seed)  # the score head is initialised at random when the classifier is built
+    model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
+    return Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                   peft_config=lora_config(model_args, "SEQ_CLS"), callbacks=list(callbacks))
+
+
 def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> None:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
@@ -150,19 +159,9 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", is_main)
     eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", is_main)
 
-    set_seed(config.seed)  # the score head is initialised at random when the classifier is built
-    model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir, enabled=is_main)
     guard = nonfinite_guard()
-    trainer = Trainer(
-        model=model,
-        args=config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args, "SEQ_CLS"),
-        callbacks=[guard, metrics_callback(writer)],
-    )
+    trainer = build_trainer(config, model_args, tokenizer, train_ds, eval_ds, [guard, metrics_callback(writer)])
     if is_main:
         final_tmp_dir(config.output_dir, clear=True)
         write_run_args(config.output_dir, script, model_args, config)

@@ -56,7 +56,7 @@ PROFILES = {
     "tiny": dict(hidden=128, layers=2, heads=4, sft_seq=128, sft_bs=4, rm_bs=4, rm_max_length=512,
                  ppo_bs=4, ppo_mini=1, ppo_ga=2, ppo_epochs=2, ppo_len=8, warmup=1, reps=2, ppo_warmup=1, ppo_reps=1),
     "quick": dict(hidden=384, layers=6, heads=6, sft_seq=256, sft_bs=4, rm_bs=4, rm_max_length=512,
-                  ppo_bs=8, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=24, warmup=1, reps=9, ppo_warmup=1, ppo_reps=3),
+                  ppo_bs=8, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=24, warmup=1, reps=9, ppo_warmup=1, ppo_reps=5),
     "full": dict(hidden=512, layers=8, heads=8, sft_seq=512, sft_bs=4, rm_bs=4, rm_max_length=512,
                  ppo_bs=16, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=48, warmup=3, reps=12, ppo_warmup=1, ppo_reps=5),
     "gpu": dict(hidden=1024, layers=12, heads=16, sft_seq=1024, sft_bs=8, rm_bs=8, rm_max_length=512,
@@ -330,12 +330,9 @@ def build_rm(models: dict, p: dict, out_dir: str):
     if config.eos_token:
         tokenizer.eos_token = config.eos_token
     train_ds, _ = rm_script.tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", False)
-    set_seed(config.seed)
-    model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     writer = MetricsWriter(config.output_dir)
-    trainer = rm_script.Trainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer,
-                                peft_config=lora_config(model_args, "SEQ_CLS"),
-                                callbacks=[nonfinite_guard(), metrics_callback(writer)])
+    trainer = rm_script.build_trainer(config, model_args, tokenizer, train_ds,
+                                      callbacks=[nonfinite_guard(), metrics_callback(writer)])
     device = trainer.args.device
 
     set_seed(config.seed)

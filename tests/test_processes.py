@@ -27,6 +27,10 @@ def test_sft_two_processes_learn_like_one_with_the_same_global_batch(tiny_model,
     assert a[-1] < 0.9 * a[0] and b[-1] < 0.9 * b[0]  # both learn
     assert abs(sum(a[-4:]) / 4 - sum(b[-4:]) / 4) < 0.1 * a[0]  # and end in the same place
     assert os.path.isfile(os.path.join(two, "adapter_model.safetensors"))
+    # The checkpoint holds both processes' RNG states: renamed into place only after both wrote theirs.
+    assert sorted(n for n in os.listdir(two) if n.startswith("checkpoint")) == ["checkpoint-12"]
+    for name in ("rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json"):
+        assert os.path.isfile(os.path.join(two, "checkpoint-12", name)), name
 
 
 @pytest.mark.slow
