@@ -37,7 +37,10 @@ from common.outputs import (
     MetricsWriter, check_output_dir, commit_final, final_tmp_dir, find_checkpoint, read_metrics, write_model_card,
     write_run_args,
 )
-from common.ppo import AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOHyperparameters, PPOTrainer
+from common.ppo import (
+    AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOHyperparameters, PPOTrainer, is_zero3,
+    whole_models_under_zero3,
+)
 from common.prompts import format_prompt
 
 
@@ -147,8 +150,10 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
     resume = find_checkpoint(a.output_dir, a.resume_from_checkpoint)
     check_output_dir(a.output_dir, a.overwrite_output_dir, resuming=resume is not None)
     trackers = [t for t in a.report_to.split(",") if t and t != "none"]
-    # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so.
-    accelerator = Accelerator(log_with=trackers or None, project_dir=a.output_dir, cpu=not torch.cuda.is_available())
+    # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
+    # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(log_with=trackers or None, project_dir=a.output_dir, cpu=not torch.cuda.is_available() and not deepspeed)
     is_main = accelerator.is_main_process
     set_seed(a.seed)
 
@@ -168,8 +173,9 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
 
     reward_tokenizer = load_tokenizer(a.reward_tokenizer_name or a.reward_model_name, a.trust_remote_code, "right")
     rm_args = ModelArguments(model_name_or_path=a.reward_model_name, dtype=model_args.dtype, use_peft=False)
-    reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
-                              flag="--reward_model_name", require_score_head=True)
+    with whole_models_under_zero3(accelerator):  # inference only, never prepared: a full copy on every process
+        reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
+                                  flag="--reward_model_name", require_score_head=True)
     reward_model.eval().requires_grad_(False).to(accelerator.device)
 
     policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
@@ -178,8 +184,13 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
+    elif is_zero3(accelerator):  # the policy was built partitioned: a copy of it would hold no weights
+        with whole_models_under_zero3(accelerator):
+            ref_model = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
     else:
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(accelerator.device)
+        ref_model = copy.deepcopy(policy)
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False).to(accelerator.device)
     for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, sec. 4)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

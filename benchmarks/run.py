@@ -56,7 +56,7 @@ PROFILES = {
     "tiny": dict(hidden=128, layers=2, heads=4, sft_seq=128, sft_bs=4, rm_bs=4, rm_max_length=512,
                  ppo_bs=4, ppo_mini=1, ppo_ga=2, ppo_epochs=2, ppo_len=8, warmup=1, reps=2, ppo_warmup=1, ppo_reps=1),
     "quick": dict(hidden=384, layers=6, heads=6, sft_seq=256, sft_bs=4, rm_bs=4, rm_max_length=512,
-                  ppo_bs=8, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=24, warmup=1, reps=9, ppo_warmup=1, ppo_reps=5),
+                  ppo_bs=8, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=24, warmup=1, reps=9, ppo_warmup=1, ppo_reps=7),
     "full": dict(hidden=512, layers=8, heads=8, sft_seq=512, sft_bs=4, rm_bs=4, rm_max_length=512,
                  ppo_bs=16, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=48, warmup=3, reps=12, ppo_warmup=1, ppo_reps=5),
     "gpu": dict(hidden=1024, layers=12, heads=16, sft_seq=1024, sft_bs=8, rm_bs=8, rm_max_length=512,

@@ -211,10 +211,9 @@ def unwrap_for_generation(model, accelerator):
     checkpointing = getattr(policy, "is_gradient_checkpointing", False)
     if checkpointing:
         policy.gradient_checkpointing_disable()
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     fsdp1 = accelerator.distributed_type.name == "FSDP" and not accelerator.is_fsdp2
     try:
-        if plugin is not None and plugin.zero_stage == 3:  # untested here (no GPUs): see docs/ppo.md
+        if is_zero3(accelerator):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -229,6 +228,32 @@ def unwrap_for_generation(model, accelerator):
     finally:
         if checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def whole_models_under_zero3(accelerator):
+    """Models loaded inside are whole on every process, also under DeepSpeed ZeRO-3.
+
+    Under ZeRO-3 accelerate registers its DeepSpeed config with transformers (whatever `zero3_init_flag` says),
+    and `from_pretrained` then builds every model inside `deepspeed.zero.Init`: partitioned, with empty weights
+    outside a DeepSpeed engine. The reward model and a full fine-tuning reference are used for inference only
+    and never prepared, so they are loaded here with the registration lifted for the duration.
+    """
+    if not is_zero3(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def configure_deepspeed(config: dict, hp: "PPOHyperparameters") -> None:
@@ -542,10 +567,11 @@ class PPOTrainer:
         """Trainable weights and optimizer state before an update, so a non-finite loss in a later minibatch
         can undo the step's earlier optimizer steps too. Taken when the trainable weights are small (LoRA and
         value head); with full fine-tuning a copy would double the memory, and only the failing optimizer step
-        is skipped (docs/ppo.md)."""
+        is skipped (docs/ppo.md). Not under DeepSpeed or FSDP either: their master weights and optimizer state
+        live in sharded buffers that a copy of the module's parameters does not restore."""
         model = self.accelerator.unwrap_model(self.model)
         params = [p for p in model.parameters() if p.requires_grad]
-        if sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters()):
+        if self._sharded() or sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters()):
             return None
         return {"params": [p.detach().clone() for p in params], "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 

@@ -5,10 +5,12 @@ import glob
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import yaml
 
+from common.outputs import read_metrics
 from conftest import OFFLINE_ENV, ROOT
 
 
@@ -35,6 +37,36 @@ def test_pipeline_shows_that_rlhf_worked(pipeline):
     assert 0 <= summary["ppo_kl_last"] < 20 and summary["ppo_kl_max"] < 30  # bounded by the KL penalty
     assert {"SFT", "reward model", "PPO", "merge SFT", "merge reward model", "merge PPO"} <= set(summary["seconds_per_stage"])
     assert "RLHF pipeline summary" in stdout and "rose: yes" in stdout
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_learns_like_one_with_the_same_global_batch(pipeline):
+    """The pipeline's PPO stage again under torchrun: 2 processes x 8 prompts (minibatches of 2) against the
+    pipeline's 1 process x 16 (minibatches of 4), from the same SFT policy and reward model."""
+    out, _ = pipeline
+    two = os.path.join(os.path.dirname(out), "ppo_two_processes")
+    same = ["--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--learning_rate", "3e-4", "--output_min_length", "16",
+            "--output_max_length", "32", "--init_kl_coef", "0.1", "--target", "4", "--horizon", "500"]
+    one_args = yaml.safe_load(open(os.path.join(out, "ppo", "run_args.yaml")))["ScriptArguments"]
+    for flag, value in zip(same[::2], same[1::2]):  # the one-process run used these too (scripts/run_pipeline.sh)
+        assert float(one_args[flag[2:]]) == float(value), flag
+    assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 480)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "training_rl.py",
+         "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm_merged"),
+         "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", "240", "--batch_size", "8", "--mini_batch_size", "2",
+         "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two],
+        cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {name: read_metrics(path) for name, path in (("one", os.path.join(out, "ppo")), ("two", two))}
+    assert [m["episodes"] for m in runs["two"]] == [m["episodes"] for m in runs["one"]] == [16 * (i + 1) for i in range(30)]
+    fifth = {}
+    for name, metrics in runs.items():
+        scores = [m["objective/scores"] for m in metrics]
+        fifth[name] = (sum(scores[:6]) / 6, sum(scores[-6:]) / 6)
+        assert fifth[name][1] > fifth[name][0] + 1.0, (name, fifth)  # both learn (measured: +2.9 and +3.1)
+        assert max(m["objective/kl"] for m in metrics) < 30, name  # both held by the KL penalty (measured: 7.1)
+    assert abs(fifth["one"][1] - fifth["two"][1]) < 0.75, fifth  # and end in the same place (measured: 1.39 vs 1.24)
 
 
 @pytest.mark.slow
