@@ -270,7 +270,12 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
                           "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
                           "skipped_steps": trainer.skipped_steps})
         print(f"saved to {a.output_dir}")
-    accelerator.end_training()  # last: it also ends the process group
+    # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
+    # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
+    accelerator.wait_for_everyone()
+    del trainer
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 def _truncate_samples(path: str, step: int) -> None:
