@@ -201,13 +201,7 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
     model = PolicyWithValueHead(policy)
 
     total_steps = math.ceil(a.steps / a.batch_size)  # as TRL's PPOConfig counted: per process
-    params = [p for p in model.parameters() if p.requires_grad]
-    if a.adafactor:
-        from transformers.optimization import Adafactor
-
-        optimizer = Adafactor(params, lr=a.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)  # Adam, as TRL's PPO used
+    optimizer = build_optimizer(a, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=total_steps)
     kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
     hp = PPOHyperparameters(
@@ -285,6 +279,19 @@ def _truncate_samples(path: str, step: int) -> None:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
+
+
+def build_optimizer(a: ScriptArguments, params: list) -> torch.optim.Optimizer:
+    """Adafactor if asked; else AdamW without weight decay (Adam, as TRL's PPO used), in torch's fused kernel where
+    it has one (CPU and CUDA; what `Trainer` picks for SFT and the reward model too: adamw_torch_fused)."""
+    if a.adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=a.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    try:
+        return torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ModelArguments]:

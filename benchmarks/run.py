@@ -423,8 +423,7 @@ def build_ppo_trainer(models: dict, p: dict, out_dir: str):
     if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
+    optimizer = training_rl.build_optimizer(a, [q for q in model.parameters() if q.requires_grad])
     scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=math.ceil(a.steps / a.batch_size))
     kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
     hp = PPOHyperparameters(
