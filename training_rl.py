@@ -140,9 +140,7 @@ def load_prompts(a: ScriptArguments, tokenizer):
 
 
 def main(a: ScriptArguments, model_args: ModelArguments) -> None:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     check_args(a, model_args)
     check_model_path(model_args.model_name_or_path, "--model_name")
@@ -150,10 +148,7 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
     resume = find_checkpoint(a.output_dir, a.resume_from_checkpoint)
     check_output_dir(a.output_dir, a.overwrite_output_dir, resuming=resume is not None)
     trackers = [t for t in a.report_to.split(",") if t and t != "none"]
-    # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
-    # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(log_with=trackers or None, project_dir=a.output_dir, cpu=not torch.cuda.is_available() and not deepspeed)
+    accelerator = make_accelerator(a, trackers)
     is_main = accelerator.is_main_process
     set_seed(a.seed)
 
@@ -170,52 +165,8 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
         if not os.path.isfile(path):
             raise UserError(f"--reward_normalization stats needs {path} (written by training_reward_model.py)")
         reward_stats = json.load(open(path, encoding="utf-8"))
-
-    reward_tokenizer = load_tokenizer(a.reward_tokenizer_name or a.reward_model_name, a.trust_remote_code, "right")
-    rm_args = ModelArguments(model_name_or_path=a.reward_model_name, dtype=model_args.dtype, use_peft=False)
-    with whole_models_under_zero3(accelerator):  # inference only, never prepared: a full copy on every process
-        reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
-                                  flag="--reward_model_name", require_score_head=True)
-    reward_model.eval().requires_grad_(False).to(accelerator.device)
-
-    policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
-    ref_model = None
-    if model_args.use_peft:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
-    elif is_zero3(accelerator):  # the policy was built partitioned: a copy of it would hold no weights
-        with whole_models_under_zero3(accelerator):
-            ref_model = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
-    else:
-        ref_model = copy.deepcopy(policy)
-    if ref_model is not None:
-        ref_model.eval().requires_grad_(False).to(accelerator.device)
-    for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, sec. 4)
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = 0.0
-    if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PolicyWithValueHead(policy)
-
-    total_steps = math.ceil(a.steps / a.batch_size)  # as TRL's PPOConfig counted: per process
-    optimizer = build_optimizer(a, [p for p in model.parameters() if p.requires_grad])
-    scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=total_steps)
-    kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
-    hp = PPOHyperparameters(
-        batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-        ppo_epochs=a.ppo_epochs, learning_rate=a.learning_rate, gamma=a.gamma, lam=a.lam, cliprange=a.cliprange,
-        cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, max_grad_norm=a.max_grad_norm, early_stopping=a.early_stopping,
-        target_kl=a.target_kl, temperature=a.temperature, output_min_length=a.output_min_length,
-        output_max_length=a.output_max_length,
-        generation_batch_size=(a.generation_batch_size or a.batch_size) if a.batched_gen else 1,
-        reward_baseline=a.reward_baseline, reward_normalization=a.reward_normalization, reward_clip=a.reward_clip,
-        missing_eos_penalty=a.missing_eos_penalty, reward_batch_size=a.reward_batch_size, seed=a.seed,
-    )
-    trainer = PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, hp, kl_ctl,
-                         reward_stats, ref_model, optimizer, scheduler)
+    trainer = build_trainer(a, model_args, accelerator, tokenizer, prompts, reward_stats)
+    total_steps = total_ppo_steps(a)
 
     writer = MetricsWriter(a.output_dir, enabled=is_main)
     samples_path = os.path.join(a.output_dir, "samples.jsonl")
@@ -279,6 +230,71 @@ def _truncate_samples(path: str, step: int) -> None:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
+
+
+def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
+    from accelerate import Accelerator
+
+    # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
+    # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(log_with=trackers or None, project_dir=a.output_dir, cpu=not torch.cuda.is_available() and not deepspeed)
+
+
+def total_ppo_steps(a: ScriptArguments) -> int:
+    return math.ceil(a.steps / a.batch_size)  # as TRL's PPOConfig counted: per process
+
+
+def build_trainer(a: ScriptArguments, model_args: ModelArguments, accelerator, tokenizer, prompts: list[dict],
+                  reward_stats: dict | None = None) -> PPOTrainer:
+    """The reward model, the policy with its value head (and a reference copy with full fine-tuning), the optimizer
+    and the `PPOTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
+    from transformers import get_scheduler
+
+    reward_tokenizer = load_tokenizer(a.reward_tokenizer_name or a.reward_model_name, a.trust_remote_code, "right")
+    rm_args = ModelArguments(model_name_or_path=a.reward_model_name, dtype=model_args.dtype, use_peft=False)
+    with whole_models_under_zero3(accelerator):  # inference only, never prepared: a full copy on every process
+        reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
+                                  flag="--reward_model_name", require_score_head=True)
+    reward_model.eval().requires_grad_(False).to(accelerator.device)
+
+    policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
+    ref_model = None
+    if model_args.use_peft:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
+    elif is_zero3(accelerator):  # the policy was built partitioned: a copy of it would hold no weights
+        with whole_models_under_zero3(accelerator):
+            ref_model = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
+    else:
+        ref_model = copy.deepcopy(policy)
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False).to(accelerator.device)
+    for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, sec. 4)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
+    if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PolicyWithValueHead(policy)
+
+    optimizer = build_optimizer(a, [p for p in model.parameters() if p.requires_grad])
+    scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=total_ppo_steps(a))
+    kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
+    hp = PPOHyperparameters(
+        batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
+        ppo_epochs=a.ppo_epochs, learning_rate=a.learning_rate, gamma=a.gamma, lam=a.lam, cliprange=a.cliprange,
+        cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, max_grad_norm=a.max_grad_norm, early_stopping=a.early_stopping,
+        target_kl=a.target_kl, temperature=a.temperature, output_min_length=a.output_min_length,
+        output_max_length=a.output_max_length,
+        generation_batch_size=(a.generation_batch_size or a.batch_size) if a.batched_gen else 1,
+        reward_baseline=a.reward_baseline, reward_normalization=a.reward_normalization, reward_clip=a.reward_clip,
+        missing_eos_penalty=a.missing_eos_penalty, reward_batch_size=a.reward_batch_size, seed=a.seed,
+    )
+    return PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, hp, kl_ctl,
+                      reward_stats, ref_model, optimizer, scheduler)
 
 
 def build_optimizer(a: ScriptArguments, params: list) -> torch.optim.Optimizer:

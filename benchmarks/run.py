@@ -29,7 +29,6 @@ import argparse
 import collections
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -223,6 +222,22 @@ class Interleaver:
 
         return collate
 
+    def train(self, trainer) -> None:
+        """``trainer.train()``, each of its steps followed by the bare step on the same batch."""
+        trainer.data_collator = self.capture(trainer.data_collator)
+        trainer.add_callback(self.callback)
+        trainer.train()
+
+
+def bare_optimizer_step(params, opt, max_grad_norm) -> None:
+    """Clip (if asked), step, clear: the end of every bare training step."""
+    import torch
+
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
 
 def bare_optimizer(params, lr: float, weight_decay: float, device):
     import torch
@@ -276,10 +291,7 @@ def build_sft(models: dict, p: dict, out_dir: str):
             logits = bare_model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_optimizer_step(params, opt, config.max_grad_norm)
 
     bare_step.params = params
     bare_step.script = script
@@ -290,9 +302,7 @@ def bench_sft(models: dict, p: dict, out_dir: str) -> dict:
     trainer, bare_step, config, model_args = build_sft(models, p, out_dir)
     device, params = trainer.args.device, bare_step.params
     inter = Interleaver("SFT", bare_step, p["warmup"], device)
-    trainer.data_collator = inter.capture(trainer.data_collator)
-    trainer.add_callback(inter.callback)
-    trainer.train()
+    inter.train(trainer)
     tokens_per_step = p["sft_bs"] * p["sft_seq"]
     result = compare(inter.ours, inter.bare, tokens_per_step, "tokens")
     result["config"] = {"seq_length": p["sft_seq"], "batch_size": p["sft_bs"], "packing_strategy": config.packing_strategy,
@@ -351,10 +361,7 @@ def build_rm(models: dict, p: dict, out_dir: str):
         r_chosen, r_rejected = rewards.chunk(2)
         loss = -F.logsigmoid(r_chosen - r_rejected).mean()
         loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_optimizer_step(params, opt, config.max_grad_norm)
 
     bare_step.params = params
     return trainer, bare_step, config, model_args
@@ -364,9 +371,7 @@ def bench_rm(models: dict, p: dict, out_dir: str) -> dict:
     trainer, bare_step, config, model_args = build_rm(models, p, out_dir)
     device, params = trainer.args.device, bare_step.params
     inter = Interleaver("RM", bare_step, p["warmup"], device)
-    trainer.data_collator = inter.capture(trainer.data_collator)
-    trainer.add_callback(inter.callback)
-    trainer.train()
+    inter.train(trainer)
     result = compare(inter.ours, inter.bare, p["rm_bs"], "pairs")
     result["config"] = {"batch_size": p["rm_bs"], "max_length": config.max_length, "lora_r": model_args.lora_r,
                         "lora_dropout": model_args.lora_dropout, "bf16": bool(trainer.args.bf16),
@@ -382,16 +387,11 @@ def bench_rm(models: dict, p: dict, out_dir: str) -> dict:
 
 
 def build_ppo_trainer(models: dict, p: dict, out_dir: str):
-    """`PPOTrainer` built as `training_rl.main` builds it (the same calls, in the same order)."""
-    import torch
-    from accelerate import Accelerator
+    """`PPOTrainer` built by `training_rl.build_trainer`, as `training_rl.main` builds it."""
     from accelerate.utils import set_seed
-    from peft import get_peft_model
-    from transformers import get_scheduler
 
     import training_rl
-    from common.modeling import load_model, load_tokenizer, lora_config
-    from common.ppo import AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOHyperparameters, PPOTrainer
+    from common.modeling import load_tokenizer
 
     L = p["ppo_len"]
     a, model_args = training_rl.parse([
@@ -402,43 +402,11 @@ def build_ppo_trainer(models: dict, p: dict, out_dir: str):
         "--steps", str(p["ppo_bs"] * 1000),
     ])
     training_rl.check_args(a, model_args)
-    accelerator = Accelerator(project_dir=a.output_dir, cpu=not torch.cuda.is_available())
+    accelerator = training_rl.make_accelerator(a)
     set_seed(a.seed)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
     prompts, _, _ = training_rl.load_prompts(a, tokenizer)
-    reward_tokenizer = load_tokenizer(a.reward_tokenizer_name or a.reward_model_name, a.trust_remote_code, "right")
-    from common.modeling import ModelArguments
-
-    rm_args = ModelArguments(model_name_or_path=a.reward_model_name, dtype=model_args.dtype, use_peft=False)
-    reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
-                              flag="--reward_model_name", require_score_head=True)
-    reward_model.eval().requires_grad_(False).to(accelerator.device)
-    policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
-    policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = 0.0
-    if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PolicyWithValueHead(policy)
-    optimizer = training_rl.build_optimizer(a, [q for q in model.parameters() if q.requires_grad])
-    scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=math.ceil(a.steps / a.batch_size))
-    kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
-    hp = PPOHyperparameters(
-        batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-        ppo_epochs=a.ppo_epochs, learning_rate=a.learning_rate, gamma=a.gamma, lam=a.lam, cliprange=a.cliprange,
-        cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, max_grad_norm=a.max_grad_norm, early_stopping=a.early_stopping,
-        target_kl=a.target_kl, temperature=a.temperature, output_min_length=a.output_min_length,
-        output_max_length=a.output_max_length,
-        generation_batch_size=(a.generation_batch_size or a.batch_size) if a.batched_gen else 1,
-        reward_baseline=a.reward_baseline, reward_normalization=a.reward_normalization, reward_clip=a.reward_clip,
-        missing_eos_penalty=a.missing_eos_penalty, reward_batch_size=a.reward_batch_size, seed=a.seed,
-    )
-    trainer = PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, hp, kl_ctl,
-                         None, None, optimizer, scheduler)
-    return trainer, a
+    return training_rl.build_trainer(a, model_args, accelerator, tokenizer, prompts), a
 
 
 def make_bare_ppo(trainer, a):
@@ -517,10 +485,7 @@ def make_bare_ppo(trainer, a):
                     v_clipped = old_values[i] + (v - old_values[i]).clamp(-hp.cliprange_value, hp.cliprange_value)
                     v_loss = 0.5 * torch.max((v - returns[i]) ** 2, (v_clipped - returns[i]) ** 2).mean()
                     ((pg_loss + hp.vf_coef * v_loss) / ga).backward()
-                if hp.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                bare_optimizer_step(params, opt, hp.max_grad_norm)
         sync(device)
         t3 = time.perf_counter()
         return {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "total": t3 - t0}
