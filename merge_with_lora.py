@@ -7,11 +7,21 @@ A reward-model adapter (task type SEQ_CLS) merges into a one-label `AutoModelFor
 trained `score` head, a causal-LM adapter into `AutoModelForCausalLM`. The base is always loaded in full precision
 (also for an adapter trained on a 4/8-bit base), in its own dtype unless `--dtype` says otherwise.
 
-Verification (`--verify false` skips it): before merging, base + adapter scores a fixed probe batch; the merged
-model must match it within `--tolerance`, by default max(1, largest |logit|) times 1e-4 in float32, or 10 machine
-epsilons in 16-bit (7.8e-2 bfloat16, 9.8e-3 float16: merging rounds every weight to that dtype; on a 16-layer test
-model we measured 2% and 0.25% of the logit scale). A failed check writes nothing. The output is written to a
-sibling temporary folder and renamed into place once complete.
+Verification (`--verify false` skips it), on a fixed probe batch, before anything is written:
+  - layer by layer: every layer the merge changed (each LoRA layer, the saved `score` head) is run on the inputs it
+    had in base + adapter and must give the same outputs within rounding: 8 sqrt(K) unit roundoffs of the sum of
+    the |terms| of its K-term dot products (a probabilistic bound on float summation). In float32 it caught a
+    single layer's update merged at 99.99% of its size (demo SFT adapter: probe logits moved 5e-5, below the
+    end-to-end bound of 7e-4; the demo's layers sit at up to 0.04 of their bound);
+  - end to end: the probe logits must match within `--tolerance`, by default max(1, largest |logit|) times 1e-4
+    in float32, or 10 machine epsilons in 16-bit (7.8e-2 bfloat16, 9.8e-3 float16: merging rounds every weight to
+    that dtype; on a 16-layer test model we measured 2% and 0.25% of the logit scale). A float32 model that
+    amplifies rounding (massive activations: the demo's reward model, built on CI's machine, moved one probe's
+    score by 4e-2) can exceed that default although every layer matches; then a note says so and the merge is
+    kept. An explicit
+    `--tolerance`, and 16-bit merges, are enforced.
+A failed check writes nothing. The output is written to a sibling temporary folder and renamed into place once
+complete.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -43,7 +54,7 @@ class MergeArguments:
     base_model_name: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own, from adapter_config.json)."})
     dtype: str = field(default="auto", metadata={"help": "Dtype to merge and save in (auto: the base's own).", "choices": ["auto", "bfloat16", "float16", "float32"]})
     verify: bool = field(default=True, metadata={"help": "Check the merged model against base + adapter on a probe batch."})
-    tolerance: float | None = field(default=None, metadata={"help": "Largest allowed |logit difference| (default: by dtype, see above)."})
+    tolerance: float | None = field(default=None, metadata={"help": "Largest allowed |logit difference| (default: by dtype, see the module docstring)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a model already in --output_name (once the new one is complete)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Also upload the merged model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub (default: the output folder's name)."})
@@ -104,6 +115,123 @@ def probe(model, batch) -> torch.Tensor:
     return logits[batch["attention_mask"].bool()] if logits.dim() == 3 else logits
 
 
+class LayerRecord:
+    """Inputs and outputs of every layer the merge changes (LoRA layers, the saved `score` head), recorded on a forward
+    pass of base + adapter: ``rows`` token rows per layer, spread over the batch. ``check`` later runs the merged
+    layers on the same inputs, so a layer is judged alone, whatever the layers around it amplify."""
+
+    def __init__(self, peft_model, rows: int = 16):
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save copies, trainable tokens
+
+        self.rows, self.records = rows, {}
+        self.hooks = [module.register_forward_hook(partial(self._record, name))
+                      for name, module in peft_model.base_model.model.named_modules()
+                      if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))]
+
+    def _record(self, name, module, inputs, output):
+        if not inputs or not isinstance(output, torch.Tensor):
+            return
+        x, y = inputs[0].detach(), output.detach()
+        x = x.reshape(-1, x.shape[-1]) if x.is_floating_point() else x.reshape(-1)  # token ids for an embedding
+        y = y.reshape(x.shape[0], -1)
+        keep = torch.linspace(0, x.shape[0] - 1, min(self.rows, x.shape[0]), device=x.device).long()
+        x, y = x[keep].clone(), y[keep].clone()
+        with torch.no_grad():
+            self.records[name] = (x, y, y.float().abs() + magnitude(module, x))
+
+    def stop(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def check(self, merged) -> tuple[float, str]:
+        """(largest |merged - recorded| as a share of its rounding bound, that layer's name). A dot product of K terms
+        computed in floating point is off by about sqrt(K) unit roundoffs of the sum of its |terms| (Higham and Mary's
+        probabilistic bound); the bound is ``ROUNDINGS`` times that, for both computations (sum |w| |x|, the LoRA
+        path's |B| |A| |x|, |bias|, |output|). A share above 1 is a layer that does not compute base + adapter.
+        """
+        worst, worst_name = 0.0, ""
+        for name, (x, y, scale) in self.records.items():
+            module = merged.get_submodule(name)
+            with torch.no_grad():
+                got = module(x).reshape(y.shape).float()
+                terms = x.shape[-1] if x.is_floating_point() else 1
+                unit = torch.finfo(y.dtype).eps / 2
+                bound = ROUNDINGS * terms**0.5 * unit * (scale + got.abs() + magnitude(module, x))
+            share = ((got - y.float()).abs() / (bound + torch.finfo(torch.float32).tiny)).max().item()
+            if not share <= worst:  # NaN counts as worst
+                worst, worst_name = share, name
+        return worst, worst_name
+
+
+def magnitude(module, x: torch.Tensor) -> torch.Tensor:
+    """Sum of |terms| in ``module(x)`` for a linear layer, embedding or peft LoRA layer around one (else 0): the
+    scale that float rounding errors in its output are relative to."""
+    from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+    if isinstance(base, torch.nn.Linear):
+        total = torch.nn.functional.linear(x.float().abs(), weight.float().abs())
+    elif isinstance(base, Conv1D):
+        total = x.float().abs() @ weight.float().abs()
+    elif isinstance(base, torch.nn.Embedding):
+        total = weight.float().abs()[x]
+    else:
+        return torch.zeros(())
+    if bias is not None:
+        total = total + bias.float().abs()
+    if isinstance(module, LoraLayer):
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                a, b = module.lora_A[name].weight.float().abs(), module.lora_B[name].weight.float().abs()
+                total = total + abs(module.scaling[name]) * ((x.float().abs() @ a.T) @ b.T)
+            elif name in module.lora_embedding_A:
+                a, b = module.lora_embedding_A[name].float().abs(), module.lora_embedding_B[name].float().abs()
+                total = total + abs(module.scaling[name]) * (a.T[x] @ b.T)
+    return total
+
+
+# The multiple of sqrt(K) unit roundoffs (of the sum of |terms|) a merged layer's output may move by. Measured on the
+# demo's models (massive activations, so one large term dominates many sums): up to 0.04 of the bound in float32;
+# a LoRA update left out of a merge is thousands of times larger.
+ROUNDINGS = 8
+
+
+def fixed_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    """The default end-to-end bound (see the module docstring)."""
+    rel = 10 * torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    return rel * max(1.0, reference.abs().max().item())
+
+
+def verify(args: MergeArguments, merged, batch, reference: torch.Tensor, layers: LayerRecord, metrics: dict) -> None:
+    """Raise UserError unless the merge computes base + adapter: layer by layer, and on the probe logits."""
+    diff = (probe(merged, batch) - reference).abs().max().item()
+    share, name = layers.check(merged)
+    tolerance = args.tolerance if args.tolerance is not None else fixed_tolerance(merged.dtype, reference)
+    metrics.update(verify_max_abs_diff=diff, verify_tolerance=tolerance, verify_layers_checked=len(layers.records),
+                   verify_worst_layer_share=share)
+    print(f"verify: max |merged - (base + adapter)| = {diff:.3g} over {reference.numel()} probe logits "
+          f"(tolerance {tolerance:.3g}; the adapter itself moves them by up to {metrics['adapter_effect']:.3g}); "
+          f"{len(layers.records)} merged layers, the worst at {share:.2g} of its rounding bound ({name})")
+    nothing = f"nothing was written to {args.output_name}"
+    if not share <= 1:  # also catches NaN
+        raise UserError(f"verification failed: merged layer {name} does not compute base + adapter (off by {share:.3g} "
+                        f"times its rounding bound; the probe logits by {diff:.3g}); {nothing}")
+    if not diff <= tolerance:
+        # In 32/64-bit the layer check sees any real error, so a larger logit difference is the model amplifying
+        # rounding; in 16-bit its bound is too loose to say that, and the end-to-end bound decides.
+        if args.tolerance is not None or merged.dtype in (torch.bfloat16, torch.float16) or diff != diff:
+            hint = "; merge in float32 (--dtype float32) or set --tolerance" if args.tolerance is None else ""
+            raise UserError(f"verification failed: the merged model's logits differ from base + adapter by {diff:.3g} "
+                            f"({'--' if args.tolerance is not None else ''}tolerance {tolerance:.3g}){hint}; {nothing}")
+        print(f"note: the probe logits moved by {diff:.3g} (above {tolerance:.3g}) although every merged layer matches "
+              "base + adapter within rounding: this model amplifies float rounding; the merge is kept")
+    if metrics["adapter_effect"] <= tolerance:
+        print("warning: the adapter barely changes the probe logits, so the check cannot tell merged from unmerged")
+
+
 def main(args: MergeArguments) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("merge runs on one process; run it with python, not torchrun or accelerate launch")
@@ -139,22 +267,16 @@ def main(args: MergeArguments) -> None:
                "verify_max_abs_diff": "not checked (--verify false)"}
     if args.verify:  # base + adapter outputs before merging: merge_and_unload changes the model in place
         batch = tokenizer([format_example(q, a) for q, a in PROBES], return_tensors="pt", padding=True)
-        reference = probe(model, batch)
+        layers = LayerRecord(model)
+        try:
+            reference = probe(model, batch)
+        finally:
+            layers.stop()
         with model.disable_adapter():
             metrics["adapter_effect"] = (probe(model, batch) - reference).abs().max().item()
     merged = model.merge_and_unload()
     if args.verify:
-        rel = 10 * torch.finfo(merged.dtype).eps if merged.dtype in (torch.bfloat16, torch.float16) else 1e-4
-        tolerance = args.tolerance if args.tolerance is not None else rel * max(1.0, reference.abs().max().item())
-        diff = (probe(merged, batch) - reference).abs().max().item()
-        metrics.update(verify_max_abs_diff=diff, verify_tolerance=tolerance)
-        print(f"verify: max |merged - (base + adapter)| = {diff:.3g} over {reference.numel()} probe logits "
-              f"(tolerance {tolerance:.3g}; the adapter itself moves them by up to {metrics['adapter_effect']:.3g})")
-        if not diff <= tolerance:  # also catches NaN
-            raise UserError(f"verification failed: the merged model's logits differ from base + adapter by {diff:.3g} "
-                            f"(tolerance {tolerance:.3g}); nothing was written to {args.output_name}")
-        if metrics["adapter_effect"] <= tolerance:
-            print("warning: the adapter barely changes the probe logits, so the check cannot tell merged from unmerged")
+        verify(args, merged, batch, reference, layers, metrics)
 
     out = os.path.normpath(args.output_name)
     tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
@@ -165,7 +287,7 @@ def main(args: MergeArguments) -> None:
         if os.path.isfile(os.path.join(adapter, "reward_stats.json")):  # still true of the merged reward model
             shutil.copy2(os.path.join(adapter, "reward_stats.json"), tmp)
         write_run_args(tmp, args, extra={"resolved": {"adapter_folder": adapter, "base_model": base, "task_type": task}})
-        MetricsWriter(tmp).write({"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
+        MetricsWriter(tmp).write({"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         cls = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
         write_model_card(tmp, "merged " + ("reward model" if task == "SEQ_CLS" else "causal LM"), base,
                          f"none (a merge, checked on {len(PROBES)} fixed probe texts)", metrics,
