@@ -70,6 +70,21 @@ def test_ppo_on_two_processes_learns_like_one_with_the_same_global_batch(pipelin
 
 
 @pytest.mark.slow
+def test_the_reward_model_merges_with_another_cpus_kernels(pipeline, tmp_path):
+    """On CI's machine the merge moved one probe score of the demo reward model by 4e-2 (its massive activations
+    amplify rounding) and the logit-only check refused it. MKL and oneDNN capped at AVX2 give such a machine's
+    kernels here (on this AVX-512 machine: 8.6e-4, above the 1.9e-4 logit bound). The layer check decides."""
+    out, _ = pipeline
+    env = {**os.environ, **OFFLINE_ENV, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    merged = tmp_path / "rm_merged"
+    proc = subprocess.run([sys.executable, "merge_with_lora.py", "--adapter_model_name", os.path.join(out, "rm"),
+                           "--output_name", str(merged)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads(open(merged / "metrics.jsonl").readline())
+    assert metrics["verify_layers_checked"] == 4 * 7 + 1 and metrics["verify_worst_layer_share"] < 0.2, metrics
+
+
+@pytest.mark.slow
 def test_pipeline_writes_report_plots_and_plain_models(pipeline):
     out, _ = pipeline
     report = open(os.path.join(out, "report.md")).read()
