@@ -247,6 +247,7 @@ def main(args: MergeArguments) -> None:
     has_tokenizer = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
     tokenizer = load_tokenizer(adapter if has_tokenizer else base, args.trust_remote_code)
     # Never quantized: an adapter trained on a 4/8-bit base merges into the full-precision weights.
+    torch.manual_seed(0)  # a head the base lacks starts the same every run (the adapter's trained head replaces it)
     model = load_model(ModelArguments(model_name_or_path=base, dtype=args.dtype), task, args.trust_remote_code,
                        tokenizer.pad_token_id, flag, name_or_path=base)
     if getattr(model, "is_quantized", False):
