@@ -18,14 +18,14 @@ Verification (`--verify false` skips it), on a fixed probe batch, before anythin
     that dtype; on a 16-layer test model we measured 2% and 0.25% of the logit scale). A float32 model that
     amplifies rounding (massive activations: the demo's reward model, built on CI's machine, moved one probe's
     score by 4e-2) can exceed that default although every layer matches; then a note says so and the merge is
-    kept. An explicit
-    `--tolerance`, and 16-bit merges, are enforced.
+    kept. An explicit `--tolerance`, and 16-bit merges, are enforced.
 A failed check writes nothing. The output is written to a sibling temporary folder and renamed into place once
 complete.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -199,9 +199,12 @@ def magnitude(module, x: torch.Tensor) -> torch.Tensor:
 ROUNDINGS = 8
 
 
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
 def fixed_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     """The default end-to-end bound (see the module docstring)."""
-    rel = 10 * torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    rel = 10 * torch.finfo(dtype).eps if dtype in SIXTEEN_BIT else 1e-4
     return rel * max(1.0, reference.abs().max().item())
 
 
@@ -222,7 +225,7 @@ def verify(args: MergeArguments, merged, batch, reference: torch.Tensor, layers:
     if not diff <= tolerance:
         # In 32/64-bit the layer check sees any real error, so a larger logit difference is the model amplifying
         # rounding; in 16-bit its bound is too loose to say that, and the end-to-end bound decides.
-        if args.tolerance is not None or merged.dtype in (torch.bfloat16, torch.float16) or diff != diff:
+        if args.tolerance is not None or merged.dtype in SIXTEEN_BIT or math.isnan(diff):
             hint = "; merge in float32 (--dtype float32) or set --tolerance" if args.tolerance is None else ""
             raise UserError(f"verification failed: the merged model's logits differ from base + adapter by {diff:.3g} "
                             f"({'--' if args.tolerance is not None else ''}tolerance {tolerance:.3g}){hint}; {nothing}")

@@ -25,6 +25,9 @@ def tiny_model(tmp_path_factory) -> str:
     return main(["--output_dir", str(tmp_path_factory.mktemp("tiny") / "model")])
 
 
+TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]  # run_script(*TORCHRUN, "--master_port", ...)
+
+
 def run_script(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a project script as a user would (``python script.py ...``) from the repo root."""
     proc = subprocess.run(

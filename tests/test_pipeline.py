@@ -5,13 +5,12 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from common.outputs import read_metrics
-from conftest import OFFLINE_ENV, ROOT
+from conftest import OFFLINE_ENV, ROOT, TORCHRUN, run_script
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +50,10 @@ def test_ppo_on_two_processes_learns_like_one_with_the_same_global_batch(pipelin
     for flag, value in zip(same[::2], same[1::2]):  # the one-process run used these too (scripts/run_pipeline.sh)
         assert float(one_args[flag[2:]]) == float(value), flag
     assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 480)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "training_rl.py",
-         "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm_merged"),
-         "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", "240", "--batch_size", "8", "--mini_batch_size", "2",
-         "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two],
-        cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(*TORCHRUN, "--master_port", "29573", "training_rl.py",
+               "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm_merged"),
+               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", "240", "--batch_size", "8", "--mini_batch_size", "2",
+               "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two, timeout=900)
     runs = {name: read_metrics(path) for name, path in (("one", os.path.join(out, "ppo")), ("two", two))}
     assert [m["episodes"] for m in runs["two"]] == [m["episodes"] for m in runs["one"]] == [16 * (i + 1) for i in range(30)]
     fifth = {}
@@ -75,11 +71,9 @@ def test_the_reward_model_merges_with_another_cpus_kernels(pipeline, tmp_path):
     amplify rounding) and the logit-only check refused it. MKL and oneDNN capped at AVX2 give such a machine's
     kernels here (on this AVX-512 machine: 8.6e-4, above the 1.9e-4 logit bound). The layer check decides."""
     out, _ = pipeline
-    env = {**os.environ, **OFFLINE_ENV, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     merged = tmp_path / "rm_merged"
-    proc = subprocess.run([sys.executable, "merge_with_lora.py", "--adapter_model_name", os.path.join(out, "rm"),
-                           "--output_name", str(merged)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_script("merge_with_lora.py", "--adapter_model_name", os.path.join(out, "rm"), "--output_name", merged,
+               env={"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, timeout=300)
     metrics = json.loads(open(merged / "metrics.jsonl").readline())
     assert metrics["verify_layers_checked"] == 4 * 7 + 1 and metrics["verify_worst_layer_share"] < 0.2, metrics
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.outputs import read_metrics
-from conftest import run_script
+from conftest import TORCHRUN, run_script
 
 METRIC_KEYS = [
     "step", "episodes", "objective/scores", "objective/scores_std", "objective/kl", "objective/kl_coef",
@@ -88,7 +88,7 @@ def test_reward_model_with_another_tokenizer_and_full_fine_tuning(tiny_model, tm
 def test_two_processes(tiny_model, reward_model, tmp_path):
     out = str(tmp_path / "ddp")
     proc = ppo(tiny_model, reward_model, out, "--steps", "16", "--batch_size", "4", "--mini_batch_size", "2",
-               launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"])
+               launcher=[*TORCHRUN, "--master_port", "29517"])
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32  # 2 x 4 per step
     assert proc.stdout.count("saved to") == 1  # only the main process prints and saves

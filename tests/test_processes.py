@@ -6,9 +6,8 @@ import os
 import pytest
 
 from common.outputs import read_metrics
-from conftest import assert_user_error, run_script
+from conftest import TORCHRUN, assert_user_error, run_script
 
-TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
 SFT = ["--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "16", "--seq_length", "64",
        "--max_steps", "12", "--eval_freq", "12", "--save_freq", "12", "--learning_rate", "3e-3", "--num_warmup_steps", "1",
        "--lora_modules_to_save", "lm_head", "--disable_tqdm", "true"]
