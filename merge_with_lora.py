@@ -34,8 +34,11 @@ from functools import partial
 import torch
 
 from common.cli import UserError, parse_args, run
-from common.modeling import ModelArguments, check_model_path, is_adapter_folder, load_model, load_tokenizer, read_adapter_config, resolve_base
-from common.outputs import MetricsWriter, holds_final_model, write_model_card, write_run_args
+from common.modeling import (
+    ModelArguments, check_model_path, check_vocabulary, is_adapter_folder, load_model, load_tokenizer, read_adapter_config,
+    resolve_base,
+)
+from common.outputs import MetricsWriter, holds_final_model, replace_folder, write_model_card, write_run_args
 from common.prompts import format_example
 
 # The probe batch: fixed texts in the project's template, of different lengths so that padding is exercised.
@@ -255,6 +258,8 @@ def main(args: MergeArguments) -> None:
                        tokenizer.pad_token_id, flag, name_or_path=base)
     if getattr(model, "is_quantized", False):
         raise UserError(f"{flag} {base} is a quantized checkpoint; merging needs the full-precision base")
+    check_vocabulary(tokenizer, model, adapter if has_tokenizer else base, base, "--adapter_model_name (its tokenizer)",
+                     "--base_model_name")
     base_is_classifier = any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
     if task == "SEQ_CLS" and not base_is_classifier and not saves_head(adapter):  # StackLLaMA's lost `score` head
         raise UserError(f"--adapter_model_name {adapter} is a reward-model adapter without its trained `score` head "
@@ -283,8 +288,7 @@ def main(args: MergeArguments) -> None:
         verify(args, merged, batch, reference, layers, metrics)
 
     out = os.path.normpath(args.output_name)
-    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-    replacing = os.path.exists(out)  # with --overwrite (or an empty folder): swapped out once the new one is complete
+    tmp = f"{out}.tmp-{os.getpid()}"
     try:
         merged.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
@@ -296,14 +300,10 @@ def main(args: MergeArguments) -> None:
         write_model_card(tmp, "merged " + ("reward model" if task == "SEQ_CLS" else "causal LM"), base,
                          f"none (a merge, checked on {len(PROBES)} fixed probe texts)", metrics,
                          f"\nA plain model: `{cls}.from_pretrained(...)` loads it without peft.\n")
-        if replacing:
-            os.rename(out, old)
-        os.rename(tmp, out)
+        replace_folder(tmp, out)  # with --overwrite (or an empty folder): swapped in once the new one is complete
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    if replacing:
-        shutil.rmtree(old)
     print(f"saved to {out}")
     if args.push_to_hub:
         from huggingface_hub import HfApi

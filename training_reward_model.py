@@ -21,7 +21,6 @@ common/rm_eval.py.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -29,17 +28,15 @@ import torch
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from common.cli import UserError, collect, parse_args, run
+from common.cli import collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
-    ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
+    ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config, trainer_device_defaults,
 )
-from common.outputs import (
-    AtomicCheckpoints, MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
-    metrics_callback, nonfinite_guard, write_model_card, write_run_args,
-)
+from common.outputs import AtomicCheckpoints
 from common.prompts import format_example
 from common.rm_eval import pair_report, score_pairs, write_report
+from common.stage import TrainerStage
 
 FIELDS = ["question", "response_j", "response_k"]
 
@@ -137,6 +134,8 @@ def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, t
     """The model and `RewardTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     set_seed(config.seed)  # the score head is initialised at random when the classifier is built
     model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
+    check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
+                     model_args.model_name_or_path, "--tokenizer_name", "--model_name_or_path")
     return Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                    peft_config=lora_config(model_args, "SEQ_CLS"), callbacks=list(callbacks))
 
@@ -144,11 +143,9 @@ def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, t
 def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> None:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
-    resume = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    check_output_dir(config.output_dir, script.overwrite_output_dir, resuming=resume is not None)
+    stage = TrainerStage(config, script.overwrite_output_dir)
     if config.per_device_eval_batch_size is None:
         config.per_device_eval_batch_size = config.per_device_train_batch_size
-    is_main = config.process_index == 0
 
     # Data first: a bad row should cost seconds, not a model load.
     train_rows = load_rows(script, script.train_data_dir, script.train_subset)
@@ -156,27 +153,18 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "", config.trust_remote_code, "right")
     if config.eos_token:  # RewardTrainer would switch to it only after the pairs below are tokenized
         tokenizer.eos_token = config.eos_token
-    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", is_main)
-    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", is_main)
+    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
+    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", stage.is_main)
 
-    writer = MetricsWriter(config.output_dir, enabled=is_main)
-    guard = nonfinite_guard()
-    trainer = build_trainer(config, model_args, tokenizer, train_ds, eval_ds, [guard, metrics_callback(writer)])
-    if is_main:
-        final_tmp_dir(config.output_dir, clear=True)
-        write_run_args(config.output_dir, script, model_args, config)
-        writer.truncate_after(checkpoint_step(resume)) if resume else writer.reset()
-    if script.eval_first_step and not resume:
+    trainer = build_trainer(config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
+    stage.begin(script, model_args, config)
+    if script.eval_first_step and not stage.resume:
         trainer.evaluate()
-    trainer.train(resume_from_checkpoint=resume)
-    if guard.stopped:
-        raise UserError(f"stopping: {guard.consecutive} optimizer steps in a row had non-finite gradients (skipped, the "
-                        f"weights are untouched); the checkpoints in {config.output_dir} are intact, no final model was saved")
+    stage.train(trainer)
     if not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in trainer.state.log_history):
         trainer.evaluate()  # the final eval metrics, if the last step was not an eval step
 
-    tmp = final_tmp_dir(config.output_dir)
-    trainer.save_model(tmp)  # every process takes part (sharded states); the main one writes
+    tmp = stage.save_model(trainer)
     # The report scores the final model afresh, pair by pair with common/reward.py as PPO will, rather than trust
     # RewardTrainer's per-batch averages.
     r_j, r_k = score_pairs(
@@ -185,30 +173,27 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
         config.per_device_eval_batch_size, trainer.accelerator,
     )
     trainer.accelerator.wait_for_everyone()
-    if is_main:
-        tokenizer.save_pretrained(tmp)
-        if os.path.isfile(os.path.join(tmp, "training_args.bin")):
-            os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
-        report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k)
-        all_scores = torch.cat([r_j, r_k])
-        stats = {"mean": float(all_scores.mean()), "std": float(all_scores.std(unbiased=False)), "n": len(all_scores),
-                 "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}
-        write_report(tmp, report, stats)
-        commit_final(tmp, config.output_dir)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        write_model_card(
-            config.output_dir,
-            "Reward model " + ("LoRA adapter" if model_args.use_peft else "(full fine-tuning)"),
-            model_args.model_name_or_path,
-            f"{script.dataset_name} ({script.train_data_dir} / {script.eval_data_dir}, {script.split})",
-            {"steps": trainer.state.global_step, "train_loss_last": losses[-1] if losses else None,
-             "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"], "eval_mean_margin": report["mean_margin"],
-             "ece": report["ece"], "length_correlation_all": report["length_correlation"]["all"],
-             "score_mean": stats["mean"], "score_std": stats["std"]},
-            notes="\nHow good it is: `eval_report.md`. Score statistics for PPO's normalisation: `reward_stats.json`.\n",
-        )
-        print(f"eval accuracy {report['accuracy']:.4f} on {report['n_pairs']} pairs, ECE {report['ece']:.4f}; "
-              f"saved to {config.output_dir}")
+    if not stage.is_main:
+        return
+    report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k)
+    all_scores = torch.cat([r_j, r_k])
+    stats = {"mean": float(all_scores.mean()), "std": float(all_scores.std(unbiased=False)), "n": len(all_scores),
+             "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}
+    write_report(tmp, report, stats)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    stage.commit(tmp, tokenizer, {
+        "stage": "Reward model " + ("LoRA adapter" if model_args.use_peft else "(full fine-tuning)"),
+        "base_model": model_args.model_name_or_path,
+        "dataset": f"{script.dataset_name} ({script.train_data_dir} / {script.eval_data_dir}, {script.split})",
+        "metrics": {"steps": trainer.state.global_step, "train_loss_last": losses[-1] if losses else None,
+                    "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
+                    "eval_mean_margin": report["mean_margin"], "ece": report["ece"],
+                    "length_correlation_all": report["length_correlation"]["all"],
+                    "score_mean": stats["mean"], "score_std": stats["std"]},
+        "notes": "\nHow good it is: `eval_report.md`. Score statistics for PPO's normalisation: `reward_stats.json`.\n",
+    })
+    print(f"eval accuracy {report['accuracy']:.4f} on {report['n_pairs']} pairs, ECE {report['ece']:.4f}; "
+          f"saved to {config.output_dir}")
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:

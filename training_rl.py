@@ -32,59 +32,29 @@ from tqdm import tqdm
 
 from common.cli import UserError, collect, parse_args, run
 from common.data import load_and_validate
-from common.modeling import ModelArguments, check_model_path, load_model, load_tokenizer, lora_config
+from common.modeling import (
+    ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config,
+)
 from common.outputs import (
-    MetricsWriter, check_output_dir, commit_final, final_tmp_dir, find_checkpoint, read_metrics, write_model_card,
-    write_run_args,
+    MetricsWriter, commit_final, final_tmp_dir, prepare_output_dir, read_metrics, write_model_card, write_run_args,
 )
-from common.ppo import (
-    AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOHyperparameters, PPOTrainer, is_zero3,
-    whole_models_under_zero3,
-)
+from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
+from common.ppo_distributed import is_zero3, whole_models_under_zero3
 from common.prompts import format_prompt
 
 
 @dataclass
 class ScriptArguments:
+    """Where the prompts and the reward model come from, where the run goes, and how it reports."""
+
     reward_model_name: str | None = field(default=None, metadata={"help": "Reward model: Hub id, folder, or SEQ_CLS adapter folder."})
     reward_tokenizer_name: str | None = field(default=None, metadata={"help": "Reward model's tokenizer (default: its own)."})
     dataset_name: str = field(default="lvwerra/stack-exchange-paired", metadata={"help": "Prompts: Hub id, folder, or file."})
     subset: str = field(default="data/rl", metadata={"help": "The data_dir inside --dataset_name."})
     split: str = field(default="train", metadata={"help": "Split of the prompts."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (in policy tokens) are dropped."})
-    steps: int = field(default=20000, metadata={"help": "Episodes (responses) per process: ceil(steps / batch_size) PPO steps."})
-    batch_size: int = field(default=32, metadata={"help": "Responses per PPO step, per process."})
-    mini_batch_size: int = field(default=1, metadata={"help": "Responses per forward/backward in the update."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch."})
-    learning_rate: float = field(default=1.41e-5, metadata={"help": "Optimizer learning rate."})
-    adafactor: bool = field(default=False, metadata={"help": "Use Adafactor instead of AdamW."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name (over PPO steps)."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
-    early_stopping: bool = field(default=False, metadata={"help": "Stop a step's updates once approx-KL > 1.5 * target_kl."})
-    target_kl: float = field(default=0.1, metadata={"help": "Approx-KL threshold for --early_stopping."})
-    init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
-    adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adapt the KL coefficient towards --target."})
-    target: float = field(default=6.0, metadata={"help": "Target KL (nats per response) of the adaptive controller."})
-    horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
-    output_min_length: int = field(default=32, metadata={"help": "Lower bound of the sampled max_new_tokens."})
-    output_max_length: int = field(default=128, metadata={"help": "Upper bound of the sampled max_new_tokens."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (top_k=0, top_p=1)."})
-    batched_gen: bool = field(default=True, metadata={"help": "Generate --generation_batch_size prompts at once (false: one by one)."})
-    generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate() call (default: --batch_size)."})
-    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every score."})
-    reward_normalization: str = field(default="none", metadata={"help": "none, stats (reward_stats.json of the RM) or running.", "choices": ["none", "stats", "running"]})
-    reward_clip: float | None = field(default=None, metadata={"help": "Clip shaped scores to +-this (None: no clip)."})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a response that never ended."})
-    reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
     output_dir: str = field(default="runs/", metadata={"help": "Output folder."})
     save_freq: int | None = field(default=None, metadata={"help": "Checkpoint every N PPO steps (None: only the final model)."})
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, tensorboard, wandb (comma-separated)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N folder, or latest."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
@@ -98,24 +68,11 @@ class ScriptArguments:
 ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to", "--reward_model_name_or_path": "reward_model_name"}
 
 
-def check_args(a: ScriptArguments, m: ModelArguments) -> None:
-    problems = []
-    for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "target",
-                 "horizon", "output_min_length", "output_max_length", "max_prompt_length", "reward_batch_size",
-                 "max_skipped_steps", "generation_batch_size"):
-        if getattr(a, name) is None:
-            continue
+def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
+    problems = c.problems()
+    for name in ("max_prompt_length", "max_skipped_steps"):
         if getattr(a, name) <= 0:
             problems.append(f"--{name} must be > 0, got {getattr(a, name)}")
-    if a.learning_rate <= 0:
-        problems.append(f"--learning_rate must be > 0, got {a.learning_rate}")
-    if a.temperature <= 0:
-        problems.append(f"--temperature must be > 0, got {a.temperature}")
-    if a.mini_batch_size > 0 and a.gradient_accumulation_steps > 0 and a.batch_size % (a.mini_batch_size * a.gradient_accumulation_steps):
-        problems.append(f"--batch_size {a.batch_size} must be divisible by --mini_batch_size {a.mini_batch_size} "
-                        f"x --gradient_accumulation_steps {a.gradient_accumulation_steps}")
-    if a.output_min_length > a.output_max_length:
-        problems.append(f"--output_min_length {a.output_min_length} > --output_max_length {a.output_max_length}")
     if not a.reward_model_name:
         problems.append("--reward_model_name is required")
     if not m.model_name_or_path:
@@ -124,6 +81,10 @@ def check_args(a: ScriptArguments, m: ModelArguments) -> None:
         problems.append("full fine-tuning (--use_peft false) of a 4/8-bit model is not possible: drop --load_in_4bit/--load_in_8bit")
     if a.save_freq is not None and a.save_freq <= 0:
         problems.append(f"--save_freq must be > 0, got {a.save_freq}")
+    if c.reward_normalization == "stats" and a.reward_model_name and \
+            not os.path.isfile(os.path.join(a.reward_model_name, "reward_stats.json")):
+        problems.append(f"--reward_normalization stats needs {os.path.join(a.reward_model_name, 'reward_stats.json')} "
+                        "(written by training_reward_model.py): use running or none")
     collect(problems)
 
 
@@ -139,49 +100,49 @@ def load_prompts(a: ScriptArguments, tokenizer):
     return kept, len(ds) - len(kept), loaded.source
 
 
-def main(a: ScriptArguments, model_args: ModelArguments) -> None:
+def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> None:
     from accelerate.utils import set_seed
 
-    check_args(a, model_args)
+    check_args(a, config, model_args)
     check_model_path(model_args.model_name_or_path, "--model_name")
     check_model_path(a.reward_model_name, "--reward_model_name")
-    resume = find_checkpoint(a.output_dir, a.resume_from_checkpoint)
-    check_output_dir(a.output_dir, a.overwrite_output_dir, resuming=resume is not None)
+    resume = prepare_output_dir(a.output_dir, a.overwrite_output_dir, a.resume_from_checkpoint)
     trackers = [t for t in a.report_to.split(",") if t and t != "none"]
     accelerator = make_accelerator(a, trackers)
     is_main = accelerator.is_main_process
-    set_seed(a.seed)
+    set_seed(config.seed)
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
     prompts, dropped, source = load_prompts(a, tokenizer)
-    if len(prompts) < a.batch_size * accelerator.num_processes:
+    if len(prompts) < config.batch_size * accelerator.num_processes:
         raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
-                        f"(--batch_size {a.batch_size} x {accelerator.num_processes} processes)")
+                        f"(--batch_size {config.batch_size} x {accelerator.num_processes} processes)")
     if is_main:
         print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length {a.max_prompt_length} dropped")
     reward_stats = None
-    if a.reward_normalization == "stats":
-        path = os.path.join(a.reward_model_name, "reward_stats.json")
-        if not os.path.isfile(path):
-            raise UserError(f"--reward_normalization stats needs {path} (written by training_reward_model.py)")
-        reward_stats = json.load(open(path, encoding="utf-8"))
-    trainer = build_trainer(a, model_args, accelerator, tokenizer, prompts, reward_stats)
-    total_steps = total_ppo_steps(a)
+    if config.reward_normalization == "stats":
+        with open(os.path.join(a.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
+            reward_stats = json.load(f)
+    trainer = build_trainer(a, config, model_args, accelerator, tokenizer, prompts, reward_stats)
+    total_steps = total_ppo_steps(config)
 
     writer = MetricsWriter(a.output_dir, enabled=is_main)
     samples_path = os.path.join(a.output_dir, "samples.jsonl")
     if resume:
         trainer.load_checkpoint(resume)
+    step = trainer.progress.step
     if is_main:
         final_tmp_dir(a.output_dir, clear=True)
-        write_run_args(a.output_dir, a, model_args, extra={"total_ppo_steps": total_steps, "num_processes": accelerator.num_processes})
-        writer.truncate_after(trainer.step_count) if resume else writer.reset()
-        _truncate_samples(samples_path, trainer.step_count)
+        write_run_args(a.output_dir, a, config, model_args,
+                       extra={"total_ppo_steps": total_steps, "num_processes": accelerator.num_processes})
+        writer.truncate_after(step) if resume else writer.reset()
+        _truncate_samples(samples_path, step)
     if trackers:
-        accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**vars(a), **vars(config)}.items()
+                                                      if isinstance(v, (int, float, str, bool))})
 
-    bar = tqdm(total=total_steps, initial=trainer.step_count, disable=not is_main or a.disable_tqdm, desc="PPO")
-    while trainer.step_count < total_steps:
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc="PPO")
+    while trainer.progress.step < total_steps:
         metrics, samples = trainer.step()
         if is_main:
             writer.write(metrics)
@@ -190,17 +151,17 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
             bar.update(1)
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if trackers:
-            accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=trainer.step_count)
-        if trainer.consecutive_skips >= a.max_skipped_steps:
-            raise UserError(f"stopping: {trainer.consecutive_skips} consecutive PPO steps had non-finite scores or losses "
-                            f"(skipped, the weights are untouched); the last checkpoint in {a.output_dir} is intact")
-        if a.save_freq and trainer.step_count % a.save_freq == 0:
-            trainer.save_checkpoint(os.path.join(a.output_dir, f"checkpoint-{trainer.step_count}"))
+            accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=trainer.progress.step)
+        if trainer.progress.consecutive_skips >= a.max_skipped_steps:
+            raise UserError(f"stopping: {trainer.progress.consecutive_skips} consecutive PPO steps had non-finite scores "
+                            f"or losses (skipped, the weights are untouched); the last checkpoint in {a.output_dir} is intact")
+        if a.save_freq and trainer.progress.step % a.save_freq == 0:
+            trainer.save_checkpoint(os.path.join(a.output_dir, f"checkpoint-{trainer.progress.step}"))
     bar.close()
 
     tmp = final_tmp_dir(a.output_dir)
     accelerator.wait_for_everyone()
-    trainer.save_model(tmp)  # every process takes part (ZeRO-3/FSDP gather); the main one writes
+    trainer.save_model(tmp)  # every process takes part (ZeRO-3 gathers); the main one writes
     if is_main:
         tokenizer.save_pretrained(tmp)
         commit_final(tmp, a.output_dir)
@@ -209,11 +170,11 @@ def main(a: ScriptArguments, model_args: ModelArguments) -> None:
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         write_model_card(a.output_dir, "PPO policy " + ("LoRA adapter + value head" if model_args.use_peft else "model + value head"),
                          model_args.model_name_or_path, f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}",
-                         {"ppo_steps": trainer.step_count, "episodes": trainer.episodes,
+                         {"ppo_steps": trainer.progress.step, "episodes": trainer.progress.episodes,
                           "score_first_fifth": mean(history[:fifth], "objective/scores"),
                           "score_last_fifth": mean(history[-fifth:], "objective/scores"),
                           "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
-                          "skipped_steps": trainer.skipped_steps})
+                          "skipped_steps": trainer.progress.skipped_steps})
         print(f"saved to {a.output_dir}")
     # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
     # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
@@ -241,12 +202,12 @@ def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
     return Accelerator(log_with=trackers or None, project_dir=a.output_dir, cpu=not torch.cuda.is_available() and not deepspeed)
 
 
-def total_ppo_steps(a: ScriptArguments) -> int:
-    return math.ceil(a.steps / a.batch_size)  # as TRL's PPOConfig counted: per process
+def total_ppo_steps(config: PPOConfig) -> int:
+    return math.ceil(config.steps / config.batch_size)  # as TRL's PPOConfig counted: per process
 
 
-def build_trainer(a: ScriptArguments, model_args: ModelArguments, accelerator, tokenizer, prompts: list[dict],
-                  reward_stats: dict | None = None) -> PPOTrainer:
+def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments, accelerator, tokenizer,
+                  prompts: list[dict], reward_stats: dict | None = None) -> PPOTrainer:
     """The reward model, the policy with its value head (and a reference copy with full fine-tuning), the optimizer
     and the `PPOTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     from transformers import get_scheduler
@@ -256,9 +217,13 @@ def build_trainer(a: ScriptArguments, model_args: ModelArguments, accelerator, t
     with whole_models_under_zero3(accelerator):  # inference only, never prepared: a full copy on every process
         reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
                                   flag="--reward_model_name", require_score_head=True)
+    check_vocabulary(reward_tokenizer, reward_model, a.reward_tokenizer_name or a.reward_model_name,
+                     a.reward_model_name, "--reward_tokenizer_name", "--reward_model_name")
     reward_model.eval().requires_grad_(False).to(accelerator.device)
 
     policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
+    check_vocabulary(tokenizer, policy, model_args.tokenizer_name or model_args.model_name_or_path,
+                     model_args.model_name_or_path, "--tokenizer_name", "--model_name")
     ref_model = None
     if model_args.use_peft:
         from peft import get_peft_model
@@ -280,38 +245,28 @@ def build_trainer(a: ScriptArguments, model_args: ModelArguments, accelerator, t
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
 
-    optimizer = build_optimizer(a, [p for p in model.parameters() if p.requires_grad])
-    scheduler = get_scheduler(a.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=total_ppo_steps(a))
-    kl_ctl = AdaptiveKLController(a.init_kl_coef, a.target, a.horizon) if a.adap_kl_ctrl else FixedKLController(a.init_kl_coef)
-    hp = PPOHyperparameters(
-        batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-        ppo_epochs=a.ppo_epochs, learning_rate=a.learning_rate, gamma=a.gamma, lam=a.lam, cliprange=a.cliprange,
-        cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, max_grad_norm=a.max_grad_norm, early_stopping=a.early_stopping,
-        target_kl=a.target_kl, temperature=a.temperature, output_min_length=a.output_min_length,
-        output_max_length=a.output_max_length,
-        generation_batch_size=(a.generation_batch_size or a.batch_size) if a.batched_gen else 1,
-        reward_baseline=a.reward_baseline, reward_normalization=a.reward_normalization, reward_clip=a.reward_clip,
-        missing_eos_penalty=a.missing_eos_penalty, reward_batch_size=a.reward_batch_size, seed=a.seed,
-    )
-    return PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, hp, kl_ctl,
-                      reward_stats, ref_model, optimizer, scheduler)
+    optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0,
+                              num_training_steps=total_ppo_steps(config))
+    return PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, config, reward_stats,
+                      ref_model, optimizer, scheduler)
 
 
-def build_optimizer(a: ScriptArguments, params: list) -> torch.optim.Optimizer:
+def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:
     """Adafactor if asked; else AdamW without weight decay (Adam, as TRL's PPO used), in torch's fused kernel where
     it has one (CPU and CUDA; what `Trainer` picks for SFT and the reward model too: adamw_torch_fused)."""
-    if a.adafactor:
+    if config.adafactor:
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=a.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+        return Adafactor(params, lr=config.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
     try:
-        return torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
 
-def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ModelArguments]:
-    return parse_args((ScriptArguments, ModelArguments), ALIASES, None, argv, __doc__)
+def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, PPOConfig, ModelArguments]:
+    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -18,22 +18,19 @@ are truncated and counted.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
-from common.cli import UserError, collect, parse_args, run
+from common.cli import collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
-    ModelArguments, check_model_path, load_model, load_tokenizer, lora_config, trainer_device_defaults,
+    ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config, trainer_device_defaults,
 )
-from common.outputs import (
-    AtomicCheckpoints, MetricsWriter, check_output_dir, checkpoint_step, commit_final, final_tmp_dir, find_checkpoint,
-    metrics_callback, nonfinite_guard, write_model_card, write_run_args,
-)
+from common.outputs import AtomicCheckpoints
 from common.prompts import tokenize_example
+from common.stage import TrainerStage
 
 FIELDS = ["question", "response_j"]
 
@@ -174,6 +171,8 @@ def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelA
                   eval_ds=None, callbacks=()) -> Trainer:
     """The model and `SFTTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
+    check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
+                     model_args.model_name_or_path, "--tokenizer_name", "--model_name_or_path")
     trainer = Trainer(
         model=model,
         args=config,
@@ -191,9 +190,7 @@ def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelA
 def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments) -> None:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
-    resume = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    check_output_dir(config.output_dir, script.overwrite_output_dir, resuming=resume is not None)
-    is_main = config.process_index == 0
+    stage = TrainerStage(config, script.overwrite_output_dir)
 
     # Data first: a bad row should cost seconds, not a model load.
     loaded = load_and_validate(script.dataset_name, script.subset, script.split, FIELDS, streaming=script.streaming)
@@ -206,48 +203,33 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(script.eos_token_id)
     train_ds = tokenize(train_rows, tokenizer, script.streaming)
     eval_ds = tokenize(valid_rows, tokenizer, False) if valid_rows is not None else None
-    if not script.streaming and is_main:
+    if not script.streaming and stage.is_main:
         lengths = [len(ids) for ids in train_ds["input_ids"]]
         over = sum(n > config.max_length for n in lengths)
         what = "span two packed blocks" if config.packing else "are truncated"
         print(f"train: {len(lengths)} examples, {sum(lengths)} tokens; {over} longer than --seq_length {config.max_length} {what}")
 
-    writer = MetricsWriter(config.output_dir, enabled=is_main)
-    guard = nonfinite_guard()
-    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, [guard, metrics_callback(writer)])
-    if is_main:
-        final_tmp_dir(config.output_dir, clear=True)
-        write_run_args(config.output_dir, script, model_args, config)
-        writer.truncate_after(checkpoint_step(resume)) if resume else writer.reset()
-    if script.eval_first_step and eval_ds is not None and not resume:
+    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
+    stage.begin(script, model_args, config)
+    if script.eval_first_step and eval_ds is not None and not stage.resume:
         trainer.evaluate()
-    trainer.train(resume_from_checkpoint=resume)
-    if guard.stopped:
-        raise UserError(f"stopping: {guard.consecutive} optimizer steps in a row had non-finite gradients (skipped, the "
-                        f"weights are untouched); the checkpoints in {config.output_dir} are intact, no final model was saved")
+    stage.train(trainer)
     if eval_ds is not None and trainer.state.global_step % config.eval_steps != 0:
         trainer.evaluate()  # the final eval loss, if the last step was not an eval step
 
-    tmp = final_tmp_dir(config.output_dir)
-    trainer.save_model(tmp)  # every process takes part (sharded states); the main one writes
-    trainer.accelerator.wait_for_everyone()
-    if is_main:
-        tokenizer.save_pretrained(tmp)
-        if os.path.isfile(os.path.join(tmp, "training_args.bin")):
-            os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
-        commit_final(tmp, config.output_dir)
-        history = trainer.state.log_history
-        losses = [h["loss"] for h in history if "loss" in h]
-        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-        write_model_card(
-            config.output_dir,
-            "SFT " + ("LoRA adapter" if model_args.use_peft else "model"),
-            model_args.model_name_or_path,
-            f"{script.dataset_name} ({script.subset}, {script.split})",
-            {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
-             "train_loss_last": losses[-1] if losses else None, "eval_loss_first": evals[0] if evals else None,
-             "eval_loss_last": evals[-1] if evals else None},
-        )
+    tmp = stage.save_model(trainer)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    stage.commit(tmp, tokenizer, {
+        "stage": "SFT " + ("LoRA adapter" if model_args.use_peft else "model"),
+        "base_model": model_args.model_name_or_path,
+        "dataset": f"{script.dataset_name} ({script.subset}, {script.split})",
+        "metrics": {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
+                    "train_loss_last": losses[-1] if losses else None, "eval_loss_first": evals[0] if evals else None,
+                    "eval_loss_last": evals[-1] if evals else None},
+    })
+    if stage.is_main:
         print(f"saved to {config.output_dir}")
 
 

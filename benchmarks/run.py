@@ -394,19 +394,19 @@ def build_ppo_trainer(models: dict, p: dict, out_dir: str):
     from common.modeling import load_tokenizer
 
     L = p["ppo_len"]
-    a, model_args = training_rl.parse([
+    a, config, model_args = training_rl.parse([
         "--model_name", models["base"], "--reward_model_name", models["rm"], "--dataset_name", ROOT,
         "--subset", "data/rl", "--batch_size", str(p["ppo_bs"]), "--mini_batch_size", str(p["ppo_mini"]),
         "--gradient_accumulation_steps", str(p["ppo_ga"]), "--ppo_epochs", str(p["ppo_epochs"]),
         "--output_min_length", str(L), "--output_max_length", str(L), "--output_dir", os.path.join(out_dir, "ppo"),
         "--steps", str(p["ppo_bs"] * 1000),
     ])
-    training_rl.check_args(a, model_args)
+    training_rl.check_args(a, config, model_args)
     accelerator = training_rl.make_accelerator(a)
-    set_seed(a.seed)
+    set_seed(config.seed)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
     prompts, _, _ = training_rl.load_prompts(a, tokenizer)
-    return training_rl.build_trainer(a, model_args, accelerator, tokenizer, prompts), a
+    return training_rl.build_trainer(a, config, model_args, accelerator, tokenizer, prompts), config
 
 
 def make_bare_ppo(trainer, a):
@@ -415,7 +415,7 @@ def make_bare_ppo(trainer, a):
     import torch
     import torch.nn.functional as F
 
-    acc, hp = trainer.accelerator, trainer.hp
+    acc, hp = trainer.accelerator, trainer.config
     device = acc.device
     model = acc.unwrap_model(trainer.model)
     policy, value_head, rm = model.policy, model.value_head, trainer.reward_model
@@ -510,9 +510,11 @@ def bench_ppo(models: dict, p: dict, out_dir: str) -> dict:
     sampler.phase = "load"
     log("PPO: loading")
     trainer, a = build_ppo_trainer(models, p, out_dir)
-    policy_lm = trainer.accelerator.unwrap_model(trainer.model).policy.get_base_model()
-    # No EOS ever, on both sides: every response is exactly output_max_length tokens, so both do equal work.
-    policy_lm.generation_config.suppress_tokens = [trainer.tokenizer.eos_token_id]
+    # No EOS ever, on both sides: every response is exactly output_max_length tokens, so both do equal work. Ours
+    # samples with no EOS id; the bare loop's generate suppresses it through the model's generation_config.
+    trainer.eos_ids = []
+    lm = trainer.accelerator.unwrap_model(trainer.model).lm()
+    lm.generation_config.suppress_tokens = [trainer.tokenizer.eos_token_id]
     bare_step = make_bare_ppo(trainer, a)
     prompts_used = []
     next_prompts = trainer.next_prompts

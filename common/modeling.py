@@ -158,6 +158,48 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     return tokenizer
 
 
+def check_vocabulary(tokenizer, model, tokenizer_source: str, model_source: str, tokenizer_flag: str,
+                     model_flag: str) -> None:
+    """Stop with one message when the tokenizer does not fit the model's embedding matrix.
+
+    Too large: an id past the last embedding row (a bigger vocabulary, or a special token the tokenizer class adds
+    after the base vocabulary, as Qwen2's does) would fail with an IndexError mid-run. Too small: a tokenizer of
+    another model maps text to rows that mean something else; it trains on garbage and gets saved with the model.
+    That is caught when the model folder has its own tokenizer of another size, or when the tokenizer covers less
+    than 90% of the embedding rows (models pad their embeddings by at most a few hundred rows).
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    specials = [i for i in tokenizer.all_special_ids + [tokenizer.pad_token_id, tokenizer.eos_token_id] if i is not None]
+    top = max([max(tokenizer.get_vocab().values(), default=0), *specials])
+    size = len(tokenizer)
+    if top >= rows:
+        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens (ids up to {top}) but the model "
+                        f"{model_source} has {rows} embedding rows: ids from {rows} on would crash training; pass the "
+                        f"model's own tokenizer ({tokenizer_flag}) or a model made for this tokenizer ({model_flag})")
+    own = _own_tokenizer_size(model_source) if os.path.normpath(tokenizer_source) != os.path.normpath(model_source) else None
+    if own is not None and own != size:
+        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens but the model {model_source} comes with "
+                        f"a tokenizer of {own}: its ids would mean other tokens to this model; drop {tokenizer_flag} or "
+                        f"pass a matching one")
+    if size < 0.9 * rows:
+        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens but the model {model_source} has {rows} "
+                        f"embedding rows: it is most likely another model's tokenizer; pass the model's own "
+                        f"({tokenizer_flag}) or a model made for this tokenizer ({model_flag})")
+
+
+def _own_tokenizer_size(model_source: str) -> int | None:
+    """The size of the tokenizer that comes with a model folder (or adapter folder), if it has one."""
+    folder = model_source
+    if is_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        folder = resolve_base(folder)[0]
+    if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        return None
+    try:
+        return len(load_tokenizer(folder))
+    except UserError:
+        return None
+
+
 def _from_pretrained(cls, name_or_path: str, **kwargs):
     try:
         return cls.from_pretrained(name_or_path, **kwargs)

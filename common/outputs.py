@@ -32,10 +32,19 @@ def holds_final_model(output_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(output_dir, m)) for m in FINAL_MARKERS)
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool = False, flag: str = "--overwrite_output_dir") -> None:
-    """Refuse to write over a finished run unless asked to."""
-    if holds_final_model(output_dir) and not overwrite and not resuming:
-        raise UserError(f"--output_dir {output_dir} already holds a final model; pass {flag} to replace it, or choose another folder")
+def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint=None) -> str | None:
+    """Check ``--output_dir`` before anything is loaded, and resolve ``--resume_from_checkpoint`` in it.
+
+    A regular file there is an error; so is a folder that already holds a final model, unless the run resumes
+    or ``--overwrite_output_dir`` is given. Returns the checkpoint to resume from, or None.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder: choose another path")
+    resume = find_checkpoint(output_dir, resume_from_checkpoint)
+    if holds_final_model(output_dir) and not overwrite and resume is None:
+        raise UserError(f"--output_dir {output_dir} already holds a final model; pass --overwrite_output_dir to replace "
+                        "it, or choose another folder")
+    return resume
 
 
 def command_line() -> str:
@@ -226,9 +235,7 @@ class AtomicCheckpoints:
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
                 self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
-            if os.path.isdir(final):
-                shutil.rmtree(final)  # the same step saved again by a run resumed from an earlier checkpoint
-            os.replace(os.path.join(staging, name), final)
+            replace_folder(os.path.join(staging, name), final)  # the same step again, after an earlier resume
             shutil.rmtree(staging)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -239,7 +246,8 @@ def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
     """Resolve ``--resume_from_checkpoint``: a path, or ``latest``/``true`` for the newest complete checkpoint.
 
     Only ``checkpoint-N`` folders count (never ``checkpoint-N.tmp``, a save in progress or cut short), and only
-    complete ones: ``trainer_state.json``, written last, must parse.
+    complete ones: ``trainer_state.json``, written last, must parse. ``checkpoint-N.old`` counts when
+    ``checkpoint-N`` is missing: a save that replaced it was cut short between its two renames (``replace_folder``).
     """
     if value in (None, "", False) or str(value).lower() in ("false", "none", "no"):
         return None
@@ -249,16 +257,70 @@ def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
         if not _complete(str(value)):
             raise UserError(f"--resume_from_checkpoint {value} is incomplete (no trainer_state.json): it was not fully written")
         return str(value)
-    found = []
+    found = {}
     if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            m = re.fullmatch(r"checkpoint-(\d+)", name)
+        for name in sorted(os.listdir(output_dir)):  # checkpoint-N before checkpoint-N.old
+            m = re.fullmatch(r"checkpoint-(\d+)(\.old)?", name)
             path = os.path.join(output_dir, name)
-            if m and _complete(path):
-                found.append((int(m.group(1)), path))
+            if m and int(m.group(1)) not in found and _complete(path):
+                found[int(m.group(1))] = path
     if not found:
         raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}")
-    return max(found)[1]
+    return found[max(found)]
+
+
+def replace_folder(src: str, dst: str) -> None:
+    """Move the folder ``src`` to ``dst``, replacing any ``dst``, such that ``dst`` is never missing or partial.
+
+    On Linux the two are swapped atomically (``renameat2(RENAME_EXCHANGE)``) and the old one, now at ``src``, is
+    removed. Where that is not available, ``dst`` is first renamed to ``dst.old`` (which ``find_checkpoint``
+    accepts while ``dst`` is missing), then ``src`` to ``dst``, then ``dst.old`` is removed.
+    """
+    if not os.path.lexists(dst):
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src)
+        return
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def checkpoint_processes(checkpoint: str) -> int | None:
+    """How many processes wrote a checkpoint, from its per-process RNG files (the Trainer's ``rng_state.pth`` or
+    ``rng_state_{rank}.pth``; accelerate's ``random_states_{rank}.pkl``); None if it holds none."""
+    names = os.listdir(checkpoint)
+    ranks = [n for n in names if re.fullmatch(r"(rng_state_\d+\.pth|random_states_\d+\.pkl)", n)]
+    if ranks:
+        return len(ranks)
+    return 1 if "rng_state.pth" in names else None
+
+
+def check_processes(checkpoint: str, num_processes: int) -> None:
+    """Refuse to resume a checkpoint written by another number of processes: the global batch, the data order and
+    the per-process RNG states depend on it, so the run would not continue as it would have."""
+    saved = checkpoint_processes(checkpoint)
+    if saved is not None and saved != num_processes:
+        raise UserError(f"{checkpoint} was written by a run with {saved} processes and this run has {num_processes}: "
+                        f"resume it with {saved} processes")
 
 
 def _complete(checkpoint: str) -> bool:

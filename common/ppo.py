@@ -1,169 +1,109 @@
-"""PPO for RLHF, on `accelerate` (DESIGN.md, section PPO; each detail and its source: docs/ppo.md).
+"""PPO for RLHF on `accelerate` (DESIGN.md, section PPO; each detail and its source: docs/ppo.md).
 
-Read top to bottom: the math (rewards, GAE, whitening, losses, KL controllers) as plain functions pinned by
-unit tests, then the policy with its value head, then ``PPOTrainer``, which holds the state of a run
-(optimizer, KL controller, reward statistics, prompt stream, RNG) and does one PPO step at a time:
-rollout -> score -> reference and values -> rewards -> advantages -> ``ppo_epochs`` of minibatch updates.
+``PPOConfig`` holds every setting of the algorithm (parsed from the command line by training_rl.py).
+``PolicyWithValueHead`` is the policy with a scalar value head. ``PPOTrainer`` holds the state of a run and does
+one PPO step at a time: rollout -> score -> old log-probs, values and reference log-probs -> rewards ->
+advantages -> ``ppo_epochs`` of minibatch updates. The math is in common/ppo_math.py, the device plumbing
+(DeepSpeed, FSDP, gradient synchronisation) in common/ppo_distributed.py.
 
-Shapes: ``B`` responses per process, ``R`` response tokens (padded), ``V`` vocabulary, ``H`` hidden size.
-Every per-token tensor is ``[B, R]`` and aligned with the response tokens ``a_1..a_R``; ``mask`` is 1 up to and
-including the first EOS and 0 after it.
+Shapes: ``B`` responses per process, ``P`` padded prompt tokens, ``R`` response tokens (padded), ``V``
+vocabulary, ``H`` hidden size. Per-token tensors are ``[B, R]``, aligned with the response tokens ``a_1..a_R``;
+``mask`` is 1 up to and including the first EOS and 0 after it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import ppo_distributed as dist
 from common.cli import UserError
+from common.generation import eos_token_ids, sample_responses
+from common.outputs import check_processes, replace_folder
+from common.ppo_math import (
+    AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards, entropy_from_logits,
+    explained_variance, logprobs_from_logits, masked_mean, masked_whiten, ppo_losses,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
-# The math
+# Configuration
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+@dataclass
+class PPOConfig:
+    """Every setting of the PPO algorithm. Defaults are StackLLaMA's (STACKLLAMA.md)."""
 
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
-    """(x - mean) / std over the unmasked entries; ``reduce(t)`` sums ``t`` across processes (DDP), if given.
-
-    The variance is the unbiased one of all unmasked tokens of the (global) batch (advantage normalisation: Huang et al. 2022, "37 details", #7).
-    """
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
-    if reduce is not None:
-        stats = reduce(stats)
-    total, total_sq, n = stats.unbind()
-    mean = total / n
-    var = (total_sq / n - mean**2) * n / (n - 1).clamp(min=1)
-    whitened = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean.to(x.dtype)
-    return whitened * mask
-
-
-def compute_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards ``r_t = -kl_coef * (logp_t - ref_logp_t)``, plus the score on the last response token.
-
-    Ziegler et al. 2019, eq. 2: the KL penalty keeps the policy near the reference. Returns (rewards, kl).
-    """
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # index of the last unmasked token (the EOS, if any)
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards * mask, kl
-
-
-def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation (Schulman et al. 2016) over the response tokens.
-
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` zero past the last token; ``A_t = delta_t + gamma * lam *
-    A_{t+1}``; returns ``R_t = A_t + V_t``. Returns (advantages, returns), zero where masked.
-    """
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]  # masked tokens carry nothing backwards
-        advantages[:, t] = last_gae
-    returns = advantages + values
-    return advantages * mask, returns * mask
-
-
-def ppo_losses(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
-    advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-    cliprange: float, cliprange_value: float, vf_coef: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate and clipped value loss (Schulman et al. 2017, eq. 7 and 9; CleanRL ``ppo.py``)."""
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    vf_losses = (values - returns) ** 2
-    vf_losses2 = (values_clipped - returns) ** 2
-    v_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses2), mask)
-
-    loss = pg_loss + vf_coef * v_loss
-    with torch.no_grad():
-        stats = {
-            "loss/policy": pg_loss.detach(),
-            "loss/value": v_loss.detach(),
-            "policy/approxkl": 0.5 * masked_mean(logratio**2, mask),
-            "policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
-            "val/clipfrac": masked_mean((vf_losses2 > vf_losses).float(), mask),
-        }
-    return loss, stats
-
-
-class AdaptiveKLController:
-    """Ziegler et al. 2019, sec. 2.2: ``kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon``."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + proportional_error * n_steps / self.horizon
-
-
-class FixedKLController:
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-
-class RunningMoments:
-    """Running mean and std of scores (Chan et al.'s parallel update), to normalise rewards online."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
-
-    def update(self, xs: torch.Tensor) -> None:
-        xs = xs.double()
-        n, mean, var = xs.numel(), xs.mean().item(), xs.var(unbiased=False).item()
-        delta, total = mean - self.mean, self.count + n
-        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
-        self.mean += delta * n / total
-        self.count = total
+    steps: int = field(default=20000, metadata={"help": "Episodes (responses) per process: ceil(steps / batch_size) PPO steps."})
+    batch_size: int = field(default=32, metadata={"help": "Responses per PPO step, per process."})
+    mini_batch_size: int = field(default=1, metadata={"help": "Responses per forward/backward in the update."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch."})
+    learning_rate: float = field(default=1.41e-5, metadata={"help": "Optimizer learning rate."})
+    adafactor: bool = field(default=False, metadata={"help": "Use Adafactor instead of AdamW."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name (over PPO steps)."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
+    early_stopping: bool = field(default=False, metadata={"help": "Stop a step's updates once approx-KL > 1.5 * target_kl."})
+    target_kl: float = field(default=0.1, metadata={"help": "Approx-KL threshold for --early_stopping."})
+    init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
+    adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adapt the KL coefficient towards --target."})
+    target: float = field(default=6.0, metadata={"help": "Target KL (nats per response) of the adaptive controller."})
+    horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float | None = field(
+        default=0.2, metadata={"help": "Value clip, in units of the shaped score (None: no value clipping)."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    output_min_length: int = field(default=32, metadata={"help": "Lower bound of the sampled max_new_tokens."})
+    output_max_length: int = field(default=128, metadata={"help": "Upper bound of the sampled max_new_tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (top_k=0, top_p=1)."})
+    batched_gen: bool = field(default=True, metadata={"help": "Generate --generation_batch_size prompts at once (false: one by one)."})
+    generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate() call (default: --batch_size)."})
+    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every score."})
+    reward_normalization: str = field(
+        default="running", metadata={"help": "Scale of the scores PPO optimises: running (mean 0, std 1 under running "
+                                             "statistics of the scores seen so far), stats (the reward model's "
+                                             "reward_stats.json) or none (raw).",
+                                     "choices": ["none", "stats", "running"]})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip shaped scores to +-this (None: no clip)."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a response that never ended."})
+    reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."})
 
     @property
-    def std(self) -> float:
-        return math.sqrt(self.var * self.count / max(self.count - 1, 1)) if self.count > 1 else 1.0
+    def gen_batch_size(self) -> int:
+        return (self.generation_batch_size or self.batch_size) if self.batched_gen else 1
 
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+    def problems(self) -> list[str]:
+        """Every argument problem, each naming its flag (training_rl.check_args raises them together)."""
+        out = []
+        for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "target",
+                     "horizon", "output_min_length", "output_max_length", "reward_batch_size", "generation_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                out.append(f"--{name} must be > 0, got {value}")
+        for name in ("learning_rate", "temperature", "cliprange"):
+            if getattr(self, name) <= 0:
+                out.append(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.cliprange_value is not None and self.cliprange_value <= 0:
+            out.append(f"--cliprange_value must be > 0 (or None: no clipping), got {self.cliprange_value}")
+        if self.mini_batch_size > 0 and self.gradient_accumulation_steps > 0 and \
+                self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps):
+            out.append(f"--batch_size {self.batch_size} must be divisible by --mini_batch_size {self.mini_batch_size} "
+                       f"x --gradient_accumulation_steps {self.gradient_accumulation_steps}")
+        if self.output_min_length > self.output_max_length:
+            out.append(f"--output_min_length {self.output_min_length} > --output_max_length {self.output_max_length}")
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,16 +114,17 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 class PolicyWithValueHead(nn.Module):
     """The policy (a causal LM, usually with a LoRA adapter) and a scalar value head on its last hidden state.
 
-    ``forward`` runs the decoder once and applies the LM head and the value head only at the positions that
-    predict response tokens (``response_start - 1`` to the second-to-last), so logits are ``[B, R, V]``, not
-    ``[B, P + R, V]``.
+    ``forward`` runs the model's own forward (so logit soft-capping or scaling of its family applies) with
+    ``logits_to_keep`` covering the response, and reads the decoder's output (the input of the LM head) for the
+    value head, captured by a forward hook: one pass gives ``[B, R + 1, V]`` logits (positions ``P - 1 .. T - 1``;
+    the last predicts past the end and is unused) and ``[B, R]`` values (positions ``P - 1 .. T - 2``).
     """
 
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy
-        hidden = policy.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1)
+        width = self.lm().get_output_embeddings().in_features  # the LM head's input (OPT may project to it)
+        self.value_head = nn.Linear(width, 1)
         nn.init.zeros_(self.value_head.weight)  # as lm-human-preferences: V = 0 until the value loss teaches it
         nn.init.zeros_(self.value_head.bias)
 
@@ -191,87 +132,27 @@ class PolicyWithValueHead(nn.Module):
         """The causal LM under the (optional) peft wrapper; LoRA layers inside it stay active."""
         return self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
 
-    def forward(self, input_ids, attention_mask, position_ids, response_start: int, temperature: float = 1.0):
+    def forward(self, input_ids, attention_mask, position_ids, response_start: int):
         lm = self.lm()
-        hidden = lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        h = hidden[:, response_start - 1 : -1]
-        logits = lm.get_output_embeddings()(h).float() / temperature
-        values = self.value_head(h.float()).squeeze(-1)
+        captured = []
+        hook = lm.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+        try:
+            logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                        logits_to_keep=input_ids.shape[1] - response_start + 1).logits
+        finally:
+            hook.remove()
+        h = captured[-1][:, response_start - 1 : -1]
+        values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logits, values
 
 
-@contextlib.contextmanager
-def unwrap_for_generation(model, accelerator):
-    """The bare ``PolicyWithValueHead`` for ``generate``: gradient checkpointing off (it disables the KV cache)
-    and, under DeepSpeed ZeRO-3 and FSDP1, the sharded parameters gathered on every process for the duration."""
-    unwrapped = accelerator.unwrap_model(model)
-    policy = unwrapped.policy
-    checkpointing = getattr(policy, "is_gradient_checkpointing", False)
-    if checkpointing:
-        policy.gradient_checkpointing_disable()
-    fsdp1 = accelerator.distributed_type.name == "FSDP" and not accelerator.is_fsdp2
-    try:
-        if is_zero3(accelerator):
-            import deepspeed
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[B, R]`` log-probs of the response tokens from the ``[B, R + 1, V]`` logits of ``PolicyWithValueHead``.
 
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                yield unwrapped
-        elif fsdp1:  # FSDP2 gathers in its forward hooks; FSDP1's root parameters stay flat shards without this
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            with FSDP.summon_full_params(model, writeback=False, recurse=True):
-                yield unwrapped
-        else:
-            yield unwrapped
-    finally:
-        if checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def is_zero3(accelerator) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
-
-
-@contextlib.contextmanager
-def whole_models_under_zero3(accelerator):
-    """Models loaded inside are whole on every process, also under DeepSpeed ZeRO-3.
-
-    Under ZeRO-3 accelerate registers its DeepSpeed config with transformers (whatever `zero3_init_flag` says),
-    and `from_pretrained` then builds every model inside `deepspeed.zero.Init`: partitioned, with empty weights
-    outside a DeepSpeed engine. The reward model and a full fine-tuning reference are used for inference only
-    and never prepared, so they are loaded here with the registration lifted for the duration.
-    """
-    if not is_zero3(accelerator):
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
-def configure_deepspeed(config: dict, hp: "PPOHyperparameters") -> None:
-    """Fill a DeepSpeed config's "auto" batch fields from the PPO flags, and refuse values that disagree.
-
-    accelerate fills these from a prepared DataLoader, and PPO prepares none: without this, `prepare` fails
-    asking for `train_micro_batch_size_per_gpu`. One engine micro-batch is one PPO minibatch; the engine steps
-    after `gradient_accumulation_steps` of them and clips to `--max_grad_norm` itself.
-    """
-    wanted = {"train_micro_batch_size_per_gpu": (hp.mini_batch_size, "--mini_batch_size"),
-              "gradient_accumulation_steps": (hp.gradient_accumulation_steps, "--gradient_accumulation_steps"),
-              "gradient_clipping": (hp.max_grad_norm or 0.0, "--max_grad_norm")}
-    for key, (value, flag) in wanted.items():
-        if config.get(key, "auto") == "auto":
-            config[key] = value
-        elif float(config[key]) != float(value):
-            raise UserError(f"the DeepSpeed config sets {key} {config[key]} but {flag} is {value}: make them agree "
-                            f"(or set it to 'auto' in the DeepSpeed config)")
+    The logits stay whole (a slice would be copied when flattened); the position past the end gets a dummy token
+    whose log-prob is dropped (its gradient is zero)."""
+    tokens = torch.cat([responses, responses[:, :1]], 1)
+    return logprobs_from_logits(logits, tokens, temperature)[:, :-1]
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -280,109 +161,138 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The trainer
+# Small stateful parts of a run (each saved in checkpoints through accelerate's register_for_checkpointing)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class PromptStream:
+    """The order prompts are used in: a permutation fixed by (seed, pass over the data); each PPO step takes the
+    next ``batch_size x num_processes`` of them and process ``r`` takes slice ``r``. A remainder smaller than a
+    global batch is skipped and the next pass is reshuffled."""
+
+    def __init__(self, n_prompts: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_prompts, batch_size, seed
+        self.epoch, self.index = 0, 0
+
+    def next_indices(self, world: int, rank: int) -> list[int]:
+        if self.index + self.batch_size * world > self.n:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        start = self.index + rank * self.batch_size
+        self.index += self.batch_size * world
+        return order[start : start + self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class LengthSampler:
+    """StackLLaMA's response-length sampler: ``max_new_tokens`` uniform in ``[low, high]``, both ends included."""
+
+    def __init__(self, low: int, high: int, seed: int):
+        self.low, self.high, self.rng = low, high, random.Random(seed)
+
+    def __call__(self) -> int:
+        return self.rng.randint(self.low, self.high)
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
 @dataclass
-class PPOHyperparameters:
-    batch_size: int
-    mini_batch_size: int
-    gradient_accumulation_steps: int
-    ppo_epochs: int
-    learning_rate: float
-    gamma: float
-    lam: float
-    cliprange: float
-    cliprange_value: float
-    vf_coef: float
-    max_grad_norm: float | None
-    early_stopping: bool
-    target_kl: float
-    temperature: float
-    output_min_length: int
-    output_max_length: int
-    generation_batch_size: int
-    reward_baseline: float
-    reward_normalization: str  # none | stats | running
-    reward_clip: float | None
-    missing_eos_penalty: float | None
-    reward_batch_size: int
-    seed: int
+class Progress:
+    """Counters of a run."""
+
+    step: int = 0
+    episodes: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in vars(self):
+            setattr(self, key, int(state[key]))
 
 
 class NonFiniteError(RuntimeError):
     """A step produced a NaN or infinity; the step is skipped (see ``PPOTrainer.step``)."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
 class PPOTrainer:
-    """State of a PPO run and one step at a time. Only the main process saves; every process computes."""
+    """State of a PPO run and one step at a time. Every process computes; only the main process writes files."""
 
     def __init__(self, accelerator, model: PolicyWithValueHead, tokenizer, reward_model, reward_tokenizer,
-                 prompts: list[dict], hp: PPOHyperparameters, kl_ctl, reward_stats: dict | None = None,
+                 prompts: list[dict], config: PPOConfig, reward_stats: dict | None = None,
                  ref_model: nn.Module | None = None, optimizer=None, scheduler=None):
-        self.accelerator, self.hp = accelerator, hp
+        dist.check_supported(accelerator)
+        self.accelerator, self.config = accelerator, config
         self.tokenizer, self.reward_model, self.reward_tokenizer = tokenizer, reward_model, reward_tokenizer
-        self.prompts, self.kl_ctl, self.reward_stats, self.ref_model = prompts, kl_ctl, reward_stats, ref_model
+        self.prompts, self.reward_stats, self.ref_model = prompts, reward_stats, ref_model
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
-            configure_deepspeed(plugin.deepspeed_config, hp)
-        accelerator.gradient_accumulation_steps = hp.gradient_accumulation_steps
+            dist.configure_deepspeed(plugin.deepspeed_config, config)
+        self.eos_ids = eos_token_ids(tokenizer, model.lm())
         # The scheduler stays outside `prepare`: accelerate would step it once per process per call.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
+        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
+                       else FixedKLController(config.init_kl_coef))
         self.running = RunningMoments()
-        self.step_count, self.episodes, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
-        self.data_epoch, self.data_index = 0, 0  # position in the (shuffled, global) prompt stream
-        self.length_rng = random.Random(hp.seed)
-
-    # --- prompts ---------------------------------------------------------------------------------------------
-
-    def next_prompts(self) -> list[dict]:
-        """This process's share of the next global batch, from a permutation fixed by (seed, data epoch)."""
-        world, rank, bs = self.accelerator.num_processes, self.accelerator.process_index, self.hp.batch_size
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.hp.seed + self.data_epoch))
-        if self.data_index + bs * world > len(order):  # start the next pass over the prompts
-            self.data_epoch, self.data_index = self.data_epoch + 1, 0
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.hp.seed + self.data_epoch))
-        start = self.data_index + rank * bs
-        self.data_index += bs * world
-        return [self.prompts[i] for i in order[start : start + bs].tolist()]
+        self.stream = PromptStream(len(prompts), config.batch_size, config.seed)
+        self.length_sampler = LengthSampler(config.output_min_length, config.output_max_length, config.seed)
+        self.progress = Progress()
+        for obj in (self.progress, self.kl_ctl, self.running, self.stream, self.length_sampler, scheduler):
+            if obj is not None:
+                accelerator.register_for_checkpointing(obj)
+        self._hooks = [accelerator.register_save_state_pre_hook(self._save_weights_hook),
+                       accelerator.register_load_state_pre_hook(self._load_weights_hook)]
 
     # --- rollout ---------------------------------------------------------------------------------------------
 
+    def next_prompts(self) -> list[dict]:
+        """This process's share of the next global batch of prompts."""
+        acc = self.accelerator
+        return [self.prompts[i] for i in self.stream.next_indices(acc.num_processes, acc.process_index)]
+
     @torch.no_grad()
     def generate(self, batch: list[dict]) -> list[list[int]]:
-        """Sample one response per prompt (left padding, KV cache, top_k=0, top_p=1), cut after the first EOS."""
-        tok, hp = self.tokenizer, self.hp
-        eos, pad = tok.eos_token_id, tok.pad_token_id
-        responses = []
-        with unwrap_for_generation(self.model, self.accelerator) as unwrapped:
-            policy = unwrapped.policy
-            was_training = policy.training
-            policy.eval()  # no dropout while sampling
-            for start in range(0, len(batch), hp.generation_batch_size):
-                chunk = [row["input_ids"] for row in batch[start : start + hp.generation_batch_size]]
-                width = max(map(len, chunk))
-                ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=self.accelerator.device)
-                mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=ids.device)
-                max_new = self.length_rng.randint(hp.output_min_length, hp.output_max_length)
-                out = policy.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                    temperature=hp.temperature, max_new_tokens=max_new,
-                    eos_token_id=eos, pad_token_id=pad, use_cache=True,
-                )
-                for row in out[:, width:].tolist():
-                    responses.append(row[: row.index(eos) + 1] if eos in row else row)
-            policy.train(was_training)
+        """One sampled response per prompt (``common/generation.py``: only our sampling settings apply), cut after
+        the first EOS; in chunks of ``gen_batch_size`` prompts, each with its own sampled maximum length."""
+        hp, responses = self.config, []
+        with dist.unwrap_for_generation(self.model, self.accelerator) as unwrapped:
+            lm = unwrapped.lm()
+            was_training = lm.training
+            lm.eval()
+            for start in range(0, len(batch), hp.gen_batch_size):
+                chunk = [row["input_ids"] for row in batch[start : start + hp.gen_batch_size]]
+                responses += sample_responses(lm, chunk, self.length_sampler(), hp.temperature, self.eos_ids,
+                                              self.tokenizer.pad_token_id)
+            lm.train(was_training)
         return responses
+
+    def ended(self, responses: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([float(bool(r) and r[-1] in self.eos_ids) for r in responses], device=self.accelerator.device)
 
     def score(self, batch: list[dict], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw reward-model scores, shaped scores): the RM re-tokenizes question + answer with its tokenizer."""
         from common.prompts import format_example
         from common.reward import score_texts
 
-        hp, eos = self.hp, self.tokenizer.eos_token_id
+        hp = self.config
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         texts = [format_example(row["question"], a) for row, a in zip(batch, answers)]
         raw = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size).to(self.accelerator.device)
@@ -398,8 +308,7 @@ class PPOTrainer:
         if hp.reward_clip is not None:
             shaped = shaped.clamp(-hp.reward_clip, hp.reward_clip)
         if hp.missing_eos_penalty is not None:
-            no_eos = torch.tensor([not r or r[-1] != eos for r in responses], device=shaped.device)
-            shaped = shaped - hp.missing_eos_penalty * no_eos.float()
+            shaped = shaped - hp.missing_eos_penalty * (1.0 - self.ended(responses))
         return raw, shaped
 
     def collate(self, batch: list[dict], responses: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -416,36 +325,55 @@ class PPOTrainer:
         return {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids_for(attn),
                 "responses": ids[:, P:], "mask": torch.tensor(mask, device=device, dtype=torch.float32), "P": P}
 
-    def forward(self, model, b: dict, rows=slice(None)):
-        logits, values = model(b["input_ids"][rows], b["attention_mask"][rows], b["position_ids"][rows], b["P"], self.hp.temperature)
-        return logits, values, logprobs_from_logits(logits, b["responses"][rows])
+    def forward(self, model, b: dict, rows, ref: bool = False):
+        """Logits' log-probs and values of ``rows`` of the batch, trimmed to the columns those rows use (padding
+        columns that every row of them has on the left of the prompts or right of the responses are left out:
+        they change nothing but the work). Returns ``[n, R']`` values and log-probs and the ``[n, R' + 1, V]``
+        logits, ``R'`` = the longest response among ``rows``. ``ref``: with full fine-tuning, the frozen copy."""
+        attn = b["attention_mask"][rows]
+        P = b["P"]
+        left = int(attn[:, :P].any(0).float().argmax())  # first column that holds a prompt token of some row
+        width = int(b["mask"][rows].sum(1).max())
+        cols = slice(left, P + width)
+        args = (b["input_ids"][rows, cols], attn[:, cols], b["position_ids"][rows, cols])
+        if ref and self.ref_model is not None:
+            logits = self.ref_model(input_ids=args[0], attention_mask=args[1], position_ids=args[2], use_cache=False,
+                                    logits_to_keep=width + 1).logits
+            values = None
+        else:
+            logits, values = model(*args, P - left)
+        return values, response_logprobs(logits, b["responses"][rows, :width], self.config.temperature), logits
 
     @torch.no_grad()
     def reference_and_values(self, b: dict) -> tuple[torch.Tensor, ...]:
-        """Old log-probs, values and entropy under the policy, and reference log-probs with the adapter off."""
+        """Old log-probs, values and entropy under the policy, and reference log-probs (the adapter disabled, or
+        the frozen copy with full fine-tuning), in chunks of ``gen_batch_size`` rows, each ``[B, R]``."""
         model = self.accelerator.unwrap_model(self.model)
-        logprobs, values, ref_logprobs, entropy = [], [], [], []
-        step = self.hp.generation_batch_size
+        R = b["mask"].shape[1]
+        pad = lambda x: F.pad(x, (0, R - x.shape[1]))  # noqa: E731  (back to the batch's width)
+        out = {"logprobs": [], "values": [], "ref_logprobs": [], "entropy": []}
+        step = self.config.gen_batch_size
         for s in range(0, len(b["input_ids"]), step):
             rows = slice(s, s + step)
-            logits, v, lp = self.forward(model, b, rows)
-            entropy.append(entropy_from_logits(logits))
-            logprobs.append(lp)
-            values.append(v)
-            if self.ref_model is not None:  # full fine-tuning: a frozen copy
-                ref_logits = self.ref_model(b["input_ids"][rows], attention_mask=b["attention_mask"][rows],
-                                            position_ids=b["position_ids"][rows]).logits[:, b["P"] - 1 : -1].float()
-                ref_logprobs.append(logprobs_from_logits(ref_logits / self.hp.temperature, b["responses"][rows]))
+            values, logprobs, logits = self.forward(model, b, rows)
+            out["entropy"].append(pad(entropy_from_logits(logits, self.config.temperature)[:, :-1]))
+            out["logprobs"].append(pad(logprobs))
+            out["values"].append(pad(values))
+            del logits
+            if self.ref_model is not None:
+                ref_logprobs = self.forward(model, b, rows, ref=True)[1]
             else:  # LoRA: the same network with the adapter disabled, no second copy in memory
                 with model.policy.disable_adapter():
-                    ref_logprobs.append(self.forward(model, b, rows)[2])
-        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy)
+                    ref_logprobs = self.forward(model, b, rows)[1]
+            out["ref_logprobs"].append(pad(ref_logprobs))
+        mask = b["mask"]
+        return tuple(torch.cat(out[k]) * mask for k in ("logprobs", "values", "ref_logprobs", "entropy"))
 
     # --- one PPO step ----------------------------------------------------------------------------------------
 
     def step(self) -> tuple[dict, list[dict]]:
         """Rollout, score, rewards, advantages, ``ppo_epochs`` of updates. Returns (metrics, sample triples)."""
-        acc, hp = self.accelerator, self.hp
+        acc, hp = self.accelerator, self.config
         t0 = time.perf_counter()
         batch = self.next_prompts()
         responses = self.generate(batch)
@@ -455,10 +383,10 @@ class PPOTrainer:
         b = self.collate(batch, responses)
         mask = b["mask"]
         old_logprobs, old_values, ref_logprobs, entropy = self.reference_and_values(b)
-        kl_coef = self.kl_ctl.value  # the coefficient these rewards use (logged; the controller updates after)
+        kl_coef = self.kl_ctl.value  # the coefficient these rewards use (the controller updates after the step)
         rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)
         advantages, returns = compute_gae(rewards, old_values, mask, hp.gamma, hp.lam)
-        advantages = masked_whiten(advantages, mask, reduce=lambda t: acc.reduce(t, "sum"))
+        advantages = masked_whiten(advantages, mask, reduce=self._sum)
 
         finite = torch.isfinite(scores).all() & torch.isfinite(rewards).all() & torch.isfinite(old_logprobs).all()
         stats = self.update(b, old_logprobs, old_values, advantages, returns) if self._all(finite) else None
@@ -466,24 +394,20 @@ class PPOTrainer:
         t3 = time.perf_counter()
 
         mean_kl = self._mean(kl.sum(1).mean())
+        p = self.progress
         if not skipped:
             self.kl_ctl.update(mean_kl, hp.batch_size * acc.num_processes)
             if self.scheduler is not None:
                 self.scheduler.step()
-        self.step_count += 1
-        self.episodes += hp.batch_size * acc.num_processes
-        self.skipped_steps += int(skipped)
-        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        p.step += 1
+        p.episodes += hp.batch_size * acc.num_processes
+        p.skipped_steps += int(skipped)
+        p.consecutive_skips = p.consecutive_skips + 1 if skipped else 0
 
         all_raw = acc.gather(raw_scores)
-        lengths = mask.sum(1)
-        eos_id = self.tokenizer.eos_token_id
-        ended = torch.tensor([float(bool(r) and r[-1] == eos_id) for r in responses], device=mask.device)
-        var_returns = self._mean(masked_mean((returns - masked_mean(returns, mask)) ** 2, mask))
-        var_resid = self._mean(masked_mean((returns - old_values - masked_mean(returns - old_values, mask)) ** 2, mask))
         metrics = {
-            "step": self.step_count,
-            "episodes": self.episodes,
+            "step": p.step,
+            "episodes": p.episodes,
             "objective/scores": all_raw.mean().item(),
             "objective/scores_std": all_raw.std().item() if all_raw.numel() > 1 else 0.0,
             "objective/scores_shaped": self._mean(scores.mean()),
@@ -491,59 +415,65 @@ class PPOTrainer:
             "objective/kl_coef": kl_coef,
             "objective/rlhf_reward": self._mean((scores - kl_coef * kl.sum(1)).mean()),
             "objective/entropy": self._mean(masked_mean(entropy, mask)),
-            "val/explained_variance": 1.0 - var_resid / var_returns if var_returns > 0 else float("nan"),
+            "val/explained_variance": explained_variance(old_values, returns, mask, reduce=self._sum),
             "val/mean": self._mean(masked_mean(old_values, mask)),
-            "response/length_mean": self._mean(lengths.mean()),
-            "response/eos_fraction": self._mean(ended.mean()),
+            "response/length_mean": self._mean(mask.sum(1).mean()),
+            "response/eos_fraction": self._mean(self.ended(responses).mean()),
             "time/generate": t1 - t0,
             "time/score": t2 - t1,
             "time/train": t3 - t2,
             "throughput/episodes_per_s": hp.batch_size * acc.num_processes / (t3 - t0),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": p.skipped_steps,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
         }
-        metrics.update(stats or {k: float("nan") for k in ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")})
-        metrics["ppo/updates"] = (stats or {}).get("ppo/updates", 0)
+        for key in ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac"):
+            metrics[key] = stats[key] if stats else float("nan")
+        metrics["ppo/updates"] = stats["ppo/updates"] if stats else 0
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        samples = [{"step": self.step_count, "question": row["question"], "response": a, "score": s}
+        samples = [{"step": p.step, "question": row["question"], "response": a, "score": s}
                    for row, a, s in zip(batch, answers, raw_scores.tolist())]
         return metrics, samples
 
     def update(self, b, old_logprobs, old_values, advantages, returns) -> dict | None:
-        """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per ``mini * grad_accum`` rows."""
-        acc, hp, mask = self.accelerator, self.hp, b["mask"]
-        backward_bs = hp.mini_batch_size * hp.gradient_accumulation_steps
-        acc.gradient_accumulation_steps = hp.gradient_accumulation_steps  # accelerate's state is per process, not ours
-        gen = torch.Generator().manual_seed(hp.seed * 100003 + self.step_count)
-        totals: dict[str, float] = {}
-        n_updates, n_micro = 0, 0
+        """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per ``mini x grad_accum`` rows.
+
+        Each optimizer step's loss is a sum over its response tokens divided by their number across all its
+        micro-batches and processes (``ppo_losses(n_tokens=...)``), so 2 processes x accumulation take the step
+        one process would take with the whole batch. Returns the token-weighted mean statistics over the
+        optimizer steps taken, or None if a non-finite loss or gradient made the step skip."""
+        acc, hp, mask = self.accelerator, self.config, b["mask"]
+        rows_per_step = hp.mini_batch_size * hp.gradient_accumulation_steps
+        scale = dist.loss_scale(acc, hp.gradient_accumulation_steps)
+        gen = torch.Generator().manual_seed(hp.seed * 100003 + self.progress.step)
+        sums: dict[str, float] = {}
+        n_updates = 0
         snapshot = self._snapshot()
         self.model.train()
         for _epoch in range(hp.ppo_epochs):
             b_inds = torch.randperm(hp.batch_size, generator=gen)
             stop = False
-            for start in range(0, hp.batch_size, backward_bs):
-                approx_kls = []
-                acc.step = 0  # accelerate counts micro-batches: the last of these `gradient_accumulation_steps` syncs
-                for mb_start in range(start, start + backward_bs, hp.mini_batch_size):
-                    mb_inds = b_inds[mb_start : mb_start + hp.mini_batch_size].to(mask.device)
-                    # DDP: gradients all-reduced on the last micro-batch only; DeepSpeed: its engine steps there
-                    with acc.accumulate(self.model):
-                        _, values, logprobs = self.forward(self.model, b, mb_inds)
+            for start in range(0, hp.batch_size, rows_per_step):
+                step_inds = b_inds[start : start + rows_per_step].to(mask.device)
+                n_tokens = self._sum(mask[step_inds].sum())  # the whole optimizer step's response tokens
+                step_stats = torch.zeros(5, device=mask.device)
+                for k in range(hp.gradient_accumulation_steps):
+                    mb_inds = step_inds[k * hp.mini_batch_size : (k + 1) * hp.mini_batch_size]
+                    with dist.micro_batch(acc, self.model, last=k == hp.gradient_accumulation_steps - 1):
+                        values, logprobs, _ = self.forward(self.model, b, mb_inds)
+                        R = logprobs.shape[1]
                         loss, stats = ppo_losses(
-                            logprobs, old_logprobs[mb_inds], values, old_values[mb_inds], advantages[mb_inds],
-                            returns[mb_inds], mask[mb_inds], hp.cliprange, hp.cliprange_value, hp.vf_coef,
+                            logprobs, old_logprobs[mb_inds, :R], values, old_values[mb_inds, :R],
+                            advantages[mb_inds, :R], returns[mb_inds, :R], mask[mb_inds, :R],
+                            hp.cliprange, hp.cliprange_value, hp.vf_coef, n_tokens=n_tokens,
                         )
-                        bad = ~torch.isfinite(loss)
-                        if self._all(~bad):
-                            acc.backward(loss)  # divided by gradient_accumulation_steps (by DeepSpeed's engine there)
-                    if not self._all(~bad):
+                        finite = self._all(torch.isfinite(loss))
+                        if finite:
+                            acc.backward(loss * scale)
+                    if not finite:
                         self._restore(snapshot)
                         return None
-                    approx_kls.append(stats["policy/approxkl"])
-                    n_micro += 1
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value.item()
+                    step_stats += torch.stack([stats[key] for key in STAT_KEYS])
+                step_stats = self._sum(step_stats)  # token sums / the step's tokens: adds up across processes
                 if hp.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), hp.max_grad_norm)
                     if grad_norm is not None and not self._all(torch.isfinite(torch.as_tensor(grad_norm))):
@@ -552,31 +482,33 @@ class PPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
-                if hp.early_stopping and self._mean(torch.stack(approx_kls).mean()) > 1.5 * hp.target_kl:
-                    stop = True  # every process sees the same averaged value, so all stop together
+                for key, value in zip(STAT_KEYS, step_stats.tolist()):
+                    sums[key] = sums.get(key, 0.0) + value
+                if hp.early_stopping and float(step_stats[STAT_KEYS.index("policy/approxkl")]) > 1.5 * hp.target_kl:
+                    stop = True  # every process sees the same global value, so all stop together
                     break
             if stop:
                 break
-        out = {k: self._mean(torch.tensor(v / max(n_micro, 1), device=mask.device)) for k, v in totals.items()}
+        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
         out["ppo/updates"] = n_updates
         return out
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
     def _snapshot(self) -> dict | None:
-        """Trainable weights and optimizer state before an update, so a non-finite loss in a later minibatch
-        can undo the step's earlier optimizer steps too. Taken when the trainable weights are small (LoRA and
-        value head); with full fine-tuning a copy would double the memory, and only the failing optimizer step
-        is skipped (docs/ppo.md). Not under DeepSpeed or FSDP either: their master weights and optimizer state
-        live in sharded buffers that a copy of the module's parameters does not restore."""
+        """Trainable weights and optimizer state before an update, so a non-finite loss in a later minibatch can
+        undo the step's earlier optimizer steps too. Taken when the trainable weights are small (LoRA and value
+        head); with full fine-tuning a copy would double the memory, and only the failing optimizer step is
+        skipped (docs/ppo.md). Not under DeepSpeed either: its master weights and optimizer state live in
+        sharded buffers that a copy of the module's parameters does not restore."""
         model = self.accelerator.unwrap_model(self.model)
         params = [p for p in model.parameters() if p.requires_grad]
-        if self._sharded() or sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters()):
+        if dist.is_sharded(self.accelerator) or sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters()):
             return None
         return {"params": [p.detach().clone() for p in params], "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def _restore(self, snapshot: dict | None) -> None:
-        for p in self.model.parameters():  # not optimizer.zero_grad: accelerate skips it mid-accumulation
+        for p in self.model.parameters():
             p.grad = None
         if snapshot is None:
             return
@@ -585,6 +517,10 @@ class PPOTrainer:
             for p, saved in zip([p for p in model.parameters() if p.requires_grad], snapshot["params"]):
                 p.copy_(saved)
         self.optimizer.load_state_dict(snapshot["optimizer"])
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum across processes."""
+        return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
 
     def _mean(self, x) -> float:
         """Mean across processes of a scalar tensor."""
@@ -600,50 +536,67 @@ class PPOTrainer:
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        return {
-            "global_step": self.step_count, "episodes": self.episodes, "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips, "num_processes": self.accelerator.num_processes,
-            "kl_coef": self.kl_ctl.value, "running": [self.running.mean, self.running.var, self.running.count],
-            "data_epoch": self.data_epoch, "data_index": self.data_index,
-            "length_rng": _rng_to_json(self.length_rng.getstate()),
-        }
-
     def save_checkpoint(self, folder: str, extra_files: dict[str, str] | None = None) -> None:
-        """Everything needed to continue exactly, written to ``folder.tmp`` and renamed (main process writes)."""
+        """Everything needed to continue exactly, through ``accelerator.save_state``: the policy and value head
+        (``_save_weights_hook``), optimizer, per-process RNG states, and the registered state (counters, KL
+        controller, running moments, prompt position, length sampler, scheduler); ``trainer_state.json`` last.
+        Written to ``folder.tmp``, then swapped in (``replace_folder``)."""
         acc = self.accelerator
-        rng = {"torch": torch.get_rng_state(), "python": _rng_to_json(random.getstate())}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         tmp = folder + ".tmp"
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        torch.save(rng, os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))  # every process its own
-        self.save_model(tmp)
-        if self._sharded():  # optimizer state split across processes: each writes its part (accelerate's format)
-            acc.save_state(os.path.join(tmp, "sharded_state"))
+        acc.save_state(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if not self._sharded():
-                torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            if self.scheduler is not None:
-                torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             for name, text in (extra_files or {}).items():
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(text)
+            state = {"global_step": self.progress.step, "episodes": self.progress.episodes,
+                     "num_processes": acc.num_processes, "kl_coef": self.kl_ctl.value,
+                     "distributed_type": dist.distributed_type(acc)}
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:  # written last
-                json.dump(self.state(), f, indent=1)
-            if os.path.isdir(folder):
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+                json.dump(state, f, indent=1)
+            replace_folder(tmp, folder)
         acc.wait_for_everyone()
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Restore everything ``save_checkpoint`` wrote; refuse a checkpoint of another number of processes."""
+        acc = self.accelerator
+        if not os.path.isfile(os.path.join(folder, "random_states_0.pkl")):
+            raise UserError(f"{folder} is not a checkpoint of this version of training_rl.py (no random_states_0.pkl); "
+                            "start a new run, or resume with the version that wrote it")
+        check_processes(folder, acc.num_processes)  # the prompt stream, RNG states and global batch depend on it
+        for name in sorted(os.listdir(folder)):  # accelerate unpickles these in full: check they hold plain data
+            if name.startswith("custom_checkpoint_"):
+                try:
+                    torch.load(os.path.join(folder, name), weights_only=True)
+                except Exception as e:  # noqa: BLE001  (any failure means: not plain data)
+                    raise UserError(f"{os.path.join(folder, name)} holds more than plain data; not loading it ({e})") from e
+        acc.load_state(folder)
+
+    def _save_weights_hook(self, models, weights, output_dir) -> None:
+        """accelerate's save-state pre-hook (every process): the policy is written as an adapter (or full model)
+        with its value head by ``save_model`` instead of accelerate's whole-model file, so a LoRA checkpoint holds
+        the adapter only and is itself an adapter folder. Under DeepSpeed the engine has saved its shards; the
+        gathered adapter is written next to them."""
+        if weights:
+            weights.pop()
+        self.save_model(output_dir)
+
+    def _load_weights_hook(self, models, input_dir) -> None:
+        """accelerate's load-state pre-hook: load what ``_save_weights_hook`` wrote, strictly (a missing or
+        unexpected key is an error). Under DeepSpeed ``models`` is empty: the engine loaded its shards."""
+        if not models:
+            return
+        models.pop()
+        load_policy_weights(self.accelerator.unwrap_model(self.model), input_dir)
 
     def save_model(self, folder: str) -> None:
         """The policy (adapter, or full model) and the value head, in safetensors. Every process calls it: under
-        ZeRO-3 and FSDP the full weights are gathered from all of them; the main process writes."""
+        ZeRO-3 the full weights are gathered from all of them; the main process writes."""
         from safetensors.torch import save_file
 
         acc = self.accelerator
@@ -654,53 +607,42 @@ class PPOTrainer:
         part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
         acc.unwrap_model(self.model).policy.save_pretrained(folder, state_dict=part("policy."))
         save_file({k: v.detach().cpu().contiguous() for k, v in part("value_head.").items()},
-                  os.path.join(folder, "value_head.safetensors"))
-
-    def _sharded(self) -> bool:
-        """DeepSpeed or FSDP: weights and optimizer state are split across processes."""
-        return self.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
-
-    def load_checkpoint(self, folder: str) -> None:
-        from safetensors.torch import load_file
-
-        if self._sharded():  # weights and optimizer state, each process its shard
-            self.accelerator.load_state(os.path.join(folder, "sharded_state"))
-        else:
-            model = self.accelerator.unwrap_model(self.model)
-            model.value_head.load_state_dict(load_file(os.path.join(folder, "value_head.safetensors")))
-            if hasattr(model.policy, "load_adapter") and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-                from peft import set_peft_model_state_dict
-
-                set_peft_model_state_dict(model.policy, load_file(os.path.join(folder, "adapter_model.safetensors")))
-            else:
-                model.policy.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
-            self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
-        if self.scheduler is not None and os.path.isfile(os.path.join(folder, "scheduler.pt")):
-            self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
-        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-            s = json.load(f)
-        self.step_count, self.episodes, self.skipped_steps = s["global_step"], s["episodes"], s["skipped_steps"]
-        self.consecutive_skips = s.get("consecutive_skips", 0)
-        self.kl_ctl.value = s["kl_coef"]
-        self.running.mean, self.running.var, self.running.count = s["running"]
-        self.data_epoch, self.data_index = s["data_epoch"], s["data_index"]
-        self.length_rng.setstate(_rng_from_json(s["length_rng"]))
-        rng_file = os.path.join(folder, f"rng_state_{self.accelerator.process_index}.pth")
-        if not os.path.isfile(rng_file):
-            raise UserError(f"{folder} has no {os.path.basename(rng_file)}: it was written by a run with "
-                            f"{s.get('num_processes')} processes; resume with the same number")
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_rng_from_json(rng["python"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+                  os.path.join(folder, VALUE_HEAD_FILE))
 
 
-def _rng_to_json(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
+STAT_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac")
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-def _rng_from_json(state):
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
+def load_policy_weights(model: PolicyWithValueHead, folder: str) -> None:
+    """Load the adapter (or full model) and value head ``save_model`` wrote into ``model``; a key missing from the
+    files or not in the model is a ``UserError`` naming it."""
+    from safetensors.torch import load_file
+
+    def check(missing, unexpected, what):
+        if missing or unexpected:
+            raise UserError(f"{folder}: the {what} does not match the model: missing {sorted(missing)[:5]}"
+                            f"{' ...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}")
+
+    head = load_file(os.path.join(folder, VALUE_HEAD_FILE))
+    check(set(model.value_head.state_dict()) - set(head), set(head) - set(model.value_head.state_dict()), "value head")
+    model.value_head.load_state_dict(head)
+    policy = model.policy
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        expected = set(get_peft_model_state_dict(policy))
+        check(expected - set(saved), set(saved) - expected, "adapter")
+        set_peft_model_state_dict(policy, saved)
+        return
+    files = sorted(f for f in os.listdir(folder) if f.startswith("model") and f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"{folder} holds neither an adapter nor model weights")
+    saved = {}
+    for name in files:
+        saved.update(load_file(os.path.join(folder, name)))
+    tied = set(getattr(policy, "all_tied_weights_keys", None) or {})
+    own = set(policy.state_dict())
+    check(own - set(saved) - tied, set(saved) - own, "model")
+    policy.load_state_dict(saved, strict=False)

@@ -5,24 +5,23 @@ by a plain per-sequence Python loop in this file, never by the code under test.
 """
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from common.ppo import (
+import common.ppo_math
+from common.ppo import position_ids_for
+from common.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
-    PolicyWithValueHead,
-    PPOTrainer,
     RunningMoments,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
+    explained_variance,
     logprobs_from_logits,
     masked_whiten,
-    position_ids_for,
     ppo_losses,
 )
 
@@ -336,7 +335,53 @@ def test_running_moments_match_numpy_over_concatenation():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. logprobs, entropy, position ids
+# 7. Token normalisation across micro-batches, value clipping off, explained variance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_ppo_losses_over_the_steps_token_count_add_up_across_micro_batches():
+    # Two micro-batches of 3 and 1 tokens: with n_tokens = 4 their losses add up to the loss of the whole batch
+    # (a mean over its 4 tokens); each micro-batch's own mean would weigh the lone token 3x as much.
+    g = torch.Generator().manual_seed(8)
+    logp, old, adv = (torch.randn(2, 3, generator=g, dtype=D) for _ in range(3))
+    values, old_v, ret = (torch.randn(2, 3, generator=g, dtype=D) for _ in range(3))
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    args = (0.2, 0.2, 0.1)
+    whole, whole_stats = ppo_losses(logp, old, values, old_v, adv, ret, mask, *args)
+    parts = [ppo_losses(logp[i : i + 1], old[i : i + 1], values[i : i + 1], old_v[i : i + 1], adv[i : i + 1],
+                        ret[i : i + 1], mask[i : i + 1], *args, n_tokens=4.0) for i in range(2)]
+    close(parts[0][0] + parts[1][0], whole, atol=1e-12)
+    for key in whole_stats:
+        close(parts[0][1][key] + parts[1][1][key], whole_stats[key], atol=1e-12)
+    own_means = [ppo_losses(logp[i : i + 1], old[i : i + 1], values[i : i + 1], old_v[i : i + 1], adv[i : i + 1],
+                            ret[i : i + 1], mask[i : i + 1], *args)[0] for i in range(2)]
+    assert abs((own_means[0] + own_means[1]) / 2 - whole.item()) > 1e-3  # the per-micro-batch mean is another loss
+
+
+def test_ppo_losses_without_value_clipping():
+    logp, old, values, old_v, adv, returns, mask = _losses_case()
+    _, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=None, vf_coef=0.1)
+    # unclipped: 0.5 * ((0.5-1)^2 + (1.1-0)^2 + (0-0.5)^2) / 3 = 0.5 * (0.25 + 1.21 + 0.25) / 3 = 0.285
+    assert stats["loss/value"].item() == pytest.approx(0.285, abs=1e-9)
+    assert stats["val/clipfrac"].item() == 0.0
+
+
+def test_explained_variance_hand_case_and_two_processes():
+    # returns [1, 2, 3, 4] (variance 1.25), values [1, 2, 3, 3]: residuals [0, 0, 0, 1], variance 0.1875
+    # EV = 1 - 0.1875 / 1.25 = 0.85; the masked token (value 100) counts nowhere
+    returns, values = t([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]]), t([[1.0, 2.0, 100.0], [3.0, 3.0, 0.0]])
+    mask = t([[1, 1, 0], [1, 1, 0]])
+    assert explained_variance(values, returns, mask) == pytest.approx(0.85, abs=1e-12)
+    local = []
+    for rows in (slice(0, 1), slice(1, 2)):  # what each process contributes, then the all-reduce sum
+        explained_variance(values[rows], returns[rows], mask[rows], reduce=lambda s: local.append(s) or s)
+    assert explained_variance(values[:1], returns[:1], mask[:1], reduce=lambda s: local[0] + local[1]) == pytest.approx(0.85)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert math.isnan(explained_variance(values, t([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0]]), mask))  # Var(R) = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Log-probs and entropy over the vocabulary, in chunks
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -351,13 +396,37 @@ def test_logprobs_and_entropy_from_logits_direct():
         for i in range(3):
             row = logits[b, i].tolist()
             lse = math.log(sum(math.exp(z) for z in row))
-            assert lp[b, i].item() == pytest.approx(row[tokens[b, i]] - lse, abs=1e-10)
+            assert lp[b, i].item() == pytest.approx(row[tokens[b, i]] - lse, abs=1e-6)
             ps = [math.exp(z - lse) for z in row]
-            assert ent[b, i].item() == pytest.approx(-sum(p * math.log(p) for p in ps), abs=1e-10)
+            assert ent[b, i].item() == pytest.approx(-sum(p * math.log(p) for p in ps), abs=1e-6)
     # a tiny hand case: logits [0, 0] -> log-prob log(1/2), entropy log 2
     two = torch.zeros(1, 1, 2, dtype=D)
     assert logprobs_from_logits(two, torch.tensor([[1]])).item() == pytest.approx(-math.log(2))
     assert entropy_from_logits(two).item() == pytest.approx(math.log(2))
+    # temperature 2: the log-probs of logits / 2; [0, 2] / 2 = [0, 1] -> log-prob of token 1 = 1 - log(1 + e)
+    assert logprobs_from_logits(t([[[0.0, 2.0]]]), torch.tensor([[1]]), 2.0).item() == pytest.approx(1 - math.log(1 + math.e))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_match_log_softmax_values_and_gradients(monkeypatch, dtype):
+    monkeypatch.setattr(common.ppo_math, "CHUNK_ELEMENTS", 7 * 11)  # 7 rows per chunk: 3 chunks, the last partial
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(3, 6, 11, generator=g) * 3).to(dtype).requires_grad_(True)
+    tokens = torch.randint(0, 11, (3, 6), generator=g)
+    weights = torch.randn(3, 6, generator=g)
+    expected_logits = logits.detach().double().requires_grad_(True)
+    expected = torch.log_softmax(expected_logits / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    (expected * weights.double()).sum().backward()
+    got = logprobs_from_logits(logits, tokens, 0.7)
+    (got * weights).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected.detach(), atol=tol, rtol=0)
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.double(), expected_logits.grad, atol=tol, rtol=0)
+    probs = torch.softmax(logits.detach().double() / 0.7, -1)
+    entropy = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(entropy_from_logits(logits.detach(), 0.7).double(), entropy, atol=tol * 10, rtol=0)
 
 
 def test_position_ids_for_left_padding():
@@ -365,144 +434,29 @@ def test_position_ids_for_left_padding():
     assert position_ids_for(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 2, 2], [0, 0, 0, 0, 0]]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8. PolicyWithValueHead alignment
-# ----------------------------------------------------------------------------------------------------------------
+def test_checkpointed_helpers_continue_exactly_from_their_state(tmp_path):
+    from common.ppo import LengthSampler, Progress, PromptStream
 
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    return PolicyWithValueHead(model).eval()
-
-
-def test_value_head_forward_alignment_no_padding(tiny_llama):
-    pv = tiny_llama
-    g = torch.Generator().manual_seed(6)
-    ids = torch.randint(3, 50, (2, 10), generator=g)
-    attn = torch.ones_like(ids)
-    P = 4
-    with torch.no_grad():
-        logits, values = pv(ids, attn, position_ids_for(attn), response_start=P)
-        full = pv.policy(ids, attention_mask=attn, output_hidden_states=True)
-    assert logits.shape == (2, 10 - P, 50) and values.shape == (2, 10 - P)
-    # logits at positions P-1 .. T-2 predict the response tokens at P .. T-1
-    torch.testing.assert_close(logits, full.logits[:, P - 1 : -1], atol=1e-5, rtol=0)
-    # values are read at the same positions as those logits (the last hidden state, after the final norm)
-    hidden = full.hidden_states[-1][:, P - 1 : -1]
-    torch.testing.assert_close(values, pv.value_head(hidden).squeeze(-1), atol=1e-5, rtol=0)
-    # log-prob of token a_t from the logits one position before it
-    lp = logprobs_from_logits(logits, ids[:, P:])
-    direct = torch.log_softmax(full.logits, -1)[0, P - 1, ids[0, P]]
-    assert lp[0, 0].item() == pytest.approx(direct.item(), abs=1e-5)
-
-
-def test_value_head_forward_left_padded_row_equals_unpadded(tiny_llama):
-    pv = tiny_llama
-    prompts = [[1, 7, 8, 9, 10], [1, 11, 12]]  # the second is left-padded by 2
-    responses = [[20, 21, 22, 2], [30, 31]]  # the second is right-padded by 2 (ended at its EOS... or not)
-    # the trainer's own collate (left-padded prompts + right-padded responses)
-    fake = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0), accelerator=SimpleNamespace(device="cpu"))
-    b = PPOTrainer.collate(fake, [{"input_ids": p} for p in prompts], responses)
-    P = b["P"]
-    assert P == 5 and b["input_ids"][1].tolist() == [0, 0, 1, 11, 12, 30, 31, 0, 0]
-    assert b["position_ids"][1].tolist()[2:7] == [0, 1, 2, 3, 4]
-    assert b["mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    with torch.no_grad():
-        logits, values = pv(b["input_ids"], b["attention_mask"], b["position_ids"], P)
-        for row, (p, r) in enumerate(zip(prompts, responses)):
-            ids = torch.tensor([p + r])
-            ones = torch.ones_like(ids)
-            ref_logits, ref_values = pv(ids, ones, position_ids_for(ones), len(p))
-            plain = pv.policy(ids).logits[:, len(p) - 1 : -1]
-            n = len(r)
-            torch.testing.assert_close(ref_logits, plain, atol=1e-5, rtol=0)
-            torch.testing.assert_close(logits[row, :n], ref_logits[0], atol=1e-5, rtol=0)
-            torch.testing.assert_close(values[row, :n], ref_values[0], atol=1e-5, rtol=0)
-
-
-def test_value_head_logprobs_match_generation(tiny_llama):
-    """Greedy generation with left padding and the KV cache: its per-step logits are the training logits."""
-    pv = tiny_llama
-    ids = torch.tensor([[0, 0, 1, 5, 6], [1, 7, 8, 9, 10]])
-    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    with torch.no_grad():
-        out = pv.policy.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=4,
-                                 min_new_tokens=4, pad_token_id=0, eos_token_id=None, use_cache=True,
-                                 output_logits=True, return_dict_in_generate=True)
-        seq = out.sequences
-        gen_logits = torch.stack(out.logits, 1).float()
-        full_attn = torch.cat([attn, torch.ones(2, 4, dtype=attn.dtype)], 1)
-        logits, _ = pv(seq, full_attn, position_ids_for(full_attn), ids.shape[1])
-    torch.testing.assert_close(logits, gen_logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logprobs_from_logits(logits, seq[:, 5:]),
-                               logprobs_from_logits(gen_logits, seq[:, 5:]), atol=1e-5, rtol=0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 9. Gradient accumulation and the DeepSpeed batch fields
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _hp(**overrides):
-    from common.ppo import PPOHyperparameters
-
-    base = dict(batch_size=4, mini_batch_size=1, gradient_accumulation_steps=1, ppo_epochs=2, learning_rate=0.5,
-                gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, max_grad_norm=None,
-                early_stopping=False, target_kl=1.0, temperature=1.0, output_min_length=4, output_max_length=4,
-                generation_batch_size=4, reward_baseline=0.0, reward_normalization="none", reward_clip=None,
-                missing_eos_penalty=None, reward_batch_size=4, seed=0)
-    return PPOHyperparameters(**{**base, **overrides})
-
-
-def _updated_weights(mini: int, accumulate: int) -> dict:
-    """One `update` (2 epochs over 4 rows) with plain SGD, so a wrongly scaled gradient changes the weights."""
-    from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, pad_token_id=0)
-    model = PolicyWithValueHead(LlamaForCausalLM(config))
-    hp = _hp(mini_batch_size=mini, gradient_accumulation_steps=accumulate)
-    trainer = PPOTrainer(Accelerator(cpu=True), model, SimpleNamespace(pad_token_id=0), None, None, [], hp,
-                         FixedKLController(0.1), optimizer=torch.optim.SGD(model.parameters(), lr=hp.learning_rate))
-    g = torch.Generator().manual_seed(1)
-    prompts = [{"input_ids": torch.randint(3, 50, (n,), generator=g).tolist()} for n in (5, 3, 4, 5)]
-    responses = torch.randint(3, 50, (4, 6), generator=g).tolist()  # equal lengths: minibatch means agree
-    b = trainer.collate(prompts, responses)
-    with torch.no_grad():
-        _, old_values, old_logprobs = trainer.forward(model, b)
-    advantages = torch.randn(4, 6, generator=g)
-    returns = old_values + torch.randn(4, 6, generator=g)
-    stats = trainer.update(b, old_logprobs - 0.05, old_values, advantages, returns)
-    assert stats["ppo/updates"] == 2 * 4 // (mini * accumulate)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def test_gradient_accumulation_equals_the_larger_minibatch():
-    one = _updated_weights(mini=2, accumulate=1)
-    two = _updated_weights(mini=1, accumulate=2)
-    start = _updated_weights(mini=4, accumulate=1)  # a different schedule: must differ
-    assert any(not torch.allclose(one[k], start[k], atol=1e-4) for k in one)
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-6, rtol=1e-5)
-
-
-def test_deepspeed_auto_batch_fields_come_from_the_ppo_flags():
-    from common.cli import UserError
-    from common.ppo import configure_deepspeed
-
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {}}
-    configure_deepspeed(config, _hp(mini_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5))
-    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
-    assert config["gradient_clipping"] == 0.5
-    configure_deepspeed(config, _hp(mini_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5))  # agrees
-    with pytest.raises(UserError, match="gradient_accumulation_steps 4 but --gradient_accumulation_steps is 8"):
-        configure_deepspeed(config, _hp(mini_batch_size=2, gradient_accumulation_steps=8, max_grad_norm=0.5))
+    kl = AdaptiveKLController(0.2, 6.0, 100)
+    kl.update(9.0, 10)
+    moments = RunningMoments()
+    moments.update(torch.tensor([1.0, 5.0, 2.0]))
+    stream = PromptStream(10, 3, seed=4)
+    first_pass = [stream.next_indices(1, 0) for _ in range(3)]  # 9 distinct prompts of 10; the 10th is skipped
+    assert len(set(sum(first_pass, []))) == 9 and stream.epoch == 0
+    lengths = LengthSampler(4, 9, seed=3)
+    drawn = [lengths() for _ in range(50)]
+    assert set(drawn) == set(range(4, 10))  # both ends included
+    progress = Progress(step=7, episodes=56, skipped_steps=1, consecutive_skips=0)
+    fresh = [AdaptiveKLController(1.0, 6.0, 100), RunningMoments(), PromptStream(10, 3, 4), LengthSampler(4, 9, 0), Progress()]
+    for obj, new in zip((kl, moments, stream, lengths, progress), fresh):
+        path = tmp_path / "state.pt"
+        torch.save(obj.state_dict(), path)  # as accelerate saves it; plain data, so it loads with weights_only
+        new.load_state_dict(torch.load(path, weights_only=True))
+        assert new.state_dict() == obj.state_dict()
+    new_kl, new_moments, new_stream, new_lengths, _ = fresh
+    assert [lengths() for _ in range(20)] == [new_lengths() for _ in range(20)]
+    assert stream.next_indices(1, 0) == new_stream.next_indices(1, 0) and stream.epoch == new_stream.epoch == 1
+    kl.update(2.0, 10), new_kl.update(2.0, 10)
+    assert kl.value == new_kl.value != 0.2
+    assert (moments.mean, moments.std) == (new_moments.mean, new_moments.std) == (pytest.approx(8 / 3), pytest.approx(math.sqrt(13 / 3)))  # unbiased: (25/9 + 49/9 + 4/9) / 2

@@ -1,0 +1,268 @@
+"""The PPO math for RLHF: pure functions and small stateful helpers, with the papers' names.
+
+Shapes: ``B`` responses, ``R`` response tokens (padded), ``V`` vocabulary. Every per-token tensor is ``[B, R]`` and
+aligned with the response tokens ``a_1..a_R``; ``mask`` is 1 up to and including the first EOS and 0 after it.
+Each function is pinned against hand-computed cases in tests/test_ppo_math.py; docs/ppo.md gives the sources.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries; ``reduce(t)`` sums ``t`` across processes (DDP), if given.
+
+    The variance is the unbiased one over all unmasked tokens of the (global) batch (advantage normalisation:
+    Huang et al. 2022, "37 details", #7).
+    """
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if reduce is not None:
+        stats = reduce(stats)
+    total, total_sq, n = stats.unbind()
+    mean = total / n
+    var = (total_sq / n - mean**2) * n / (n - 1).clamp(min=1)
+    whitened = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean.to(x.dtype)
+    return whitened * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce=None) -> float:
+    """``1 - Var(R - V) / Var(R)`` over the unmasked tokens (sums across processes with ``reduce``); NaN if Var(R) = 0.
+
+    1 means the value head predicts every return, 0 no better than the mean return, below 0 worse than that.
+    """
+    resid = returns - values
+    stats = torch.stack([(returns * mask).sum(), (returns**2 * mask).sum(), (resid * mask).sum(),
+                         (resid**2 * mask).sum(), mask.sum()]).double()
+    if reduce is not None:
+        stats = reduce(stats)
+    s_r, s_rr, s_e, s_ee, n = stats.tolist()
+    if n < 2:
+        return float("nan")
+    var_r = s_rr / n - (s_r / n) ** 2
+    var_e = s_ee / n - (s_e / n) ** 2
+    return 1.0 - var_e / var_r if var_r > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards and advantages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compute_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``r_t = -kl_coef * (logp_t - ref_logp_t)``, plus the score on the last response token.
+
+    Ziegler et al. 2019, eq. 2: the KL penalty keeps the policy near the reference. Returns (rewards, kl).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # index of the last unmasked token (the EOS, if any)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over the response tokens.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` zero past the last token; ``A_t = delta_t + gamma * lam *
+    A_{t+1}``; returns ``R_t = A_t + V_t``. Returns (advantages, returns), zero where masked.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]  # masked tokens carry nothing backwards
+        advantages[:, t] = last_gae
+    returns = advantages + values
+    return advantages * mask, returns * mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ppo_losses(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
+    advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    cliprange: float, cliprange_value: float | None, vf_coef: float, n_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate and clipped value loss (Schulman et al. 2017, eq. 7 and 9; CleanRL ``ppo.py``).
+
+    Every term is a sum over the unmasked tokens divided by ``n_tokens``: the number of response tokens in the
+    whole optimizer step (all micro-batches, all processes), so the loss, and its gradient, do not depend on how
+    that step's rows are split into micro-batches or across processes. ``n_tokens=None`` divides by this batch's
+    own token count (its masked mean). ``cliprange_value=None`` turns value clipping off. The statistics are
+    token sums divided by ``n_tokens`` too, so they add up over micro-batches.
+    """
+    n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = (torch.max(pg_losses, pg_losses2) * mask).sum() / n
+
+    vf_losses = (values - returns) ** 2
+    if cliprange_value is None:
+        vf_losses2 = vf_losses
+    else:
+        values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+        vf_losses2 = (values_clipped - returns) ** 2
+    v_loss = 0.5 * (torch.max(vf_losses, vf_losses2) * mask).sum() / n
+
+    loss = pg_loss + vf_coef * v_loss
+    with torch.no_grad():
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": v_loss.detach(),
+            "policy/approxkl": 0.5 * (logratio**2 * mask).sum() / n,
+            "policy/clipfrac": ((pg_losses2 > pg_losses).float() * mask).sum() / n,
+            "val/clipfrac": ((vf_losses2 > vf_losses).float() * mask).sum() / n,
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy over the vocabulary, in chunks
+# ----------------------------------------------------------------------------------------------------------------
+
+CHUNK_ELEMENTS = 2**24  # float32 elements per chunk of rows: 64 MiB, whatever the vocabulary
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits / temperature)[token]`` per row, without a float32 copy of all the logits.
+
+    The forward and the backward each work on ``CHUNK_ELEMENTS``-sized row chunks of the logits upcast to
+    float32; only the input logits (in their own dtype, already kept by autograd for the LM head) and one
+    float32 log-sum-exp per row are saved. Gradient: ``(onehot(token) - softmax) * grad / temperature``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        rows = logits.shape[0]
+        out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        step = _rows_per_chunk(logits.shape[-1])
+        for s in range(0, rows, step):
+            x = logits[s : s + step].float() / temperature
+            lse[s : s + step] = torch.logsumexp(x, -1)
+            out[s : s + step] = x.gather(-1, tokens[s : s + step, None]).squeeze(-1) - lse[s : s + step]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        step = _rows_per_chunk(logits.shape[-1])
+        for s in range(0, logits.shape[0], step):
+            g = grad_out[s : s + step, None].float()
+            probs = torch.exp(logits[s : s + step].float() / ctx.temperature - lse[s : s + step, None])
+            chunk = (-probs * g).scatter_add_(-1, tokens[s : s + step, None], g)
+            grad[s : s + step] = (chunk / ctx.temperature).to(grad.dtype)
+        return grad, None, None
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of ``tokens`` under ``softmax(logits / temperature)``: ``[..., V]`` -> ``[...]``, float32.
+
+    Gather, then log-sum-exp, in row chunks (``_SelectiveLogSoftmax``): no float32 ``[B, R, V]`` log-softmax.
+    """
+    shape = tokens.shape
+    flat = _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), float(temperature))
+    return flat.reshape(shape)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position, float32, computed in row chunks."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    step = _rows_per_chunk(flat.shape[-1])
+    for s in range(0, flat.shape[0], step):
+        x = flat[s : s + step].float() / temperature
+        lse = torch.logsumexp(x, -1, keepdim=True)
+        out[s : s + step] = (lse.squeeze(-1) - (torch.exp(x - lse) * x).sum(-1))
+    return out.reshape(logits.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small stateful helpers (each checkpointed through accelerate's register_for_checkpointing)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, sec. 2.2: ``kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon``."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController(AdaptiveKLController):
+    """A constant coefficient (``--adap_kl_ctrl false``)."""
+
+    def __init__(self, kl_coef: float):
+        super().__init__(kl_coef, target=1.0, horizon=1)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class RunningMoments:
+    """Running mean and std of scores (Chan et al.'s parallel update), to normalise rewards online."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.double()
+        n, mean, var = xs.numel(), xs.mean().item(), xs.var(unbiased=False).item()
+        delta, total = mean - self.mean, self.count + n
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var * self.count / max(self.count - 1, 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])

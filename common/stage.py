@@ -1,0 +1,71 @@
+"""The output-folder contract of a stage trained by a transformers ``Trainer`` (SFT and the reward model): checks
+before anything is loaded, the callbacks that write ``metrics.jsonl`` and keep non-finite gradients out of the
+weights, ``run_args.yaml``, resume, the atomic final save and the model card (DESIGN.md, "Output folder").
+
+    stage = TrainerStage(config, script.overwrite_output_dir)    # checks --output_dir and the checkpoint to resume
+    trainer = build_trainer(..., callbacks=stage.callbacks)
+    stage.begin(script, model_args, config)                        # run_args.yaml, metrics.jsonl started or continued
+    stage.train(trainer)                                           # resumes, stops on repeated non-finite steps
+    tmp = stage.save_model(trainer)                                # every process; the model into a temporary folder
+    stage.commit(tmp, tokenizer, card)                             # main process: tokenizer, files moved in, card
+"""
+
+from __future__ import annotations
+
+import os
+
+from common.cli import UserError
+from common.outputs import (
+    MetricsWriter, check_processes, checkpoint_step, commit_final, final_tmp_dir, metrics_callback, nonfinite_guard,
+    prepare_output_dir, write_model_card, write_run_args,
+)
+
+
+class TrainerStage:
+    def __init__(self, config, overwrite_output_dir: bool):
+        self.config, self.output_dir = config, config.output_dir
+        self.resume = prepare_output_dir(config.output_dir, overwrite_output_dir, config.resume_from_checkpoint)
+        if self.resume:
+            check_processes(self.resume, config.world_size)
+        self.is_main = config.process_index == 0
+        self.writer = MetricsWriter(config.output_dir, enabled=self.is_main)
+        self.guard = nonfinite_guard()
+        self.callbacks = [self.guard, metrics_callback(self.writer)]
+
+    def begin(self, *arg_objects) -> None:
+        """Before training (main process): drop a crashed final save's leftovers, write ``run_args.yaml``, and start
+        ``metrics.jsonl`` afresh or, on resume, cut it back to the checkpoint's step."""
+        if not self.is_main:
+            return
+        final_tmp_dir(self.output_dir, clear=True)
+        write_run_args(self.output_dir, *arg_objects)
+        if self.resume:
+            self.writer.truncate_after(checkpoint_step(self.resume))
+        else:
+            self.writer.reset()
+
+    def train(self, trainer) -> None:
+        trainer.train(resume_from_checkpoint=self.resume)
+        if self.guard.stopped:
+            raise UserError(f"stopping: {self.guard.consecutive} optimizer steps in a row had non-finite gradients "
+                            f"(skipped, the weights are untouched); the checkpoints in {self.output_dir} are intact, "
+                            "no final model was saved")
+
+    def save_model(self, trainer) -> str:
+        """The trained model into the temporary final folder (every process takes part: sharded states)."""
+        tmp = final_tmp_dir(self.output_dir)
+        trainer.save_model(tmp)
+        trainer.accelerator.wait_for_everyone()
+        return tmp
+
+    def commit(self, tmp: str, tokenizer, card: dict) -> None:
+        """Main process: the tokenizer next to the model, everything moved into ``--output_dir`` (the model's config
+        file last), and the model card (``card``: ``write_model_card``'s stage, base_model, dataset, metrics and
+        optional notes)."""
+        if not self.is_main:
+            return
+        tokenizer.save_pretrained(tmp)
+        if os.path.isfile(os.path.join(tmp, "training_args.bin")):
+            os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
+        commit_final(tmp, self.output_dir)
+        write_model_card(self.output_dir, **card)
