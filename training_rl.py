@@ -36,7 +36,8 @@ from common.modeling import (
     ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config,
 )
 from common.outputs import (
-    MetricsWriter, commit_final, final_tmp_dir, prepare_output_dir, read_metrics, write_model_card, write_run_args,
+    MetricsWriter, check_processes, commit_final, final_tmp_dir, prepare_output_dir, read_metrics, write_model_card,
+    write_run_args,
 )
 from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
 from common.ppo_distributed import is_zero3, whole_models_under_zero3
@@ -109,6 +110,8 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
     resume = prepare_output_dir(a.output_dir, a.overwrite_output_dir, a.resume_from_checkpoint)
     trackers = [t for t in a.report_to.split(",") if t and t != "none"]
     accelerator = make_accelerator(a, trackers)
+    if resume:
+        check_processes(resume, accelerator.num_processes)  # before any model loads
     is_main = accelerator.is_main_process
     set_seed(config.seed)
 

@@ -125,10 +125,10 @@ def plain_lm_head(model) -> bool:
 
     `SFTTrainer` takes its loss, entropy and token accuracy from `trl.trainer.utils.add_fused_lm_head`, which never
     holds the `[tokens, vocab]` logits. Without Triton (on CPU) it does so tile by tile in torch and recomputes
-    every tile in the backward, which costs more than the logits it saves (benchmarks/README.md: SFT at about 0.90
-    of the bare loop with it, 0.97-1.00 without). This gives the same loss, log-probs, entropy and top-1 flags
-    (tests/test_sft.py compares both heads, values and gradients). Calls it does not cover -- generation, pre-shifted
-    labels, MoE router losses -- go to TRL's head; models with logit soft-capping or scaling are left alone.
+    every tile in the backward, which costs more than the logits it saves (benchmarks/README.md). This gives the
+    same loss, log-probs, entropy and top-1 flags (tests/test_sft.py compares both heads, values and gradients).
+    Calls it does not cover -- generation, pre-shifted labels, MoE router losses -- go to TRL's head; models with
+    logit soft-capping or scaling are left alone.
     Returns whether the head was replaced.
     """
     import types

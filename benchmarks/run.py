@@ -45,15 +45,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # OpenMP threads that spin while they wait for each other are several times slower on a CPU shared with other jobs
-# (2 threads on 2 busy cores: 47 ms instead of 8.7 ms for the same matmul); passive waiting keeps the figures
-# stable. Set before torch loads; both sides run under it; override by exporting OMP_WAIT_POLICY.
+# (benchmarks/README.md); passive waiting keeps the figures stable. Set before torch loads; both sides run under
+# it; override by exporting OMP_WAIT_POLICY.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Sizes per profile. "tiny" is for the test (seconds); "quick" fits ~2 minutes on 2 cores; "full" is the published
 # run; "gpu" is the full run's shape on a GPU with a larger model.
 PROFILES = {
     "tiny": dict(hidden=128, layers=2, heads=4, sft_seq=128, sft_bs=4, rm_bs=4, rm_max_length=512,
-                 ppo_bs=4, ppo_mini=1, ppo_ga=2, ppo_epochs=2, ppo_len=8, warmup=1, reps=2, ppo_warmup=1, ppo_reps=1),
+                 ppo_bs=4, ppo_mini=1, ppo_ga=2, ppo_epochs=2, ppo_len=8, warmup=1, reps=3, ppo_warmup=1, ppo_reps=3),
     "quick": dict(hidden=384, layers=6, heads=6, sft_seq=256, sft_bs=4, rm_bs=4, rm_max_length=512,
                   ppo_bs=8, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=24, warmup=1, reps=9, ppo_warmup=1, ppo_reps=7),
     "full": dict(hidden=512, layers=8, heads=8, sft_seq=512, sft_bs=4, rm_bs=4, rm_max_length=512,

@@ -66,6 +66,7 @@ def parse_args(
 
     parser = Parser(list(dataclass_types), description=description, allow_abbrev=False)  # a typo is an error, not a prefix
     parser.add_argument("--config", default=None, help="YAML file of argument defaults; command-line flags override it.")
+    _accept_none(parser, dataclass_types)
     for alias, dest in aliases.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
         assert action is not None, f"alias {alias} targets unknown field {dest}"
@@ -110,6 +111,27 @@ def parse_args(
         except (ValueError, TypeError, ImportError) as e:  # a library config's own validation (e.g. TrainingArguments)
             raise UserError(str(e)) from e
     return tuple(outputs)
+
+
+def _accept_none(parser, dataclass_types: Iterable[type]) -> None:
+    """A number flag whose field may be None (``--max_grad_norm``, ``--cliprange_value``, ...) also takes ``None``
+    (any case) or ``null`` on the command line: argparse would reject it as not a number."""
+    import typing
+
+    optional = set()
+    for dtype in dataclass_types:
+        for name, hint in typing.get_type_hints(dtype).items():
+            if type(None) in typing.get_args(hint):
+                optional.add(name)
+    for action in parser._actions:
+        if action.dest in optional and action.type in (int, float):
+            number = action.type
+
+            def parse(value, number=number):
+                return None if str(value).lower() in ("none", "null") else number(value)
+
+            parse.__name__ = number.__name__  # argparse names the type in its error message
+            action.type = parse
 
 
 def _pop_config(args: list[str]) -> str | None:

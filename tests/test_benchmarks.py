@@ -1,5 +1,6 @@
-"""benchmarks/run.py runs end to end and writes its figures. Not a timed test: the numbers are only checked to be
-positive and finite (the benchmark's own table and JSON are for people)."""
+"""benchmarks/run.py runs end to end and writes its figures. Not a timed test: it checks the figures are finite and
+that each stage's ratio to the bare loop is sane (ours no worse than half the bare loop's speed, and not several
+times faster, which would mean the two sides do different work); the table and JSON are for people."""
 
 import json
 import math
@@ -38,6 +39,8 @@ def test_benchmark_runs_every_stage_and_writes_the_figures(tmp_path):
         value = _get(results, key)
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{key} = {value!r}"
     assert results["ppo"]["config"]["response_length"] > 0
+    for stage in ("sft", "rm", "ppo"):
+        assert 0.5 < results[stage]["ratio_to_bare"] < 3.0, (stage, results[stage]["ratio_to_bare"])
     assert results["environment"]["device"]
     for stage in ("SFT", "RM", "PPO"):
         assert stage in proc.stdout  # the table

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
+from common.cli import UserError
 from common.outputs import read_metrics
-from conftest import TORCHRUN, run_script
+from conftest import TORCHRUN, assert_user_error, max_weight_diff, run_script
 
 METRIC_KEYS = [
     "step", "episodes", "objective/scores", "objective/scores_std", "objective/kl", "objective/kl_coef",
@@ -75,27 +76,55 @@ def test_ppo_writes_metrics_samples_and_checkpoints(tiny_model, reward_model, tm
 
 
 @pytest.mark.slow
-def test_reward_model_with_another_tokenizer_and_full_fine_tuning(tiny_model, tmp_path):
+def test_full_fine_tuning_with_a_reward_model_of_another_tokenizer_resumes_exactly_and_strictly(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from common.tiny_model import main as build
 
     other = build(["--output_dir", str(tmp_path / "other"), "--vocab_size", "1024", "--hidden_size", "128", "--seed", "1"])
     rm = _save_reward_model(other, str(tmp_path / "rm_other"))
     out = str(tmp_path / "ppo")
-    ppo(tiny_model, rm, out, "--steps", "16", "--use_peft", "false", "--learning_rate", "1e-5")
+    args = ["--steps", "16", "--use_peft", "false", "--learning_rate", "1e-5", "--save_freq", "1"]
+    ppo(tiny_model, rm, out, *args)
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["objective/kl"] is not None for m in metrics)
     assert metrics[0]["objective/kl"] == 0.0  # the reference is an exact copy of the policy at the first step
     assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "value_head.safetensors"))
+    assert os.path.isfile(os.path.join(out, "checkpoint-1", "config.json"))  # a checkpoint is a loadable model folder
+
+    # A crash after checkpoint-1, resumed: the weights of the uninterrupted run.
+    cut = tmp_path / "cut"
+    shutil.copytree(os.path.join(out, "checkpoint-1"), cut / "checkpoint-1")
+    ppo(tiny_model, rm, str(cut), *args, "--resume_from_checkpoint", "latest")
+    assert max_weight_diff(out, str(cut), "model.safetensors") < 1e-6
+    assert max_weight_diff(out, str(cut), "value_head.safetensors") < 1e-6
+
+    # A checkpoint missing one weight does not load with that weight left as it was: it is refused, naming it.
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(out, "checkpoint-1"), broken / "checkpoint-1")
+    weights = load_file(broken / "checkpoint-1" / "model.safetensors")
+    dropped = sorted(weights)[3]
+    save_file({k: v for k, v in weights.items() if k != dropped}, broken / "checkpoint-1" / "model.safetensors",
+              metadata={"format": "pt"})
+    proc = ppo(tiny_model, rm, str(broken), *args, "--resume_from_checkpoint", "latest", check=False)
+    assert_user_error(proc, "missing", dropped)
 
 
 @pytest.mark.slow
-def test_two_processes(tiny_model, reward_model, tmp_path):
+def test_two_processes_and_a_resume_with_another_number_of_processes_is_refused(tiny_model, reward_model, tmp_path):
     out = str(tmp_path / "ddp")
     proc = ppo(tiny_model, reward_model, out, "--steps", "16", "--batch_size", "4", "--mini_batch_size", "2",
-               launcher=[*TORCHRUN, "--master_port", "29517"])
+               "--save_freq", "2", launcher=[*TORCHRUN, "--master_port", "29517"])
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32  # 2 x 4 per step
     assert proc.stdout.count("saved to") == 1  # only the main process prints and saves
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(os.path.join(out, "checkpoint-4")))
+    proc = ppo(tiny_model, reward_model, out, "--steps", "24", "--batch_size", "4", "--mini_batch_size", "2",
+               "--resume_from_checkpoint", "latest", check=False)
+    assert_user_error(proc, "checkpoint-4", "2 processes", "this run has 1")
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]  # nothing written
 
 
 def test_stackllama_flags_parse_with_their_meaning():
@@ -112,6 +141,19 @@ def test_stackllama_flags_parse_with_their_meaning():
     assert (c.adafactor, c.batched_gen, c.early_stopping, a.save_freq, c.batch_size, c.steps) == (False, True, True, 100, 8, 20000)
     assert c.learning_rate == 1.4e-5 and m.load_in_8bit and c.output_min_length == 32 and c.target == 6.0
     assert (c.init_kl_coef, c.adap_kl_ctrl, c.target_kl, c.mini_batch_size, c.gradient_accumulation_steps) == (0.2, True, 0.1, 1, 8)
+
+
+def test_number_flags_that_may_be_none_take_none_on_the_command_line():
+    import training_rl
+
+    _, c, _ = training_rl.parse(["--cliprange_value", "None", "--max_grad_norm", "none", "--reward_clip", "2.5",
+                                 "--generation_batch_size", "null", "--missing_eos_penalty", "1"])
+    assert (c.cliprange_value, c.max_grad_norm, c.reward_clip, c.generation_batch_size, c.missing_eos_penalty) == (
+        None, None, 2.5, None, 1.0)
+    with pytest.raises(UserError, match="--cliprange_value.*invalid float value: 'abc'"):
+        training_rl.parse(["--cliprange_value", "abc"])
+    with pytest.raises(UserError, match="--batch_size.*invalid int value: 'None'"):
+        training_rl.parse(["--batch_size", "None"])  # not optional: None stays an error
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -277,3 +277,16 @@ def test_replacing_a_checkpoint_never_leaves_a_moment_without_a_complete_one(tmp
             seen.append(f.read())
     assert seen[-1] == "new" and set(seen) <= {"old", "new"}
     assert sorted(os.listdir(tmp_path / f"run{crash_points}")) == ["checkpoint-4"]  # nothing left over at the end
+
+
+def test_fsdp_is_refused_with_a_message_that_names_what_to_use_instead():
+    from common.cli import UserError
+    from common.ppo_distributed import check_supported
+
+    for name, refused in (("FSDP", True), ("DEEPSPEED", False), ("MULTI_CPU", False), ("NO", False)):
+        accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name=name))
+        if refused:
+            with pytest.raises(UserError, match="FSDP.*DeepSpeed ZeRO-3"):
+                check_supported(accelerator)
+        else:
+            check_supported(accelerator)
