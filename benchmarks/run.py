@@ -157,6 +157,8 @@ def build_models(folder: str, p: dict, vocab_size: int) -> dict:
     from common.tiny_model import build_model, build_tokenizer
 
     tokenizer = build_tokenizer(os.path.join(ROOT, "data"), vocab_size)
+    if len(tokenizer) < vocab_size:  # BPE on the sample data stops near 6k tokens; pad to a real model's vocabulary
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tokenizer))])
     model = build_model(tokenizer, p["hidden"], p["layers"], p["heads"], seed=0)
     base = os.path.join(folder, "base")
     model.save_pretrained(base)
@@ -564,9 +566,54 @@ def bench_ppo(models: dict, p: dict, out_dir: str) -> dict:
     return result
 
 
+def bench_ppo_memory(models: dict, p: dict, out_dir: str) -> dict:
+    """Our PPO steps alone (no bare loop in the process): the peak resident memory of a step above what the loaded
+    models and the process already held. With a real vocabulary (``--vocab_size 32000``) the log-softmax over it
+    is what a step's peak is made of."""
+    import torch
+
+    import training_rl  # noqa: F401  (libraries loaded before the first sample)
+
+    sampler = RssSampler()
+    sampler.start()
+    trainer, a = build_ppo_trainer(models, p, out_dir)
+    trainer.eos_ids = []  # every response is exactly output_max_length tokens
+    trainer.step()  # warm-up: allocator pools, lazy inits
+    torch.set_num_threads(torch.get_num_threads())
+    loaded = peak_rss_bytes(sampler)  # after the models, the optimizer and one step
+    steps = []
+    for _ in range(p["ppo_reps"]):
+        t0 = time.perf_counter()
+        metrics, _ = trainer.step()
+        steps.append(time.perf_counter() - t0)
+        assert metrics["response/length_mean"] == a.output_max_length
+    sampler.stop()
+    peak = peak_rss_bytes(sampler)
+    return {"peak_rss_bytes": peak, "peak_rss_after_warmup_step_bytes": loaded, "step_s_median": statistics.median(steps),
+            "vocab_size": models["vocab_size"],
+            "config": {"batch_size": a.batch_size, "mini_batch_size": a.mini_batch_size,
+                       "gradient_accumulation_steps": a.gradient_accumulation_steps, "ppo_epochs": a.ppo_epochs,
+                       "response_length": a.output_max_length}}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def run_child(kind: str, models: dict, p: dict, work: str, threads: int) -> dict:
+    """A PPO benchmark in a child process of its own, so its peak resident memory is its own."""
+    log(f"{kind}: starting the child process")
+    spec_path, result_path = os.path.join(work, f"{kind}_spec.json"), os.path.join(work, f"{kind}_result.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump({"kind": kind, "models": models, "profile": p, "out_dir": work, "result": result_path}, f)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec_path, "--threads", str(threads)]
+    proc = subprocess.run(cmd, cwd=ROOT, check=False)
+    log(f"{kind}: child process ended")
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the {kind} benchmark process exited {proc.returncode}")
+    with open(result_path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def environment(threads: int) -> dict:
@@ -601,6 +648,12 @@ def print_table(r: dict) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    if "ppo_memory" in r:
+        s = r["ppo_memory"]
+        print(f"PPO step alone (vocab {s['vocab_size']}, batch {s['config']['batch_size']}, minibatch "
+              f"{s['config']['mini_batch_size']}, {s['config']['response_length']}-token responses): peak RSS "
+              f"{s['peak_rss_bytes'] / 2**20:.0f} MiB, {s['peak_rss_after_warmup_step_bytes'] / 2**20:.0f} MiB after the "
+              f"first step; {s['step_s_median']:.2f} s per step")
     if "ppo" in r:
         s = r["ppo"]
         for side in ("ours", "bare"):
@@ -616,7 +669,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     parser.add_argument("--quick", action="store_true", help="Smaller model and fewer repetitions (about 2 minutes on 2 cores).")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test's size: seconds per stage
-    parser.add_argument("--stages", default="sft,rm,ppo", help="Comma-separated stages to run (sft, rm, ppo).")
+    parser.add_argument("--stages", default="sft,rm,ppo",
+                        help="Comma-separated stages to run: sft, rm, ppo; ppo_memory (our PPO step alone, for its peak "
+                             "memory: use with --vocab_size 32000).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: os.cpu_count()).")
     parser.add_argument("--vocab_size", type=int, default=2048, help="Vocabulary of the tokenizer trained on data/.")
     parser.add_argument("--work_dir", default=None, help="Folder for the models and run outputs (default: a temporary one).")
@@ -631,7 +686,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         log("PPO child: imports done")
         with open(args.worker, encoding="utf-8") as f:
             spec = json.load(f)
-        result = bench_ppo(spec["models"], spec["profile"], spec["out_dir"])
+        bench = bench_ppo_memory if spec.get("kind") == "ppo_memory" else bench_ppo
+        result = bench(spec["models"], spec["profile"], spec["out_dir"])
         with open(spec["result"], "w", encoding="utf-8") as f:
             json.dump(result, f)
         log("PPO child: done")
@@ -640,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     name = "tiny" if args.tiny else "quick" if args.quick else "gpu" if torch.cuda.is_available() else "full"
     p = PROFILES[name]
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = set(stages) - {"sft", "rm", "ppo"}
+    unknown = set(stages) - {"sft", "rm", "ppo", "ppo_memory"}
     if unknown:
         parser.error(f"--stages: unknown {sorted(unknown)}")
     started = time.perf_counter()
@@ -656,18 +712,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "rm" in stages:
             log("RM: loading")
             results["rm"] = bench_rm(models, p, work)
-        if "ppo" in stages:
-            log("PPO: starting the child process")
-            spec_path, result_path = os.path.join(work, "ppo_spec.json"), os.path.join(work, "ppo_result.json")
-            with open(spec_path, "w", encoding="utf-8") as f:
-                json.dump({"models": models, "profile": p, "out_dir": work, "result": result_path}, f)
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec_path, "--threads", str(threads)]
-            proc = subprocess.run(cmd, cwd=ROOT, check=False)
-            log("PPO: child process ended")
-            if proc.returncode != 0:
-                raise SystemExit(f"error: the PPO benchmark process exited {proc.returncode}")
-            with open(result_path, encoding="utf-8") as f:
-                results["ppo"] = json.load(f)
+        for kind in ("ppo", "ppo_memory"):
+            if kind in stages:
+                results[kind] = run_child(kind, models, p, work, threads)
     results["load_average_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - started
     print_table(results)

@@ -146,19 +146,25 @@ def ppo_losses(
 # Log-probabilities and entropy over the vocabulary, in chunks
 # ----------------------------------------------------------------------------------------------------------------
 
-CHUNK_ELEMENTS = 2**24  # float32 elements per chunk of rows: 64 MiB, whatever the vocabulary
+CHUNK_ELEMENTS = 2**22  # float32 elements per chunk of rows: 16 MiB, whatever the vocabulary
 
 
 def _rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def _scaled_float(rows: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows / temperature`` in float32: one new chunk (or into ``out``)."""
+    return torch.div(rows.float() if rows.dtype != torch.float32 else rows, temperature, out=out)
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """``log_softmax(logits / temperature)[token]`` per row, without a float32 copy of all the logits.
 
-    The forward and the backward each work on ``CHUNK_ELEMENTS``-sized row chunks of the logits upcast to
-    float32; only the input logits (in their own dtype, already kept by autograd for the LM head) and one
-    float32 log-sum-exp per row are saved. Gradient: ``(onehot(token) - softmax) * grad / temperature``.
+    The forward and the backward work on row chunks of ``CHUNK_ELEMENTS`` float32 elements; only the input logits
+    (in their own dtype, kept by autograd for the LM head anyway) and one float32 log-sum-exp per row are saved.
+    Gradient: ``(onehot(token) - softmax) * grad / temperature``, written chunk by chunk into the gradient tensor
+    (in place when the logits are float32, through one float32 chunk otherwise).
     """
 
     @staticmethod
@@ -168,8 +174,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
         step = _rows_per_chunk(logits.shape[-1])
         for s in range(0, rows, step):
-            x = logits[s : s + step].float() / temperature
-            lse[s : s + step] = torch.logsumexp(x, -1)
+            x = _scaled_float(logits[s : s + step], temperature)
+            torch.logsumexp(x, -1, out=lse[s : s + step])
             out[s : s + step] = x.gather(-1, tokens[s : s + step, None]).squeeze(-1) - lse[s : s + step]
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
@@ -178,13 +184,17 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, tokens, lse = ctx.saved_tensors
+        t = ctx.temperature
         grad = torch.empty_like(logits)
         step = _rows_per_chunk(logits.shape[-1])
         for s in range(0, logits.shape[0], step):
-            g = grad_out[s : s + step, None].float()
-            probs = torch.exp(logits[s : s + step].float() / ctx.temperature - lse[s : s + step, None])
-            chunk = (-probs * g).scatter_add_(-1, tokens[s : s + step, None], g)
-            grad[s : s + step] = (chunk / ctx.temperature).to(grad.dtype)
+            e = min(s + step, logits.shape[0])
+            g = grad_out[s:e, None].float() / t
+            chunk = grad[s:e] if grad.dtype == torch.float32 else None
+            chunk = _scaled_float(logits[s:e], t, out=chunk).sub_(lse[s:e, None]).exp_().mul_(-g)  # -softmax * g
+            chunk.scatter_add_(-1, tokens[s:e, None], g)
+            if chunk.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = chunk
         return grad, None, None
 
 
@@ -200,14 +210,16 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 @torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)`` per position, float32, computed in row chunks."""
+    """Entropy of ``softmax(logits / temperature)`` per position, float32, computed in row chunks:
+    ``H = logsumexp(x) - sum(softmax(x) * x)``."""
     flat = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     step = _rows_per_chunk(flat.shape[-1])
     for s in range(0, flat.shape[0], step):
-        x = flat[s : s + step].float() / temperature
+        x = _scaled_float(flat[s : s + step], temperature)
         lse = torch.logsumexp(x, -1, keepdim=True)
-        out[s : s + step] = (lse.squeeze(-1) - (torch.exp(x - lse) * x).sum(-1))
+        weighted = (x - lse).exp_().mul_(x)  # softmax * x
+        out[s : s + step] = lse.squeeze(-1) - weighted.sum(-1)
     return out.reshape(logits.shape[:-1])
 
 
