@@ -33,10 +33,21 @@ from tqdm import tqdm
 from common.cli import UserError, collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
-    ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config,
+    ModelArguments,
+    check_model_path,
+    check_vocabulary,
+    load_model,
+    load_tokenizer,
+    lora_config,
 )
 from common.outputs import (
-    MetricsWriter, check_processes, commit_final, final_tmp_dir, prepare_output_dir, read_metrics, write_model_card,
+    MetricsWriter,
+    check_processes,
+    commit_final,
+    final_tmp_dir,
+    prepare_output_dir,
+    read_metrics,
+    write_model_card,
     write_run_args,
 )
 from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
@@ -48,25 +59,33 @@ from common.prompts import format_prompt
 class ScriptArguments:
     """Where the prompts and the reward model come from, where the run goes, and how it reports."""
 
-    reward_model_name: str | None = field(default=None, metadata={"help": "Reward model: Hub id, folder, or SEQ_CLS adapter folder."})
-    reward_tokenizer_name: str | None = field(default=None, metadata={"help": "Reward model's tokenizer (default: its own)."})
-    dataset_name: str = field(default="lvwerra/stack-exchange-paired", metadata={"help": "Prompts: Hub id, folder, or file."})
+    reward_model_name: str | None = field(
+        default=None, metadata={"help": "Reward model: Hub id, folder, or SEQ_CLS adapter folder."})
+    reward_tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Reward model's tokenizer (default: its own)."})
+    dataset_name: str = field(
+        default="lvwerra/stack-exchange-paired", metadata={"help": "Prompts: Hub id, folder, or file."})
     subset: str = field(default="data/rl", metadata={"help": "The data_dir inside --dataset_name."})
     split: str = field(default="train", metadata={"help": "Split of the prompts."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (in policy tokens) are dropped."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompts longer than this (in policy tokens) are dropped."})
     output_dir: str = field(default="runs/", metadata={"help": "Output folder."})
-    save_freq: int | None = field(default=None, metadata={"help": "Checkpoint every N PPO steps (None: only the final model)."})
+    save_freq: int | None = field(
+        default=None, metadata={"help": "Checkpoint every N PPO steps (None: only the final model)."})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, tensorboard, wandb (comma-separated)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N folder, or latest."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a final model already in --output_dir."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Default: on with a GPU, off on CPU."})
     max_skipped_steps: int = field(default=3, metadata={"help": "Stop after this many consecutive non-finite steps."})
-    samples_per_step: int = field(default=3, metadata={"help": "Prompt/response/score triples per step in samples.jsonl."})
+    samples_per_step: int = field(
+        default=3, metadata={"help": "Prompt/response/score triples per step in samples.jsonl."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
-ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to", "--reward_model_name_or_path": "reward_model_name"}
+ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to",
+           "--reward_model_name_or_path": "reward_model_name"}
 
 
 def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
@@ -79,7 +98,8 @@ def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
     if not m.model_name_or_path:
         problems.append("--model_name/--model_name_or_path is required")
     if not m.use_peft and (m.load_in_4bit or m.load_in_8bit):
-        problems.append("full fine-tuning (--use_peft false) of a 4/8-bit model is not possible: drop --load_in_4bit/--load_in_8bit")
+        problems.append("full fine-tuning (--use_peft false) of a 4/8-bit model is not possible: "
+                        "drop --load_in_4bit/--load_in_8bit")
     if a.save_freq is not None and a.save_freq <= 0:
         problems.append(f"--save_freq must be > 0, got {a.save_freq}")
     if c.reward_normalization == "stats" and a.reward_model_name and \
@@ -93,11 +113,15 @@ def load_prompts(a: ScriptArguments, tokenizer):
     """Validated, tokenized prompts; those over --max_prompt_length are dropped and counted."""
     loaded = load_and_validate(a.dataset_name, a.subset, a.split, ["question"])
     # Batched, with the same call as tokenize_prompt (the prefix SFT trained on, byte for byte).
-    ds = loaded.dataset.map(lambda rows: {"input_ids": tokenizer([format_prompt(q) for q in rows["question"]])["input_ids"]},
-                            batched=True, remove_columns=[c for c in loaded.dataset.column_names if c != "question"])
+    def tokenize(rows):
+        return {"input_ids": tokenizer([format_prompt(q) for q in rows["question"]])["input_ids"]}
+
+    ds = loaded.dataset.map(tokenize, batched=True,
+                            remove_columns=[c for c in loaded.dataset.column_names if c != "question"])
     kept = ds.filter(lambda row: len(row["input_ids"]) <= a.max_prompt_length)
     if len(kept) == 0:
-        raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length {a.max_prompt_length}: nothing to train on")
+        raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length {a.max_prompt_length}: "
+                        "nothing to train on")
     return kept, len(ds) - len(kept), loaded.source
 
 
@@ -121,7 +145,8 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
         raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
                         f"(--batch_size {config.batch_size} x {accelerator.num_processes} processes)")
     if is_main:
-        print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length {a.max_prompt_length} dropped")
+        print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length "
+              f"{a.max_prompt_length} dropped")
     reward_stats = None
     if config.reward_normalization == "stats":
         with open(os.path.join(a.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
@@ -156,8 +181,9 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
         if trackers:
             accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=trainer.progress.step)
         if trainer.progress.consecutive_skips >= a.max_skipped_steps:
-            raise UserError(f"stopping: {trainer.progress.consecutive_skips} consecutive PPO steps had non-finite scores "
-                            f"or losses (skipped, the weights are untouched); the last checkpoint in {a.output_dir} is intact")
+            raise UserError(f"stopping: {trainer.progress.consecutive_skips} consecutive PPO steps had non-finite "
+                            f"scores or losses (skipped, the weights are untouched); the last checkpoint in "
+                            f"{a.output_dir} is intact")
         if a.save_freq and trainer.progress.step % a.save_freq == 0:
             trainer.save_checkpoint(os.path.join(a.output_dir, f"checkpoint-{trainer.progress.step}"))
     bar.close()
@@ -171,8 +197,9 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
         history = [m for m in read_metrics(a.output_dir) if "objective/scores" in m]
         fifth = max(1, len(history) // 5)
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        write_model_card(a.output_dir, "PPO policy " + ("LoRA adapter + value head" if model_args.use_peft else "model + value head"),
-                         model_args.model_name_or_path, f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}",
+        kind = "LoRA adapter + value head" if model_args.use_peft else "model + value head"
+        write_model_card(a.output_dir, "PPO policy " + kind, model_args.model_name_or_path,
+                         f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}",
                          {"ppo_steps": trainer.progress.step, "episodes": trainer.progress.episodes,
                           "score_first_fifth": mean(history[:fifth], "objective/scores"),
                           "score_last_fifth": mean(history[-fifth:], "objective/scores"),
@@ -202,7 +229,8 @@ def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
     # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
     # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(log_with=trackers or None, project_dir=a.output_dir, cpu=not torch.cuda.is_available() and not deepspeed)
+    return Accelerator(log_with=trackers or None, project_dir=a.output_dir,
+                       cpu=not torch.cuda.is_available() and not deepspeed)
 
 
 def total_ppo_steps(config: PPOConfig) -> int:
@@ -234,7 +262,8 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
         policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
     elif is_zero3(accelerator):  # the policy was built partitioned: a copy of it would hold no weights
         with whole_models_under_zero3(accelerator):
-            ref_model = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
+            ref_model = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id,
+                                   flag="--model_name")
     else:
         ref_model = copy.deepcopy(policy)
     if ref_model is not None:

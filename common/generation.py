@@ -31,7 +31,8 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return ids
 
 
-def sampling_config(max_new_tokens: int, temperature: float, eos_ids: list[int], pad_id: int, with_scores: bool = False):
+def sampling_config(max_new_tokens: int, temperature: float, eos_ids: list[int], pad_id: int,
+                    with_scores: bool = False):
     """Pure sampling: ``top_k=0, top_p=1``, the temperature, stop at any EOS id; no other processor.
     ``with_scores``: ``generate`` also returns the processed scores each token was sampled from."""
     from transformers import GenerationConfig

@@ -30,8 +30,17 @@ from common.cli import UserError
 from common.generation import eos_token_ids, sample_responses
 from common.outputs import check_processes, replace_folder
 from common.ppo_math import (
-    AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards, entropy_from_logits,
-    explained_variance, logprobs_from_logits, masked_mean, masked_whiten, ppo_losses,
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    compute_gae,
+    compute_rewards,
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_losses,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,16 +52,19 @@ from common.ppo_math import (
 class PPOConfig:
     """Every setting of the PPO algorithm. Defaults are StackLLaMA's (STACKLLAMA.md)."""
 
-    steps: int = field(default=20000, metadata={"help": "Episodes (responses) per process: ceil(steps / batch_size) PPO steps."})
+    steps: int = field(
+        default=20000, metadata={"help": "Episodes (responses) per process: ceil(steps / batch_size) PPO steps."})
     batch_size: int = field(default=32, metadata={"help": "Responses per PPO step, per process."})
     mini_batch_size: int = field(default=1, metadata={"help": "Responses per forward/backward in the update."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch."})
     learning_rate: float = field(default=1.41e-5, metadata={"help": "Optimizer learning rate."})
     adafactor: bool = field(default=False, metadata={"help": "Use Adafactor instead of AdamW."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name (over PPO steps)."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "transformers scheduler name (over PPO steps)."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
-    early_stopping: bool = field(default=False, metadata={"help": "Stop a step's updates once approx-KL > 1.5 * target_kl."})
+    early_stopping: bool = field(
+        default=False, metadata={"help": "Stop a step's updates once approx-KL > 1.5 * target_kl."})
     target_kl: float = field(default=0.1, metadata={"help": "Approx-KL threshold for --early_stopping."})
     init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
     adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adapt the KL coefficient towards --target."})
@@ -67,8 +79,10 @@ class PPOConfig:
     output_min_length: int = field(default=32, metadata={"help": "Lower bound of the sampled max_new_tokens."})
     output_max_length: int = field(default=128, metadata={"help": "Upper bound of the sampled max_new_tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (top_k=0, top_p=1)."})
-    batched_gen: bool = field(default=True, metadata={"help": "Generate --generation_batch_size prompts at once (false: one by one)."})
-    generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate() call (default: --batch_size)."})
+    batched_gen: bool = field(
+        default=True, metadata={"help": "Generate --generation_batch_size prompts at once (false: one by one)."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per generate() call (default: --batch_size)."})
     reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every score."})
     reward_normalization: str = field(
         default="running", metadata={"help": "Scale of the scores PPO optimises: running (mean 0, std 1 under running "
@@ -76,7 +90,8 @@ class PPOConfig:
                                              "reward_stats.json) or none (raw).",
                                      "choices": ["none", "stats", "running"]})
     reward_clip: float | None = field(default=None, metadata={"help": "Clip shaped scores to +-this (None: no clip)."})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a response that never ended."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that never ended."})
     reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."})
 
@@ -285,7 +300,8 @@ class PPOTrainer:
         return responses
 
     def ended(self, responses: list[list[int]]) -> torch.Tensor:
-        return torch.tensor([float(bool(r) and r[-1] in self.eos_ids) for r in responses], device=self.accelerator.device)
+        ended = [float(bool(r) and r[-1] in self.eos_ids) for r in responses]
+        return torch.tensor(ended, device=self.accelerator.device)
 
     def score(self, batch: list[dict], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw reward-model scores, shaped scores): the RM re-tokenizes question + answer with its tokenizer."""
@@ -295,7 +311,8 @@ class PPOTrainer:
         hp = self.config
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         texts = [format_example(row["question"], a) for row, a in zip(batch, answers)]
-        raw = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size).to(self.accelerator.device)
+        raw = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size)
+        raw = raw.to(self.accelerator.device)
         shaped = raw.clone()
         if hp.reward_normalization == "stats":
             shaped = (shaped - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-8)
@@ -503,7 +520,8 @@ class PPOTrainer:
         sharded buffers that a copy of the module's parameters does not restore."""
         model = self.accelerator.unwrap_model(self.model)
         params = [p for p in model.parameters() if p.requires_grad]
-        if dist.is_sharded(self.accelerator) or sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters()):
+        large = sum(p.numel() for p in params) > 0.2 * sum(p.numel() for p in model.parameters())
+        if dist.is_sharded(self.accelerator) or large:
             return None
         return {"params": [p.detach().clone() for p in params], "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
@@ -574,7 +592,8 @@ class PPOTrainer:
                 try:
                     torch.load(os.path.join(folder, name), weights_only=True)
                 except Exception as e:  # noqa: BLE001  (any failure means: not plain data)
-                    raise UserError(f"{os.path.join(folder, name)} holds more than plain data; not loading it ({e})") from e
+                    raise UserError(f"{os.path.join(folder, name)} holds more than plain data; "
+                                    f"not loading it ({e})") from e
         acc.load_state(folder)
 
     def _save_weights_hook(self, models, weights, output_dir) -> None:

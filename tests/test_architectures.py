@@ -20,8 +20,9 @@ FAMILIES = {
                   num_key_value_heads=1, max_position_embeddings=512),
     "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, sliding_window=64),
-    "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=16, max_position_embeddings=512, final_logit_softcapping=2.0,
+    "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                   final_logit_softcapping=2.0,
                    attn_logit_softcapping=50.0, sliding_window=64),
     "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512),
@@ -63,9 +64,12 @@ def chain(request, tokenizer_dir, tmp_path_factory):
     # As the stages will load it: a family's tokenizer class may add tokens (Qwen2's adds <|endoftext|>), and the
     # embedding matrix must have a row for each.
     tokenizer = AutoTokenizer.from_pretrained(base)
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(".")] if family == "llama_eos_list" else tokenizer.eos_token_id
-    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False, **spec)
+    eos = tokenizer.eos_token_id
+    if family == "llama_eos_list":
+        eos = [eos, tokenizer.convert_tokens_to_ids(".")]
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), eos_token_id=eos,
+                                  bos_token_id=tokenizer.bos_token_id, pad_token_id=None, tie_word_embeddings=False,
+                                  **spec)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = eos
@@ -76,10 +80,11 @@ def chain(request, tokenizer_dir, tmp_path_factory):
                             "--eval_freq", "2", "--save_freq", "2", "--learning_rate", "1e-3", "--disable_tqdm", "true",
                             "--output_dir", root / "sft"])
     _stage("merge_with_lora", ["--adapter_model_name", root / "sft", "--output_name", root / "sft_merged"])
-    _stage("training_reward_model", ["--model_name_or_path", root / "sft_merged", "--dataset_name", ".", "--max_length", "512",
-                                     "--per_device_train_batch_size", "2", "--max_steps", "2", "--train_subset", "8",
-                                     "--eval_subset", "8", "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "1e-3",
-                                     "--disable_tqdm", "true", "--output_dir", root / "rm"])
+    _stage("training_reward_model", ["--model_name_or_path", root / "sft_merged", "--dataset_name", ".",
+                                     "--max_length", "512", "--per_device_train_batch_size", "2", "--max_steps", "2",
+                                     "--train_subset", "8", "--eval_subset", "8", "--eval_steps", "2",
+                                     "--save_steps", "2", "--learning_rate", "1e-3", "--disable_tqdm", "true",
+                                     "--output_dir", root / "rm"])
     _stage("merge_with_lora", ["--adapter_model_name", root / "rm", "--output_name", root / "rm_merged"])
     return family, root
 
@@ -89,12 +94,14 @@ def chain(request, tokenizer_dir, tmp_path_factory):
 def test_ppo_starts_at_kl_zero_and_trains(chain, use_peft):
     family, root = chain
     for folder in ("sft", "sft_merged", "rm", "rm_merged"):
-        assert os.path.isfile(os.path.join(root, folder, "adapter_config.json" if folder in ("sft", "rm") else "config.json"))
+        marker = "adapter_config.json" if folder in ("sft", "rm") else "config.json"
+        assert os.path.isfile(os.path.join(root, folder, marker))
     out = root / f"ppo_{'lora' if use_peft else 'full'}"
-    _stage("training_rl", ["--model_name", root / "sft_merged", "--reward_model_name", root / "rm_merged", "--dataset_name", ".",
-                           "--subset", "data/rl", "--batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps",
-                           "1", "--ppo_epochs", "1", "--output_min_length", "4", "--output_max_length", "8", "--steps", "8",
-                           "--learning_rate", "1e-3", "--use_peft", str(use_peft).lower(), "--save_freq", "1",
+    _stage("training_rl", ["--model_name", root / "sft_merged", "--reward_model_name", root / "rm_merged",
+                           "--dataset_name", ".", "--subset", "data/rl", "--batch_size", "4", "--mini_batch_size", "2",
+                           "--gradient_accumulation_steps", "1", "--ppo_epochs", "1", "--output_min_length", "4",
+                           "--output_max_length", "8", "--steps", "8", "--learning_rate", "1e-3",
+                           "--use_peft", str(use_peft).lower(), "--save_freq", "1",
                            "--disable_tqdm", "true", "--output_dir", out])
     metrics = read_metrics(str(out))
     assert [m["step"] for m in metrics] == [1, 2]

@@ -41,7 +41,8 @@ def reward_model(tiny_model, tmp_path_factory):
 
 
 def ppo(tiny_model, reward_model, out, *extra, check=True, launcher=None):
-    args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", reward_model, *FAST, "--output_dir", out, *extra]
+    args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", reward_model, *FAST,
+            "--output_dir", out, *extra]
     if launcher:
         args = [*launcher, *args]
     return run_script(*args, check=check)
@@ -58,21 +59,25 @@ def test_ppo_writes_metrics_samples_and_checkpoints(tiny_model, reward_model, tm
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["episodes"] == 32
     for key in METRIC_KEYS:
         assert all(key in m for m in metrics), key
-    assert all(abs(m["objective/kl"]) < 10 for m in metrics) and metrics[0]["objective/kl"] == 0.0  # policy == reference
+    assert all(abs(m["objective/kl"]) < 10 for m in metrics)
+    assert metrics[0]["objective/kl"] == 0.0  # policy == reference
     samples = [json.loads(line) for line in open(os.path.join(full, "samples.jsonl"))]
-    assert {s["step"] for s in samples} == {1, 2, 3, 4} and all({"question", "response", "score"} <= set(s) for s in samples)
+    assert {s["step"] for s in samples} == {1, 2, 3, 4}
+    assert all({"question", "response", "score"} <= set(s) for s in samples)
     assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md", "run_args.yaml",
             "tokenizer.json", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(full))
     # accelerate's save_state: optimizer, per-process RNG, our registered state (counters, KL controller, running
     # moments, prompt position, length sampler, scheduler); the policy as an adapter folder with its value head
-    assert {"optimizer.bin", "random_states_0.pkl", "trainer_state.json", "value_head.safetensors", "adapter_config.json",
-            "adapter_model.safetensors"} | {f"custom_checkpoint_{i}.pkl" for i in range(6)} == set(
-        os.listdir(os.path.join(full, "checkpoint-2"))) - {"README.md"}
+    expected = {"optimizer.bin", "random_states_0.pkl", "trainer_state.json", "value_head.safetensors",
+                "adapter_config.json", "adapter_model.safetensors"} | {f"custom_checkpoint_{i}.pkl" for i in range(6)}
+    assert expected == set(os.listdir(os.path.join(full, "checkpoint-2"))) - {"README.md"}
     state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
-    assert state["global_step"] == 2 and state["episodes"] == 16 and state["kl_coef"] == metrics[2]["objective/kl_coef"]  # the coefficient step 3 used
+    assert state["global_step"] == 2 and state["episodes"] == 16
+    assert state["kl_coef"] == metrics[2]["objective/kl_coef"]  # the coefficient step 3 used
 
     # The adapter really moved away from the reference (LoRA B starts at zero).
-    assert max(v.abs().max().item() for k, v in load_file(os.path.join(full, "adapter_model.safetensors")).items() if "lora_B" in k) > 0
+    adapter = load_file(os.path.join(full, "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0
 
 
 @pytest.mark.slow
@@ -83,7 +88,8 @@ def test_full_fine_tuning_with_a_reward_model_of_another_tokenizer_resumes_exact
 
     from common.tiny_model import main as build
 
-    other = build(["--output_dir", str(tmp_path / "other"), "--vocab_size", "1024", "--hidden_size", "128", "--seed", "1"])
+    other = build(["--output_dir", str(tmp_path / "other"), "--vocab_size", "1024", "--hidden_size", "128",
+                   "--seed", "1"])
     rm = _save_reward_model(other, str(tmp_path / "rm_other"))
     out = str(tmp_path / "ppo")
     args = ["--steps", "16", "--use_peft", "false", "--learning_rate", "1e-5", "--save_freq", "1"]
@@ -91,7 +97,8 @@ def test_full_fine_tuning_with_a_reward_model_of_another_tokenizer_resumes_exact
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["objective/kl"] is not None for m in metrics)
     assert metrics[0]["objective/kl"] == 0.0  # the reference is an exact copy of the policy at the first step
-    assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "value_head.safetensors"))
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "value_head.safetensors"))
     assert os.path.isfile(os.path.join(out, "checkpoint-1", "config.json"))  # a checkpoint is a loadable model folder
 
     # A crash after checkpoint-1, resumed: the weights of the uninterrupted run.
@@ -138,9 +145,11 @@ def test_stackllama_flags_parse_with_their_meaning():
         "--target_kl", "0.1", "--reward_baseline", "0.0", "--mini_batch_size", "1", "--load_in_8bit",
     ])
     assert (m.model_name_or_path, m.tokenizer_name, a.reward_model_name, a.report_to) == ("M", "T", "R", "wandb")
-    assert (c.adafactor, c.batched_gen, c.early_stopping, a.save_freq, c.batch_size, c.steps) == (False, True, True, 100, 8, 20000)
+    assert (c.adafactor, c.batched_gen, c.early_stopping, a.save_freq, c.batch_size, c.steps) == (
+        False, True, True, 100, 8, 20000)
     assert c.learning_rate == 1.4e-5 and m.load_in_8bit and c.output_min_length == 32 and c.target == 6.0
-    assert (c.init_kl_coef, c.adap_kl_ctrl, c.target_kl, c.mini_batch_size, c.gradient_accumulation_steps) == (0.2, True, 0.1, 1, 8)
+    assert (c.init_kl_coef, c.adap_kl_ctrl, c.target_kl, c.mini_batch_size, c.gradient_accumulation_steps) == (
+        0.2, True, 0.1, 1, 8)
 
 
 def test_number_flags_that_may_be_none_take_none_on_the_command_line():
@@ -169,7 +178,8 @@ def test_bad_flags_give_one_clear_message(tiny_model, reward_model, tmp_path, ca
     import training_rl
     from common.cli import run
 
-    args = ["--model_name", tiny_model, "--reward_model_name", reward_model, *FAST, "--output_dir", str(tmp_path / "o"), *flags]
+    args = ["--model_name", tiny_model, "--reward_model_name", reward_model, *FAST, "--output_dir", str(tmp_path / "o"),
+            *flags]
     with pytest.raises(SystemExit) as exit_info:
         run(lambda: training_rl.main(*training_rl.parse(args)))
     err = capsys.readouterr().err

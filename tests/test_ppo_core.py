@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ppo_update_worker import PROMPTS, RESPONSES, run_update, tiny_policy
 
 from common.generation import eos_token_ids, sample_responses
 from common.ppo import PolicyWithValueHead, PPOTrainer, position_ids_for, response_logprobs
 from conftest import TORCHRUN, run_script
-from ppo_update_worker import PROMPTS, RESPONSES, run_update, tiny_policy
 
 
 def _llama(**config_overrides):
@@ -83,10 +83,12 @@ def test_a_left_padded_row_gets_the_values_and_logprobs_it_gets_alone():
         lp = response_logprobs(logits, b["responses"], 1.0)
         for row, (p, r) in enumerate(zip(prompts, responses)):
             ids = torch.tensor([p + r])
-            alone_logits, alone_values = model(ids, torch.ones_like(ids), position_ids_for(torch.ones_like(ids)), len(p))
+            ones = torch.ones_like(ids)
+            alone_logits, alone_values = model(ids, ones, position_ids_for(ones), len(p))
             n = len(r)
             torch.testing.assert_close(values[row, :n], alone_values[0], atol=1e-5, rtol=0)
-            torch.testing.assert_close(lp[row, :n], response_logprobs(alone_logits, ids[:, len(p):], 1.0)[0], atol=1e-5, rtol=0)
+            alone = response_logprobs(alone_logits, ids[:, len(p):], 1.0)[0]
+            torch.testing.assert_close(lp[row, :n], alone, atol=1e-5, rtol=0)
 
 
 def test_the_trainer_forward_trims_padding_columns_without_changing_a_number():
@@ -256,7 +258,7 @@ def test_replacing_a_checkpoint_never_leaves_a_moment_without_a_complete_one(tmp
         _checkpoint(str(root / "checkpoint-4.tmp"), 4, "new")
         calls = {"n": 0}
 
-        def dying(fn):
+        def dying(fn, calls=calls, crash_at=crash_at):
             def wrapper(*args, **kwargs):
                 calls["n"] += 1
                 if calls["n"] > crash_at:

@@ -232,7 +232,8 @@ def _losses_case():
 
 def test_ppo_losses_hand_case_1x3():
     logp, old, values, old_v, adv, returns, mask = _losses_case()
-    loss, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    loss, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=0.2,
+                             vf_coef=0.1)
 
     # policy, cliprange 0.2 -> ratio clipped to [0.8, 1.2]:
     # tok0 A= 1, r=1.5: -A*r = -1.5, -A*clip = -1.2 -> max -1.2  (clipped branch active)
@@ -266,7 +267,8 @@ def test_ppo_losses_hand_case_1x3():
 def test_ppo_losses_mask_and_out_of_range_unclipped_branch():
     # 1x4, last token masked (with absurd numbers that must not count anywhere)
     old = t([[-1.0, -1.0, -1.0, -1.0]])
-    logp = (old + t([[math.log(1.5), math.log(0.5), math.log(1.1), 5.0]])).requires_grad_(True)  # r = 1.5, 0.5, 1.1, e^5
+    # r = 1.5, 0.5, 1.1, e^5
+    logp = (old + t([[math.log(1.5), math.log(0.5), math.log(1.1), 5.0]])).requires_grad_(True)
     adv = t([[1.0, 1.0, -1.0, 100.0]])
     values = t([[0.0, 0.0, 0.0, 50.0]], requires_grad=True)
     old_v, returns = t([[0.0, 0.0, 0.0, 0.0]]), t([[0.0, 0.0, 0.0, -50.0]])
@@ -360,7 +362,8 @@ def test_ppo_losses_over_the_steps_token_count_add_up_across_micro_batches():
 
 def test_ppo_losses_without_value_clipping():
     logp, old, values, old_v, adv, returns, mask = _losses_case()
-    _, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=None, vf_coef=0.1)
+    _, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=None,
+                          vf_coef=0.1)
     # unclipped: 0.5 * ((0.5-1)^2 + (1.1-0)^2 + (0-0.5)^2) / 3 = 0.5 * (0.25 + 1.21 + 0.25) / 3 = 0.285
     assert stats["loss/value"].item() == pytest.approx(0.285, abs=1e-9)
     assert stats["val/clipfrac"].item() == 0.0
@@ -375,7 +378,8 @@ def test_explained_variance_hand_case_and_two_processes():
     local = []
     for rows in (slice(0, 1), slice(1, 2)):  # what each process contributes, then the all-reduce sum
         explained_variance(values[rows], returns[rows], mask[rows], reduce=lambda s: local.append(s) or s)
-    assert explained_variance(values[:1], returns[:1], mask[:1], reduce=lambda s: local[0] + local[1]) == pytest.approx(0.85)
+    both = explained_variance(values[:1], returns[:1], mask[:1], reduce=lambda s: local[0] + local[1])
+    assert both == pytest.approx(0.85)
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert math.isnan(explained_variance(values, t([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0]]), mask))  # Var(R) = 0
 
@@ -404,7 +408,8 @@ def test_logprobs_and_entropy_from_logits_direct():
     assert logprobs_from_logits(two, torch.tensor([[1]])).item() == pytest.approx(-math.log(2))
     assert entropy_from_logits(two).item() == pytest.approx(math.log(2))
     # temperature 2: the log-probs of logits / 2; [0, 2] / 2 = [0, 1] -> log-prob of token 1 = 1 - log(1 + e)
-    assert logprobs_from_logits(t([[[0.0, 2.0]]]), torch.tensor([[1]]), 2.0).item() == pytest.approx(1 - math.log(1 + math.e))
+    hot = logprobs_from_logits(t([[[0.0, 2.0]]]), torch.tensor([[1]]), 2.0)
+    assert hot.item() == pytest.approx(1 - math.log(1 + math.e))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -448,7 +453,8 @@ def test_checkpointed_helpers_continue_exactly_from_their_state(tmp_path):
     drawn = [lengths() for _ in range(50)]
     assert set(drawn) == set(range(4, 10))  # both ends included
     progress = Progress(step=7, episodes=56, skipped_steps=1, consecutive_skips=0)
-    fresh = [AdaptiveKLController(1.0, 6.0, 100), RunningMoments(), PromptStream(10, 3, 4), LengthSampler(4, 9, 0), Progress()]
+    fresh = [AdaptiveKLController(1.0, 6.0, 100), RunningMoments(), PromptStream(10, 3, 4), LengthSampler(4, 9, 0),
+             Progress()]
     for obj, new in zip((kl, moments, stream, lengths, progress), fresh):
         path = tmp_path / "state.pt"
         torch.save(obj.state_dict(), path)  # as accelerate saves it; plain data, so it loads with weights_only
@@ -459,4 +465,6 @@ def test_checkpointed_helpers_continue_exactly_from_their_state(tmp_path):
     assert stream.next_indices(1, 0) == new_stream.next_indices(1, 0) and stream.epoch == new_stream.epoch == 1
     kl.update(2.0, 10), new_kl.update(2.0, 10)
     assert kl.value == new_kl.value != 0.2
-    assert (moments.mean, moments.std) == (new_moments.mean, new_moments.std) == (pytest.approx(8 / 3), pytest.approx(math.sqrt(13 / 3)))  # unbiased: (25/9 + 49/9 + 4/9) / 2
+    assert (moments.mean, moments.std) == (new_moments.mean, new_moments.std)
+    # mean 8/3; unbiased variance ((1 - 8/3)^2 + (5 - 8/3)^2 + (2 - 8/3)^2) / 2 = (25/9 + 49/9 + 4/9) / 2 = 13/3
+    assert (moments.mean, moments.std) == (pytest.approx(8 / 3), pytest.approx(math.sqrt(13 / 3)))
