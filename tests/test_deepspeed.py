@@ -5,7 +5,7 @@
   as a two-process DDP run with the same global batch; one main process prints and saves; every process writes
   its shard of the optimizer state. SFT: a run resumed from a checkpoint ends on exactly the uninterrupted run's
   adapter. Reward model: the evaluation report (scored on both processes after training) matches DDP's.
-- PPO, one process: the same weights as the plain run, and exact resume from a checkpoint's `sharded_state/`.
+- PPO, one process: the same weights as the plain run, and exact resume from a checkpoint's DeepSpeed state.
 
 DeepSpeed is in requirements-dev.txt (its sdist builds in pip's isolated environment without torch: no compiled
 ops are built at install time). On CPU it compiles one op at its first start (the shared-memory all-reduce, with
@@ -170,8 +170,9 @@ def test_ppo_zero_stage_matches_the_plain_run_and_resumes_exactly(ppo_models, tm
     run_script(*launch, "--output_dir", full, env=ENV, timeout=900)
     for name in ("adapter_model.safetensors", "value_head.safetensors"):  # measured: 1.5e-7 (ZeRO-2), 2.6e-5 (ZeRO-3)
         assert max_weight_diff(plain, full, name) < 1e-4, name
-    assert os.path.isdir(os.path.join(full, "checkpoint-2", "sharded_state"))
-    assert not os.path.exists(os.path.join(full, "checkpoint-2", "optimizer.pt"))
+    # accelerate's save_state under DeepSpeed: the engine's own files (ZeRO optimizer shards), no optimizer.bin
+    assert os.path.isfile(os.path.join(full, "checkpoint-2", "pytorch_model", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert not os.path.exists(os.path.join(full, "checkpoint-2", "optimizer.bin"))
 
     # What a crash right after checkpoint-2 leaves, then resumed: the same weights as the uninterrupted run.
     os.makedirs(cut)
