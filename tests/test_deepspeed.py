@@ -168,7 +168,7 @@ def test_ppo_zero_stage_matches_the_plain_run_and_resumes_exactly(ppo_models, tm
               "--model_name", tiny, "--reward_model_name", rm, *PPO]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*launch, "--output_dir", full, env=ENV, timeout=900)
-    for name in ("adapter_model.safetensors", "value_head.safetensors"):  # measured: 1.5e-7 (ZeRO-2), 2.6e-5 (ZeRO-3)
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):  # measured: 8.6e-8 (ZeRO-2), 7.1e-6 (ZeRO-3)
         assert max_weight_diff(plain, full, name) < 1e-4, name
     # accelerate's save_state under DeepSpeed: the engine's own files (ZeRO optimizer shards), no optimizer.bin
     assert os.path.isfile(os.path.join(full, "checkpoint-2", "pytorch_model", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
