@@ -170,7 +170,10 @@ def check_vocabulary(tokenizer, model, tokenizer_source: str, model_source: str,
     That is caught when the model folder has its own tokenizer of another size, or when the tokenizer covers less
     than 90% of the embedding rows (models pad their embeddings by at most a few hundred rows).
     """
-    rows = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings()
+    # num_embeddings, not weight.shape: under DeepSpeed ZeRO-3 the model is built partitioned and its weights are
+    # empty placeholders on every process.
+    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
     specials = [i for i in tokenizer.all_special_ids + [tokenizer.pad_token_id, tokenizer.eos_token_id]
                 if i is not None]
     top = max([max(tokenizer.get_vocab().values(), default=0), *specials])
