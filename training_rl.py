@@ -229,7 +229,18 @@ def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
     # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
     # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(log_with=trackers or None, project_dir=a.output_dir,
+    handlers = []
+    if deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # Launched under DeepSpeed without a GPU, accelerate (1.15, PartialState) finds no process-group backend for
+        # the device, lets DeepSpeed form the group (gloo) and then, its backend being None, counts one process:
+        # num_processes 1 and process_index 0 on every rank, so DeepSpeed's batch check fails with several processes.
+        # Naming the backend of DeepSpeed's CPU accelerator (gloo; ccl where oneCCL is installed) makes accelerate
+        # hand it to DeepSpeed's init_distributed and count the real world size and rank.
+        from accelerate.utils import InitProcessGroupKwargs
+        from deepspeed.accelerator import get_accelerator
+
+        handlers.append(InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name()))
+    return Accelerator(log_with=trackers or None, project_dir=a.output_dir, kwargs_handlers=handlers,
                        cpu=not torch.cuda.is_available() and not deepspeed)
 
 

@@ -5,7 +5,8 @@
   as a two-process DDP run with the same global batch; one main process prints and saves; every process writes
   its shard of the optimizer state. SFT: a run resumed from a checkpoint ends on exactly the uninterrupted run's
   adapter. Reward model: the evaluation report (scored on both processes after training) matches DDP's.
-- PPO, one process: the same weights as the plain run, and exact resume from a checkpoint's DeepSpeed state.
+- PPO, two processes: the same weights as a two-process DDP run, and exact resume from a checkpoint's DeepSpeed
+  state (every process's shard of the optimizer state).
 
 DeepSpeed is in requirements-dev.txt (its sdist builds in pip's isolated environment without torch: no compiled
 ops are built at install time). On CPU it compiles one op at its first start (the shared-memory all-reduce, with
@@ -28,17 +29,18 @@ ENV = {"DS_ACCELERATOR": "cpu"}  # what DeepSpeed falls back to without a GPU an
 # 3e-2 in the losses, 0.37 in the gradient norms and 2.3e-2 in the adapter.
 LOSS_TOL, GRAD_NORM_TOL, ADAPTER_TOL = 1e-4, 1e-3, 5e-4
 
-SFT = ["training_sft.py", "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "16", "--seq_length", "64",
-       "--batch_size", "4", "--max_steps", "12", "--eval_freq", "12", "--save_freq", "6", "--learning_rate", "3e-3",
-       "--num_warmup_steps", "1", "--lora_modules_to_save", "lm_head", "--disable_tqdm", "true"]
+SFT = ["training_sft.py", "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "16",
+       "--seq_length", "64", "--batch_size", "4", "--max_steps", "12", "--eval_freq", "12", "--save_freq", "6",
+       "--learning_rate", "3e-3", "--num_warmup_steps", "1", "--lora_modules_to_save", "lm_head", "--disable_tqdm", "true"]
 RM = ["training_reward_model.py", "--dataset_name", ".", "--max_length", "256", "--per_device_train_batch_size", "4",
       "--learning_rate", "1e-3", "--max_steps", "6", "--eval_steps", "6", "--save_steps", "3", "--eval_subset", "40",
       "--logging_steps", "1", "--disable_tqdm", "true"]
 STAGES = {"sft": (SFT, 29661), "rm": (RM, 29662)}  # command, DDP's port
 
 PPO = ["--dataset_name", ".", "--subset", "data/rl", "--batch_size", "4", "--mini_batch_size", "1",
-       "--gradient_accumulation_steps", "2", "--ppo_epochs", "2", "--output_min_length", "6", "--output_max_length", "12",
-       "--learning_rate", "1e-3", "--disable_tqdm", "true", "--steps", "16", "--save_freq", "2"]
+       "--gradient_accumulation_steps", "2", "--ppo_epochs", "2", "--output_min_length", "6",
+       "--output_max_length", "12", "--learning_rate", "1e-3", "--disable_tqdm", "true", "--steps", "16",
+       "--save_freq", "2"]
 
 
 def _config(tmp_path, stage: int, processes: int = 1, port: int = 29650) -> str:
@@ -110,7 +112,8 @@ def _assert_matches(ddp: str, out: str) -> None:
 def _assert_sharded_checkpoint(checkpoint: str, step: int) -> None:
     """DeepSpeed's state: every process's shard of the optimizer state, and its RNG state; and the adapter."""
     for rank in (0, 1):
-        assert os.path.isfile(os.path.join(checkpoint, f"global_step{step}", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+        shard = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        assert os.path.isfile(os.path.join(checkpoint, f"global_step{step}", shard))
         assert os.path.isfile(os.path.join(checkpoint, f"rng_state_{rank}.pth"))
     assert os.path.isfile(os.path.join(checkpoint, "adapter_model.safetensors"))
 
@@ -147,7 +150,8 @@ def test_reward_model_two_processes_under_zero_match_ddp(tiny_model, ddp_runs, t
     for key in ("mean", "std"):  # measured: 3.6e-7
         assert abs(_json(ddp, "reward_stats.json")[key] - _json(out, "reward_stats.json")[key]) < 1e-5, key
     a, b = _json(ddp, "eval_report.json"), _json(out, "eval_report.json")
-    assert (a["n_pairs"], a["accuracy"]) == (b["n_pairs"], b["accuracy"]) and abs(a["mean_margin"] - b["mean_margin"]) < 1e-5
+    assert (a["n_pairs"], a["accuracy"]) == (b["n_pairs"], b["accuracy"])
+    assert abs(a["mean_margin"] - b["mean_margin"]) < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -155,23 +159,29 @@ def ppo_models(tiny_model, tmp_path_factory):
     from test_ppo import _save_reward_model
 
     rm = _save_reward_model(tiny_model, str(tmp_path_factory.mktemp("rm") / "rm"))
-    plain = str(tmp_path_factory.mktemp("plain") / "out")
-    run_script("training_rl.py", "--model_name", tiny_model, "--reward_model_name", rm, *PPO, "--output_dir", plain)
-    return tiny_model, rm, plain
+    ddp = str(tmp_path_factory.mktemp("ddp_ppo") / "out")
+    run_script(*TORCHRUN, "--master_port", "29663", "training_rl.py", "--model_name", tiny_model,
+               "--reward_model_name", rm, *PPO, "--output_dir", ddp)
+    return tiny_model, rm, ddp
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_ppo_zero_stage_matches_the_plain_run_and_resumes_exactly(ppo_models, tmp_path, stage):
-    tiny, rm, plain = ppo_models
-    launch = ["-m", "accelerate.commands.launch", "--config_file", _config(tmp_path, stage), "training_rl.py",
-              "--model_name", tiny, "--reward_model_name", rm, *PPO]
+def test_ppo_two_processes_under_zero_match_ddp_and_resume_exactly(ppo_models, tmp_path, stage):
+    tiny, rm, ddp = ppo_models
+    launch = ["-m", "accelerate.commands.launch", "--config_file", _config(tmp_path, stage, processes=2),
+              "training_rl.py", "--model_name", tiny, "--reward_model_name", rm, *PPO]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    run_script(*launch, "--output_dir", full, env=ENV, timeout=900)
-    for name in ("adapter_model.safetensors", "value_head.safetensors"):  # measured: 8.6e-8 (ZeRO-2), 7.1e-6 (ZeRO-3)
-        assert max_weight_diff(plain, full, name) < 1e-4, name
+    proc = run_script(*launch, "--output_dir", full, env=ENV, timeout=900)
+    assert proc.stdout.count("saved to") == 1
+    assert [m["episodes"] for m in read_metrics(full)] == [8, 16, 24, 32]  # 4 prompts a step on each process
+    # measured: 3.2e-6 / 5.6e-9 (ZeRO-2), 6.2e-6 / 1.2e-7 (ZeRO-3)
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        assert max_weight_diff(ddp, full, name) < 1e-4, name
     # accelerate's save_state under DeepSpeed: the engine's own files (ZeRO optimizer shards), no optimizer.bin
-    assert os.path.isfile(os.path.join(full, "checkpoint-2", "pytorch_model", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    for rank in (0, 1):
+        shard = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        assert os.path.isfile(os.path.join(full, "checkpoint-2", "pytorch_model", shard))
     assert not os.path.exists(os.path.join(full, "checkpoint-2", "optimizer.bin"))
 
     # What a crash right after checkpoint-2 leaves, then resumed: the same weights as the uninterrupted run.
