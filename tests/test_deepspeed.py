@@ -31,7 +31,8 @@ LOSS_TOL, GRAD_NORM_TOL, ADAPTER_TOL = 1e-4, 1e-3, 5e-4
 
 SFT = ["training_sft.py", "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "16",
        "--seq_length", "64", "--batch_size", "4", "--max_steps", "12", "--eval_freq", "12", "--save_freq", "6",
-       "--learning_rate", "3e-3", "--num_warmup_steps", "1", "--lora_modules_to_save", "lm_head", "--disable_tqdm", "true"]
+       "--learning_rate", "3e-3", "--num_warmup_steps", "1", "--lora_modules_to_save", "lm_head",
+       "--disable_tqdm", "true"]
 RM = ["training_reward_model.py", "--dataset_name", ".", "--max_length", "256", "--per_device_train_batch_size", "4",
       "--learning_rate", "1e-3", "--max_steps", "6", "--eval_steps", "6", "--save_steps", "3", "--eval_subset", "40",
       "--logging_steps", "1", "--disable_tqdm", "true"]
