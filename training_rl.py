@@ -279,11 +279,7 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
         ref_model = copy.deepcopy(policy)
     if ref_model is not None:
         ref_model.eval().requires_grad_(False).to(accelerator.device)
-    for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, sec. 4)
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = 0.0
+    disable_dropout(policy)
     if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
@@ -293,6 +289,18 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
                               num_training_steps=total_ppo_steps(config))
     return PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, config, reward_stats,
                       ref_model, optimizer, scheduler)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of the model off: with dropout the log-probs at sampling time, the old log-probs and the training
+    log-probs of the same tokens disagree (Huang et al. 2024, sec. 4). Dropout modules (LoRA's included) become
+    identities, which also saves their calls; attention dropout given as a probability is set to 0."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Dropout):
+                setattr(module, name, torch.nn.Identity())
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:
