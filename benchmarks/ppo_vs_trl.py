@@ -1,0 +1,272 @@
+"""Our PPO (`training_rl.py`) against TRL 1.12's PPOTrainer, episodes/s on one small setup, A/B in turn.
+
+    # once: the TRL 1.12 venv (see benchmarks/trl_ppo_baseline.py)
+    python -m venv /work/venv_trl112 --system-site-packages && /work/venv_trl112/bin/pip install trl==1.12.0
+    # from the repository root: 3 rounds of (ours, TRL), 1 warm-up + 5 timed PPO steps each (~4 minutes on 2 cores)
+    python benchmarks/ppo_vs_trl.py --rounds 3 --output ppo_vs_trl.json
+    # one side alone (prints one JSON line)
+    python benchmarks/ppo_vs_trl.py --side ours --model DIR/tiny --reward_model DIR/rm
+
+Setup (both sides; details in benchmarks/trl_ppo_baseline.py): the 4-layer hidden-256 tiny Llama of
+`common.tiny_model` with LoRA r 16 / alpha 32 on all linear layers, float32, CPU, no gradient checkpointing; a reward
+model on the same weights; 16 prompts per step from data/rl/train.jsonl, in the same order on both sides; exactly
+32 response tokens (EOS suppressed through the model folder's generation_config.json); 4 PPO epochs of 4 minibatches
+of 4, one optimizer step each; lr 1.41e-5. Ours runs as
+
+    python training_rl.py --model_name TINY --reward_model_name RM --dataset_name . --subset data/rl \\
+        --batch_size 16 --mini_batch_size 4 --gradient_accumulation_steps 1 --ppo_epochs 4 \\
+        --output_min_length 32 --output_max_length 32 --learning_rate 1.41e-5 --steps 16*(warmup+steps) ...
+
+in-process (`--side ours`), with timers wrapped around `PPOTrainer` methods (nothing it computes changes). Each side
+runs in its own process (ours: this Python; TRL: `--trl_python`), alternately, so load from other jobs falls on both.
+
+A step is timed from the end of the previous one (ours: `PPOTrainer.step` returns, metrics and samples written;
+TRL: `on_step_end`), warm-up steps excluded. Phases (seconds per step):
+- generate: sampling 32 tokens for 16 prompts (TRL also stacks the scores it takes old log-probs from);
+- score: reward model (ours: decode, re-tokenize, append EOS, forward; TRL: forward on the policy's ids);
+- value: ours, the no-grad policy forward giving old log-probs and values (shared trunk); TRL, the no-grad forward
+  of its separate value model (its old log-probs come from the generation scores);
+- ref: the no-grad forward with the adapter disabled;
+- update: `ppo_epochs` x minibatches, split into update_forward (the model call, ours with log-softmax), update_backward,
+  update_optimizer (AdamW) and, ours only, update_clip (gradient clipping; TRL 1.12 does not clip);
+- other: the rest of the step (collate, entropy, GAE, whitening, metrics; TRL: its gc.collect() calls, log-softmax of
+  the generation scores, logging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from trl_ppo_baseline import PhaseTimer, build_models  # noqa: E402
+
+TABLE_PHASES = ["generate", "score", "value", "ref", "update", "update_forward", "update_backward", "update_optimizer",
+                "update_clip", "other"]
+
+
+def run_ours(a) -> dict:
+    """`training_rl.main` on the setup, with phase timers around PPOTrainer's methods; one JSON line."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    import training_rl
+    from common import ppo
+
+    load_avg_start = open("/proc/loadavg").read().split()[:3]
+    n_steps = a.warmup + a.steps
+    out_dir = os.path.join(a.work_dir, "ours_out")
+    argv = ["--model_name", a.model, "--reward_model_name", a.reward_model, "--dataset_name", ROOT, "--subset", "data/rl",
+            "--batch_size", str(a.batch_size), "--mini_batch_size", str(a.mini_batch_size), "--gradient_accumulation_steps", "1",
+            "--ppo_epochs", str(a.ppo_epochs), "--output_min_length", str(a.response_length),
+            "--output_max_length", str(a.response_length), "--learning_rate", str(a.learning_rate),
+            "--steps", str(n_steps * a.batch_size), "--seed", str(a.seed), "--output_dir", out_dir,
+            "--overwrite_output_dir", "true", "--disable_tqdm", "true"]
+
+    timer = PhaseTimer()
+    T = ppo.PPOTrainer
+    lora_layer = {}
+
+    def adapter_off(trainer) -> bool:
+        if "layer" not in lora_layer:
+            from peft.tuners.lora import LoraLayer
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            lora_layer["layer"] = next(m for m in model.modules() if isinstance(m, LoraLayer))
+        return lora_layer["layer"].disable_adapters
+
+    T.generate = timer.wrap(T.generate, lambda *x, **k: "generate")
+    T.score = timer.wrap(T.score, lambda *x, **k: "score")
+    T.update = timer.wrap(T.update, lambda *x, **k: "update")
+    T.reference_and_values = timer.wrap(T.reference_and_values, lambda *x, **k: "ref_and_values")
+    T.forward = timer.wrap(T.forward, lambda self, *x, **k: "update_forward" if torch.is_grad_enabled()
+                           else ("ref" if adapter_off(self) else "value"))
+    Accelerator.backward = timer.wrap(Accelerator.backward, lambda *x, **k: "update_backward")
+    Accelerator.clip_grad_norm_ = timer.wrap(Accelerator.clip_grad_norm_, lambda *x, **k: "update_clip")
+    AcceleratedOptimizer.step = timer.wrap(AcceleratedOptimizer.step, lambda *x, **k: "update_optimizer")
+
+    steps: list[dict] = []
+    last = {"t": None}
+
+    def close_step():
+        now = time.perf_counter()
+        ph = timer.take()
+        ph.pop("ref_and_values", None)  # its forwards are `value` and `ref`; the rest of it (entropy) is `other`
+        total = now - last["t"]
+        ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
+        steps.append({"total": total, **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
+        last["t"] = now
+
+    # training_rl.main's loop writes metrics and samples after each step(), then comes back for the next one: a step
+    # ends at the next call to `step` (or at the final save), so its time includes that bookkeeping.
+    inner_step, inner_save = T.step, T.save_model
+
+    def step(self):
+        if last["t"] is None:
+            last["t"] = time.perf_counter()
+        elif len(steps) < self.step_count:
+            close_step()
+        return inner_step(self)
+
+    def save_model(self, folder):
+        if len(steps) < self.step_count:
+            close_step()
+        return inner_save(self, folder)
+
+    T.step, T.save_model = step, save_model
+
+    t0 = time.perf_counter()
+    training_rl.main(*training_rl.parse(argv))
+    wall = time.perf_counter() - t0
+
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    lengths = [m["response/length_mean"] for m in metrics]
+    if any(length != a.response_length for length in lengths):
+        raise SystemExit(f"responses are not all {a.response_length} tokens: response/length_mean {lengths}")
+    timed = steps[a.warmup :]
+    med = {k: statistics.median(s[k] for s in timed) for k in ["total", *TABLE_PHASES]}
+    mt = metrics[a.warmup :]
+    return {
+        "side": "ours",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "batch_size": a.batch_size, "response_length": a.response_length,
+        "warmup_steps": a.warmup, "timed_steps": len(timed),
+        "episodes_per_s": a.batch_size / med["total"],
+        "step_s_median": med["total"],
+        "phases_s_median": {k: med[k] for k in TABLE_PHASES},
+        "step_s_all": [round(s["total"], 4) for s in timed],
+        "steps": [{k: round(v, 4) for k, v in s.items()} for s in steps],
+        # training_rl's own figures (t0..t3 inside step(): metrics, samples and the loop not included)
+        "metrics_episodes_per_s_median": statistics.median(m["throughput/episodes_per_s"] for m in mt),
+        "metrics_time_s_median": {k: statistics.median(m[f"time/{k}"] for m in mt) for k in ("generate", "score", "train")},
+        "response_length_mean": lengths,
+        "run_wall_s": wall,
+        "loadavg_start": load_avg_start, "loadavg_end": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def last_json_line(text: str) -> dict:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{") and '"side"' in line:
+            return json.loads(line)
+    raise RuntimeError("no result line in the output:\n" + text[-3000:])
+
+
+def drive(a) -> dict:
+    work = a.work_dir or tempfile.mkdtemp(prefix="ppo_vs_trl_")
+    if a.model is None or a.reward_model is None:
+        a.model, a.reward_model = build_models(work, a.seed)
+    common = ["--model", a.model, "--reward_model", a.reward_model, "--warmup", str(a.warmup), "--steps", str(a.steps),
+              "--batch_size", str(a.batch_size), "--mini_batch_size", str(a.mini_batch_size),
+              "--ppo_epochs", str(a.ppo_epochs), "--response_length", str(a.response_length),
+              "--learning_rate", str(a.learning_rate), "--seed", str(a.seed)]
+    cmds = {
+        "ours": [sys.executable, os.path.abspath(__file__), "--side", "ours", "--work_dir", os.path.join(work, "ours"), *common],
+        "trl": [a.trl_python, os.path.join(ROOT, "benchmarks", "trl_ppo_baseline.py"), "--work_dir", os.path.join(work, "trl"), *common],
+    }
+    env = dict(os.environ)
+    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    order = ["ours", "trl"]
+    for r in range(a.rounds):
+        for side in (order if r % 2 == 0 else order[::-1]):  # ABBA: neither side always runs first
+            t = time.perf_counter()
+            print(f"round {r + 1}/{a.rounds}: {side} (loadavg {open('/proc/loadavg').read().split()[:3]})", flush=True)
+            proc = subprocess.run(cmds[side], cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            res = last_json_line(proc.stdout)
+            results[side].append(res)
+            print(f"  {res['episodes_per_s']:.3f} episodes/s, step {res['step_s_median']:.3f} s "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return summarise(results, a)
+
+
+def summarise(results: dict, a) -> dict:
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    summary = {}
+    for side, runs in results.items():
+        summary[side] = {
+            "episodes_per_s_runs": [r["episodes_per_s"] for r in runs],
+            "episodes_per_s_median": med(r["episodes_per_s"] for r in runs),
+            "step_s_median": med(r["step_s_median"] for r in runs),
+            "phases_s_median": {k: med(r["phases_s_median"].get(k, 0.0) for r in runs) for k in TABLE_PHASES},
+            "loadavg": [(r["loadavg_start"][0], r["loadavg_end"][0]) for r in runs],
+        }
+    ratio_runs = [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(results["ours"], results["trl"])]
+    out = {"setup": {k: getattr(a, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "response_length",
+                                                 "learning_rate", "warmup", "steps", "rounds", "seed")},
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "summary": summary,
+           "ratio_ours_over_trl": summary["ours"]["episodes_per_s_median"] / summary["trl"]["episodes_per_s_median"],
+           "ratio_per_round": ratio_runs,
+           "runs": results}
+    print_table(out)
+    return out
+
+
+def print_table(out: dict) -> None:
+    s = out["summary"]
+    print()
+    print(f"{'':18}{'ours':>10}{'TRL 1.12':>10}{'TRL/ours':>10}")
+    print(f"{'episodes/s':18}{s['ours']['episodes_per_s_median']:10.3f}{s['trl']['episodes_per_s_median']:10.3f}")
+    print(f"{'step s':18}{s['ours']['step_s_median']:10.3f}{s['trl']['step_s_median']:10.3f}"
+          f"{s['trl']['step_s_median'] / s['ours']['step_s_median']:10.2f}")
+    for k in TABLE_PHASES:
+        o, t = s["ours"]["phases_s_median"][k], s["trl"]["phases_s_median"].get(k, 0.0)
+        print(f"{'  ' + k:18}{o:10.3f}{t:10.3f}{(t / o if o > 1e-9 else float('nan')):10.2f}")
+    print(f"ratio ours/TRL episodes/s (medians): {out['ratio_ours_over_trl']:.2f}; per round: "
+          + ", ".join(f"{r:.2f}" for r in out["ratio_per_round"]))
+    print("per-run episodes/s: ours " + ", ".join(f"{x:.3f}" for x in s["ours"]["episodes_per_s_runs"])
+          + "; TRL " + ", ".join(f"{x:.3f}" for x in s["trl"]["episodes_per_s_runs"]))
+    print("load average (1 min, start/end of each run): ours " + " ".join(f"{x}/{y}" for x, y in s["ours"]["loadavg"])
+          + "; TRL " + " ".join(f"{x}/{y}" for x, y in s["trl"]["loadavg"]))
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", choices=["both", "ours"], default="both")
+    p.add_argument("--trl_python", default="/work/venv_trl112/bin/python", help="Python of the TRL 1.12 venv")
+    p.add_argument("--model")
+    p.add_argument("--reward_model")
+    p.add_argument("--work_dir")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--mini_batch_size", type=int, default=4)
+    p.add_argument("--ppo_epochs", type=int, default=4)
+    p.add_argument("--response_length", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=1.41e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the full results (every run, every step) here as JSON")
+    a = p.parse_args(argv)
+    if a.side == "ours":
+        if a.model is None or a.reward_model is None:
+            a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="ppo_ours_")
+            a.model, a.reward_model = build_models(a.work_dir, a.seed)
+        a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="ppo_ours_")
+        print(json.dumps(run_ours(a)))
+        return
+    out = drive(a)
+    if a.output:
+        with open(a.output, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
