@@ -101,6 +101,15 @@ def run_ours(a) -> dict:
     Accelerator.clip_grad_norm_ = timer.wrap(Accelerator.clip_grad_norm_, lambda *x, **k: "update_clip")
     AcceleratedOptimizer.step = timer.wrap(AcceleratedOptimizer.step, lambda *x, **k: "update_optimizer")
 
+    widths: list[int] = []  # padded prompt width per step (TRL's JSON has the same list when the prompts agree)
+    inner_collate = T.collate
+
+    def collate(self, batch, responses):
+        out = inner_collate(self, batch, responses)
+        widths.append(out["P"])
+        return out
+
+    T.collate = collate
     steps: list[dict] = []
     last = {"t": None}
 
@@ -158,6 +167,7 @@ def run_ours(a) -> dict:
         "metrics_episodes_per_s_median": statistics.median(m["throughput/episodes_per_s"] for m in mt),
         "metrics_time_s_median": {k: statistics.median(m[f"time/{k}"] for m in mt) for k in ("generate", "score", "train")},
         "response_length_mean": lengths,
+        "prompt_width_per_step": widths,
         "run_wall_s": wall,
         "loadavg_start": load_avg_start, "loadavg_end": open("/proc/loadavg").read().split()[:3],
     }
@@ -211,12 +221,16 @@ def summarise(results: dict, a) -> dict:
             "loadavg": [(r["loadavg_start"][0], r["loadavg_end"][0]) for r in runs],
         }
     ratio_runs = [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(results["ours"], results["trl"])]
+    widths = {side: {tuple(r["prompt_width_per_step"]) for r in runs} for side, runs in results.items()}
+    if widths["ours"] != widths["trl"]:
+        print(f"warning: the two sides saw prompts of different widths: {widths}")
     out = {"setup": {k: getattr(a, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "response_length",
                                                  "learning_rate", "warmup", "steps", "rounds", "seed")},
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "summary": summary,
            "ratio_ours_over_trl": summary["ours"]["episodes_per_s_median"] / summary["trl"]["episodes_per_s_median"],
            "ratio_per_round": ratio_runs,
+           "prompt_width_per_step": {side: sorted(w) for side, w in widths.items()},
            "runs": results}
     print_table(out)
     return out

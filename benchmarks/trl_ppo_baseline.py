@@ -238,7 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
     timer = PhaseTimer()
     marks: dict[str, float | None] = {"update_start": None}
     unwrapped_value = trainer.accelerator.unwrap_model(trainer.model).value_model
-    ppo_module.batch_generation = timer.wrap(ppo_module.batch_generation, lambda *a, **k: "generate")
+    widths: list[int] = []  # padded prompt width per step: the same as ours when the prompts are the same
+
+    def generation_phase(model, queries, *a, **k):
+        widths.append(queries.shape[1])
+        return "generate"
+
+    ppo_module.batch_generation = timer.wrap(ppo_module.batch_generation, generation_phase)
 
     def forward_phase(model, *a, **k):
         if torch.is_grad_enabled():
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": [{k: round(v, 4) for k, v in s.items()} for s in steps],
         "trl_eps_last": next((e["eps"] for e in reversed(log_entries) if "eps" in e), None),
         "eos_tokens_per_step": eos_counts,
+        "prompt_width_per_step": widths,
         "trainable_params": n_trainable,
         "load_s": load_s,
         "loadavg_start": load_avg_start, "loadavg_end": open("/proc/loadavg").read().split()[:3],
