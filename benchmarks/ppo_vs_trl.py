@@ -2,7 +2,8 @@
 
     # once: the TRL 1.12 venv (see benchmarks/trl_ppo_baseline.py)
     python -m venv /work/venv_trl112 --system-site-packages && /work/venv_trl112/bin/pip install trl==1.12.0
-    # from the repository root: 3 rounds of (ours, TRL), 1 warm-up + 5 timed PPO steps each (~4 minutes on 2 cores)
+    # from the repository root: 3 rounds, each loading both sides once and then running 1 warm-up + 5 timed PPO
+    # steps of each, one step of ours and one of TRL's in turn (~5 minutes on 2 idle cores)
     python benchmarks/ppo_vs_trl.py --rounds 3 --output ppo_vs_trl.json
     # one side alone (prints one JSON line)
     python benchmarks/ppo_vs_trl.py --side ours --model DIR/tiny --reward_model DIR/rm
@@ -18,7 +19,11 @@ of 4, one optimizer step each; lr 1.41e-5. Ours runs as
         --output_min_length 32 --output_max_length 32 --learning_rate 1.41e-5 --steps 16*(warmup+steps) ...
 
 in-process (`--side ours`), with timers wrapped around `PPOTrainer` methods (nothing it computes changes). Each side
-runs in its own process (ours: this Python; TRL: `--trl_python`), alternately, so load from other jobs falls on both.
+runs in its own process (ours: this Python; TRL: `--trl_python`). With `--alternate steps` (default) both are loaded,
+then the driver lets them take one PPO step each in turn (the other waits, idle, on its stdin; the wait is not timed),
+the first side swapping every step and every round, so load from other jobs falls on both alike; `ratio_paired_median`
+is the median over step pairs of (TRL step time / our step time), `ratio_best_steps` the ratio of each side's
+fastest step. `--alternate runs` runs whole processes in turn instead.
 
 A step is timed from the end of the previous one (ours: `PPOTrainer.step` returns, metrics and samples written;
 TRL: `on_step_end`), warm-up steps excluded. Phases (seconds per step):
@@ -55,7 +60,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # jobs; passive waiting keeps the figures stable. Set before torch loads; export OMP_WAIT_POLICY=ACTIVE to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from trl_ppo_baseline import PhaseTimer, build_models  # noqa: E402
+from trl_ppo_baseline import PhaseTimer, build_models, gate  # noqa: E402
 
 TABLE_PHASES = ["generate", "score", "value", "ref", "update", "update_forward", "update_backward", "update_optimizer",
                 "update_clip", "other"]
@@ -127,10 +132,11 @@ def run_ours(a) -> dict:
     inner_step, inner_save = T.step, T.save_model
 
     def step(self):
-        if last["t"] is None:
-            last["t"] = time.perf_counter()
-        elif len(steps) < self.step_count:
+        if last["t"] is not None and len(steps) < self.step_count:
             close_step()
+        if a.gate:
+            gate()
+        last["t"] = time.perf_counter()
         return inner_step(self)
 
     def save_model(self, folder):
@@ -182,54 +188,107 @@ def last_json_line(text: str) -> dict:
 
 def drive(a) -> dict:
     work = a.work_dir or tempfile.mkdtemp(prefix="ppo_vs_trl_")
+    os.makedirs(work, exist_ok=True)
     if a.model is None or a.reward_model is None:
         a.model, a.reward_model = build_models(work, a.seed)
     common = ["--model", a.model, "--reward_model", a.reward_model, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--batch_size", str(a.batch_size), "--mini_batch_size", str(a.mini_batch_size),
               "--ppo_epochs", str(a.ppo_epochs), "--response_length", str(a.response_length),
               "--learning_rate", str(a.learning_rate), "--seed", str(a.seed)]
-    cmds = {
-        "ours": [sys.executable, os.path.abspath(__file__), "--side", "ours", "--work_dir", os.path.join(work, "ours"), *common],
-        "trl": [a.trl_python, os.path.join(ROOT, "benchmarks", "trl_ppo_baseline.py"), "--work_dir", os.path.join(work, "trl"), *common],
-    }
-    env = dict(os.environ)
     results: dict[str, list[dict]] = {"ours": [], "trl": []}
-    order = ["ours", "trl"]
+    pairs: list[dict] = []
     for r in range(a.rounds):
-        for side in (order if r % 2 == 0 else order[::-1]):  # ABBA: neither side always runs first
-            t = time.perf_counter()
-            print(f"round {r + 1}/{a.rounds}: {side} (loadavg {open('/proc/loadavg').read().split()[:3]})", flush=True)
-            proc = subprocess.run(cmds[side], cwd=ROOT, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            res = last_json_line(proc.stdout)
-            results[side].append(res)
-            print(f"  {res['episodes_per_s']:.3f} episodes/s, step {res['step_s_median']:.3f} s "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
-    return summarise(results, a)
+        cmds = {
+            "ours": [sys.executable, os.path.abspath(__file__), "--side", "ours", "--work_dir",
+                     os.path.join(work, f"ours{r}"), *common],
+            "trl": [a.trl_python, os.path.join(ROOT, "benchmarks", "trl_ppo_baseline.py"), "--work_dir",
+                    os.path.join(work, f"trl{r}"), *common],
+        }
+        first = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]  # neither side always first
+        t = time.perf_counter()
+        if a.alternate == "steps":
+            got = run_step_alternated(cmds, first, a.warmup + a.steps, work, r)
+        else:
+            got = {}
+            for side in first:
+                proc = subprocess.run(cmds[side], cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                got[side] = last_json_line(proc.stdout)
+        for side in ("ours", "trl"):
+            results[side].append(got[side])
+        for i in range(a.warmup, a.warmup + a.steps):
+            o, tr = got["ours"]["steps"][i], got["trl"]["steps"][i]
+            pairs.append({"round": r, "step": i, "ours_s": o["total"], "trl_s": tr["total"], "ratio": tr["total"] / o["total"],
+                          "loadavg": got.get("pair_loadavg", [None] * (i + 1))[i]})
+        print(f"round {r + 1}/{a.rounds} ({time.perf_counter() - t:.0f} s): ours {got['ours']['episodes_per_s']:.3f}, "
+              f"TRL {got['trl']['episodes_per_s']:.3f} episodes/s (medians of {a.steps} steps)", flush=True)
+    return summarise(results, pairs, a)
 
 
-def summarise(results: dict, a) -> dict:
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+def run_step_alternated(cmds: dict, first: list[str], n_steps: int, work: str, r: int) -> dict:
+    """Both sides loaded in their own processes, then one PPO step of each in turn (the other waits on its stdin)."""
+    procs, logs = {}, {}
+    for side, cmd in cmds.items():
+        logs[side] = open(os.path.join(work, f"{side}{r}.stderr.log"), "w")
+        procs[side] = subprocess.Popen([*cmd, "--gate"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=logs[side], text=True, bufsize=1)
+
+    def read_until(side: str, want_gate: bool):
+        for line in procs[side].stdout:
+            if want_gate and line.startswith("GATE"):
+                return None
+            if not want_gate and line.startswith("{") and '"side"' in line:
+                return json.loads(line)
+        raise RuntimeError(f"{side} ended early (exit {procs[side].wait()}); see {logs[side].name}")
+
+    for side in first:
+        read_until(side, True)  # loaded, waiting before its first step
+    got, loads = {}, []
+    for i in range(n_steps):
+        loads.append(open("/proc/loadavg").read().split()[0])
+        for side in (first if i % 2 == 0 else first[::-1]):
+            procs[side].stdin.write("go\n")
+            procs[side].stdin.flush()
+            if i < n_steps - 1:
+                read_until(side, True)
+            else:
+                got[side] = read_until(side, False)
+    for side in first:
+        procs[side].stdin.close()
+        if procs[side].wait() != 0:
+            raise RuntimeError(f"{side} failed; see {logs[side].name}")
+        logs[side].close()
+    got["pair_loadavg"] = loads
+    return got
+
+
+def summarise(results: dict, pairs: list[dict], a) -> dict:
+    med = statistics.median
     summary = {}
     for side, runs in results.items():
+        timed = [s for r in runs for s in r["steps"][a.warmup:]]
         summary[side] = {
+            "episodes_per_s_median": a.batch_size / med(s["total"] for s in timed),
+            "step_s_median": med(s["total"] for s in timed),
+            "step_s_min": min(s["total"] for s in timed),
             "episodes_per_s_runs": [r["episodes_per_s"] for r in runs],
-            "episodes_per_s_median": med(r["episodes_per_s"] for r in runs),
-            "step_s_median": med(r["step_s_median"] for r in runs),
-            "phases_s_median": {k: med(r["phases_s_median"].get(k, 0.0) for r in runs) for k in TABLE_PHASES},
+            "phases_s_median": {k: med(s.get(k, 0.0) for s in timed) for k in TABLE_PHASES},
             "loadavg": [(r["loadavg_start"][0], r["loadavg_end"][0]) for r in runs],
         }
-    ratio_runs = [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(results["ours"], results["trl"])]
     widths = {side: {tuple(r["prompt_width_per_step"]) for r in runs} for side, runs in results.items()}
     if widths["ours"] != widths["trl"]:
         print(f"warning: the two sides saw prompts of different widths: {widths}")
     out = {"setup": {k: getattr(a, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "response_length",
-                                                 "learning_rate", "warmup", "steps", "rounds", "seed")},
+                                                 "learning_rate", "warmup", "steps", "rounds", "seed", "alternate")},
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "summary": summary,
            "ratio_ours_over_trl": summary["ours"]["episodes_per_s_median"] / summary["trl"]["episodes_per_s_median"],
-           "ratio_per_round": ratio_runs,
+           "ratio_paired_median": med(p["ratio"] for p in pairs),
+           "ratio_paired_range": [min(p["ratio"] for p in pairs), max(p["ratio"] for p in pairs)],
+           "ratio_best_steps": summary["trl"]["step_s_min"] / summary["ours"]["step_s_min"],
+           "ratio_per_round": [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(results["ours"], results["trl"])],
+           "pairs": pairs,
            "prompt_width_per_step": {side: sorted(w) for side, w in widths.items()},
            "runs": results}
     print_table(out)
@@ -239,18 +298,19 @@ def summarise(results: dict, a) -> dict:
 def print_table(out: dict) -> None:
     s = out["summary"]
     print()
-    print(f"{'':18}{'ours':>10}{'TRL 1.12':>10}{'TRL/ours':>10}")
+    print(f"{'':18}{'ours':>10}{'TRL 1.12':>10}{'TRL/ours':>10}   (medians over every timed step)")
     print(f"{'episodes/s':18}{s['ours']['episodes_per_s_median']:10.3f}{s['trl']['episodes_per_s_median']:10.3f}")
     print(f"{'step s':18}{s['ours']['step_s_median']:10.3f}{s['trl']['step_s_median']:10.3f}"
           f"{s['trl']['step_s_median'] / s['ours']['step_s_median']:10.2f}")
     for k in TABLE_PHASES:
         o, t = s["ours"]["phases_s_median"][k], s["trl"]["phases_s_median"].get(k, 0.0)
-        print(f"{'  ' + k:18}{o:10.3f}{t:10.3f}{(t / o if o > 1e-9 else float('nan')):10.2f}")
-    print(f"ratio ours/TRL episodes/s (medians): {out['ratio_ours_over_trl']:.2f}; per round: "
+        print(f"{'  ' + k:18}{o:10.3f}{t:10.3f}" + (f"{t / o:10.2f}" if o > 1e-9 and t > 1e-9 else f"{'-':>10}"))
+    print(f"ratio ours/TRL episodes/s: {out['ratio_ours_over_trl']:.2f} (medians), paired steps median "
+          f"{out['ratio_paired_median']:.2f} (range {out['ratio_paired_range'][0]:.2f}-{out['ratio_paired_range'][1]:.2f}, "
+          f"{len(out['pairs'])} pairs), best steps {out['ratio_best_steps']:.2f}; per round "
           + ", ".join(f"{r:.2f}" for r in out["ratio_per_round"]))
-    print("per-run episodes/s: ours " + ", ".join(f"{x:.3f}" for x in s["ours"]["episodes_per_s_runs"])
-          + "; TRL " + ", ".join(f"{x:.3f}" for x in s["trl"]["episodes_per_s_runs"]))
-    print("load average (1 min, start/end of each run): ours " + " ".join(f"{x}/{y}" for x, y in s["ours"]["loadavg"])
+    print("load average (1 min) at each timed pair: " + " ".join(str(p["loadavg"]) for p in out["pairs"]))
+    print("load average (1 min, start/end of each process): ours " + " ".join(f"{x}/{y}" for x, y in s["ours"]["loadavg"])
           + "; TRL " + " ".join(f"{x}/{y}" for x, y in s["trl"]["loadavg"]))
 
 
@@ -270,6 +330,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--response_length", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1.41e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alternate", choices=["steps", "runs"], default="steps",
+                   help="steps: both sides load once per round, then run one PPO step each in turn; runs: whole runs in turn")
+    p.add_argument("--gate", action="store_true", help=argparse.SUPPRESS)  # --side ours under --alternate steps
     p.add_argument("--output", help="write the full results (every run, every step) here as JSON")
     a = p.parse_args(argv)
     if a.side == "ours":

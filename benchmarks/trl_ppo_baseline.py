@@ -108,6 +108,12 @@ def ordered_prompts(tokenizer, data_file: str, seed: int, max_prompt_length: int
     return [ids[i] for i in order]
 
 
+def gate() -> None:
+    """Tell the driver this process is ready for its next step, and wait until it says go (one line on stdin)."""
+    print("GATE", flush=True)
+    sys.stdin.readline()
+
+
 class PhaseTimer:
     """Seconds per named phase, per step."""
 
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="PPO steps run before timing")
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate", action="store_true",
+                   help="before each step print a line starting GATE and wait for a line on stdin (benchmarks/ppo_vs_trl.py "
+                        "uses it to run one step of each side in turn); the wait is not timed")
     args = p.parse_args(argv)
 
     import torch
@@ -263,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     class StepTimes(TrainerCallback):
         def on_train_begin(self, *a, **k):
+            if args.gate:
+                gate()
             self.last = time.perf_counter()
 
         def on_log(self, _args, state, control, logs=None, **k):
@@ -276,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
             ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
             steps.append({"total": total, **{k: ph.get(k, 0.0) for k in PHASES}})
             marks["update_start"] = None
+            if args.gate and len(steps) < n_steps:
+                gate()
+                now = time.perf_counter()
             self.last = now
 
     trainer.add_callback(StepTimes())
