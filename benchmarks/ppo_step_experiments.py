@@ -10,7 +10,8 @@ each variant replays
 - `update` from the same weights and optimizer state (restored from a deep copy before every replay),
 - `generate` on the same prompts from the same torch RNG state and length sampler state,
 - `reference_and_values` on the same batch,
-and is compared with the baseline: max |difference| of the final trainable weights, the update's statistics, the
+timed in wall seconds and in process CPU seconds (all threads: less disturbed by other jobs than wall time,
+but not comparable across thread counts), and is compared with the baseline: max |difference| of the final trainable weights, the update's statistics, the
 sampled tokens and the rollout log-probs/values. "bitwise" means all differences are exactly 0.
 
 Variants:
@@ -226,6 +227,7 @@ def main(argv=None):
     step_count, length_state = got["step_count"], trainer.length_rng.getstate()
     names = a.variants.split(",")
     times = {n: {"update": [], "generate": [], "reference_and_values": []} for n in names}
+    cpu = {n: {"update": [], "generate": [], "reference_and_values": []} for n in names}  # process CPU seconds
     outputs = {}
     print(f"loadavg {open('/proc/loadavg').read().split()[:3]}, torch threads {torch.get_num_threads()}", flush=True)
     for r in range(a.rounds):
@@ -234,22 +236,25 @@ def main(argv=None):
             with variant(name):
                 trainer._restore(copy.deepcopy(snapshot))
                 trainer.step_count = step_count
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 stats = trainer.update(b, *upd_args)
                 times[name]["update"].append(time.perf_counter() - t)
+                cpu[name]["update"].append(time.process_time() - c)
                 weights = [q.detach().clone() for q in trainable]
                 trainer._restore(copy.deepcopy(snapshot))
 
                 torch.manual_seed(1234)
                 random.seed(1234)
                 trainer.length_rng.setstate(length_state)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 responses = trainer.generate(batch)
                 times[name]["generate"].append(time.perf_counter() - t)
+                cpu[name]["generate"].append(time.process_time() - c)
 
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 rollout = trainer.reference_and_values(b)
                 times[name]["reference_and_values"].append(time.perf_counter() - t)
+                cpu[name]["reference_and_values"].append(time.process_time() - c)
             if r == 0:
                 outputs[name] = {"weights": weights, "stats": stats, "responses": responses, "rollout": rollout}
             print(f"round {r + 1} {name:34} update {times[name]['update'][-1]:.3f} s  generate "
@@ -258,6 +263,7 @@ def main(argv=None):
     print(f"loadavg {open('/proc/loadavg').read().split()[:3]}")
     base = outputs["baseline"]
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    med_cpu = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in cpu.items()}
     print(f"\n{'variant':34}{'update s':>10}{'gain':>8}{'generate s':>12}{'gain':>8}{'ref+val s':>11}{'gain':>8}"
           f"   max|diff| weights / stats / tokens / rollout")
     for n in names:
@@ -267,6 +273,8 @@ def main(argv=None):
         cells = "".join(f"{med[n][k]:{w}.3f}{1 - med[n][k] / med['baseline'][k]:8.1%}"
                         for k, w in (("update", 10), ("generate", 12), ("reference_and_values", 11)))
         print(f"{n:34}{cells}   " + " / ".join(f"{d:.1e}" for d in diffs) + ("  bitwise" if not any(diffs) else ""))
+        print(f"{'  CPU s (all threads)':34}" + "".join(f"{med_cpu[n][k]:{w}.3f}{1 - med_cpu[n][k] / med_cpu['baseline'][k]:8.1%}"
+              for k, w in (("update", 10), ("generate", 12), ("reference_and_values", 11))))
         if diffs[1]:
             print(" " * 36 + "stats: " + ", ".join(f"{k} {o['stats'][k]:.6g} vs {base['stats'][k]:.6g}"
                                                  for k in base["stats"] if o["stats"][k] != base["stats"][k]))

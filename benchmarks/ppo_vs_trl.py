@@ -23,7 +23,8 @@ runs in its own process (ours: this Python; TRL: `--trl_python`). With `--altern
 then the driver lets them take one PPO step each in turn (the other waits, idle, on its stdin; the wait is not timed),
 the first side swapping every step and every round, so load from other jobs falls on both alike; `ratio_paired_median`
 is the median over step pairs of (TRL step time / our step time), `ratio_best_steps` the ratio of each side's
-fastest step. `--alternate runs` runs whole processes in turn instead.
+fastest step; `cpu_ratio_paired_median` the same with process CPU seconds (all threads), which other jobs disturb
+less than wall time. `--alternate runs` runs whole processes in turn instead.
 
 A step is timed from the end of the previous one (ours: `PPOTrainer.step` returns, metrics and samples written;
 TRL: `on_step_end`), warm-up steps excluded. Phases (seconds per step):
@@ -124,7 +125,7 @@ def run_ours(a) -> dict:
         ph.pop("ref_and_values", None)  # its forwards are `value` and `ref`; the rest of it (entropy) is `other`
         total = now - last["t"]
         ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
-        steps.append({"total": total, **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
+        steps.append({"total": total, "cpu_s": time.process_time() - last["cpu"], **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
         last["t"] = now
 
     # training_rl.main's loop writes metrics and samples after each step(), then comes back for the next one: a step
@@ -136,7 +137,7 @@ def run_ours(a) -> dict:
             close_step()
         if a.gate:
             gate()
-        last["t"] = time.perf_counter()
+        last["t"], last["cpu"] = time.perf_counter(), time.process_time()
         return inner_step(self)
 
     def save_model(self, folder):
@@ -220,6 +221,7 @@ def drive(a) -> dict:
         for i in range(a.warmup, a.warmup + a.steps):
             o, tr = got["ours"]["steps"][i], got["trl"]["steps"][i]
             pairs.append({"round": r, "step": i, "ours_s": o["total"], "trl_s": tr["total"], "ratio": tr["total"] / o["total"],
+                          "ours_cpu_s": o["cpu_s"], "trl_cpu_s": tr["cpu_s"], "cpu_ratio": tr["cpu_s"] / o["cpu_s"],
                           "loadavg": got.get("pair_loadavg", [None] * (i + 1))[i]})
         print(f"round {r + 1}/{a.rounds} ({time.perf_counter() - t:.0f} s): ours {got['ours']['episodes_per_s']:.3f}, "
               f"TRL {got['trl']['episodes_per_s']:.3f} episodes/s (medians of {a.steps} steps)", flush=True)
@@ -272,6 +274,7 @@ def summarise(results: dict, pairs: list[dict], a) -> dict:
             "episodes_per_s_median": a.batch_size / med(s["total"] for s in timed),
             "step_s_median": med(s["total"] for s in timed),
             "step_s_min": min(s["total"] for s in timed),
+            "step_cpu_s_median": med(s["cpu_s"] for s in timed),
             "episodes_per_s_runs": [r["episodes_per_s"] for r in runs],
             "phases_s_median": {k: med(s.get(k, 0.0) for s in timed) for k in TABLE_PHASES},
             "loadavg": [(r["loadavg_start"][0], r["loadavg_end"][0]) for r in runs],
@@ -287,6 +290,7 @@ def summarise(results: dict, pairs: list[dict], a) -> dict:
            "ratio_paired_median": med(p["ratio"] for p in pairs),
            "ratio_paired_range": [min(p["ratio"] for p in pairs), max(p["ratio"] for p in pairs)],
            "ratio_best_steps": summary["trl"]["step_s_min"] / summary["ours"]["step_s_min"],
+           "cpu_ratio_paired_median": med(p["cpu_ratio"] for p in pairs),
            "ratio_per_round": [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(results["ours"], results["trl"])],
            "pairs": pairs,
            "prompt_width_per_step": {side: sorted(w) for side, w in widths.items()},
@@ -309,6 +313,8 @@ def print_table(out: dict) -> None:
           f"{out['ratio_paired_median']:.2f} (range {out['ratio_paired_range'][0]:.2f}-{out['ratio_paired_range'][1]:.2f}, "
           f"{len(out['pairs'])} pairs), best steps {out['ratio_best_steps']:.2f}; per round "
           + ", ".join(f"{r:.2f}" for r in out["ratio_per_round"]))
+    print(f"process CPU seconds per step (all threads), medians: ours {s['ours']['step_cpu_s_median']:.3f}, "
+          f"TRL {s['trl']['step_cpu_s_median']:.3f}; paired CPU ratio TRL/ours {out['cpu_ratio_paired_median']:.2f}")
     print("load average (1 min) at each timed pair: " + " ".join(str(p["loadavg"]) for p in out["pairs"]))
     print("load average (1 min, start/end of each process): ours " + " ".join(f"{x}/{y}" for x, y in s["ours"]["loadavg"])
           + "; TRL " + " ".join(f"{x}/{y}" for x, y in s["trl"]["loadavg"]))

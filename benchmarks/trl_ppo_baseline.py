@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         def on_train_begin(self, *a, **k):
             if args.gate:
                 gate()
-            self.last = time.perf_counter()
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
         def on_log(self, _args, state, control, logs=None, **k):
             log_entries.append(dict(logs or {}))
@@ -285,12 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
             ph["update"] = now - marks["update_start"]
             total = now - self.last
             ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
-            steps.append({"total": total, **{k: ph.get(k, 0.0) for k in PHASES}})
+            steps.append({"total": total, "cpu_s": time.process_time() - self.last_cpu, **{k: ph.get(k, 0.0) for k in PHASES}})
             marks["update_start"] = None
             if args.gate and len(steps) < n_steps:
                 gate()
                 now = time.perf_counter()
-            self.last = now
+            self.last, self.last_cpu = now, time.process_time()
 
     trainer.add_callback(StepTimes())
     load_s = time.perf_counter() - t_load
