@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the other benchmarks
 
-import torch  # noqa: E402
+import torch
 
 
 @contextlib.contextmanager
@@ -229,7 +229,7 @@ def main(argv=None):
     times = {n: {"update": [], "generate": [], "reference_and_values": []} for n in names}
     cpu = {n: {"update": [], "generate": [], "reference_and_values": []} for n in names}  # process CPU seconds
     outputs = {}
-    print(f"loadavg {open('/proc/loadavg').read().split()[:3]}, torch threads {torch.get_num_threads()}", flush=True)
+    print(f"loadavg {list(os.getloadavg())}, torch threads {torch.get_num_threads()}", flush=True)
     for r in range(a.rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
@@ -260,7 +260,7 @@ def main(argv=None):
             print(f"round {r + 1} {name:34} update {times[name]['update'][-1]:.3f} s  generate "
                   f"{times[name]['generate'][-1]:.3f} s  ref+values {times[name]['reference_and_values'][-1]:.3f} s",
                   flush=True)
-    print(f"loadavg {open('/proc/loadavg').read().split()[:3]}")
+    print(f"loadavg {list(os.getloadavg())}")
     base = outputs["baseline"]
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     med_cpu = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in cpu.items()}

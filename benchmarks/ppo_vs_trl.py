@@ -42,6 +42,7 @@ TRL: `on_step_end`), warm-up steps excluded. Phases (seconds per step):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -61,7 +62,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # jobs; passive waiting keeps the figures stable. Set before torch loads; export OMP_WAIT_POLICY=ACTIVE to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from trl_ppo_baseline import PhaseTimer, build_models, gate  # noqa: E402
+from trl_ppo_baseline import PhaseTimer, build_models, gate, loadavg
 
 TABLE_PHASES = ["generate", "score", "value", "ref", "update", "update_forward", "update_backward", "update_optimizer",
                 "update_clip", "other"]
@@ -76,7 +77,7 @@ def run_ours(a) -> dict:
     import training_rl
     from common import ppo
 
-    load_avg_start = open("/proc/loadavg").read().split()[:3]
+    load_avg_start = loadavg()
     n_steps = a.warmup + a.steps
     out_dir = os.path.join(a.work_dir, "ours_out")
     argv = ["--model_name", a.model, "--reward_model_name", a.reward_model, "--dataset_name", ROOT, "--subset", "data/rl",
@@ -176,7 +177,7 @@ def run_ours(a) -> dict:
         "response_length_mean": lengths,
         "prompt_width_per_step": widths,
         "run_wall_s": wall,
-        "loadavg_start": load_avg_start, "loadavg_end": open("/proc/loadavg").read().split()[:3],
+        "loadavg_start": load_avg_start, "loadavg_end": loadavg(),
     }
 
 
@@ -212,7 +213,7 @@ def drive(a) -> dict:
         else:
             got = {}
             for side in first:
-                proc = subprocess.run(cmds[side], cwd=ROOT, capture_output=True, text=True)
+                proc = subprocess.run(cmds[side], cwd=ROOT, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 got[side] = last_json_line(proc.stdout)
@@ -231,10 +232,11 @@ def drive(a) -> dict:
 def run_step_alternated(cmds: dict, first: list[str], n_steps: int, work: str, r: int) -> dict:
     """Both sides loaded in their own processes, then one PPO step of each in turn (the other waits on its stdin)."""
     procs, logs = {}, {}
-    for side, cmd in cmds.items():
-        logs[side] = open(os.path.join(work, f"{side}{r}.stderr.log"), "w")
-        procs[side] = subprocess.Popen([*cmd, "--gate"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=logs[side], text=True, bufsize=1)
+
+    def stop(proc):  # only on an error: a side left waiting for its next step
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def read_until(side: str, want_gate: bool):
         for line in procs[side].stdout:
@@ -244,23 +246,28 @@ def run_step_alternated(cmds: dict, first: list[str], n_steps: int, work: str, r
                 return json.loads(line)
         raise RuntimeError(f"{side} ended early (exit {procs[side].wait()}); see {logs[side].name}")
 
-    for side in first:
-        read_until(side, True)  # loaded, waiting before its first step
-    got, loads = {}, []
-    for i in range(n_steps):
-        loads.append(open("/proc/loadavg").read().split()[0])
-        for side in (first if i % 2 == 0 else first[::-1]):
-            procs[side].stdin.write("go\n")
-            procs[side].stdin.flush()
-            if i < n_steps - 1:
-                read_until(side, True)
-            else:
-                got[side] = read_until(side, False)
-    for side in first:
-        procs[side].stdin.close()
-        if procs[side].wait() != 0:
-            raise RuntimeError(f"{side} failed; see {logs[side].name}")
-        logs[side].close()
+    with contextlib.ExitStack() as stack:
+        for side, cmd in cmds.items():
+            logs[side] = stack.enter_context(open(os.path.join(work, f"{side}{r}.stderr.log"), "w"))
+            procs[side] = subprocess.Popen([*cmd, "--gate"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=logs[side], text=True, bufsize=1)
+            stack.callback(stop, procs[side])
+        for side in first:
+            read_until(side, True)  # loaded, waiting before its first step
+        got, loads = {}, []
+        for i in range(n_steps):
+            loads.append(loadavg()[0])
+            for side in (first if i % 2 == 0 else first[::-1]):
+                procs[side].stdin.write("go\n")
+                procs[side].stdin.flush()
+                if i < n_steps - 1:
+                    read_until(side, True)
+                else:
+                    got[side] = read_until(side, False)
+        for side in first:
+            procs[side].stdin.close()
+            if procs[side].wait() != 0:
+                raise RuntimeError(f"{side} failed; see {logs[side].name}")
     got["pair_loadavg"] = loads
     return got
 

@@ -92,7 +92,7 @@ def main(argv=None):
     mark_phases()
     for _ in range(a.warmup):
         trainer.step()
-    print(f"loadavg {open('/proc/loadavg').read().split()[:3]}, torch threads {torch.get_num_threads()}, "
+    print(f"loadavg {list(os.getloadavg())}, torch threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     if a.cprofile:
         prof = cProfile.Profile()

@@ -73,7 +73,11 @@ PHASES = ["generate", "score", "ref", "value", "update", "update_forward", "upda
 def build_models(work_dir: str, seed: int = 0) -> tuple[str, str]:
     """The tiny policy (EOS suppressed in its generation config) and a reward model on the same weights."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     from common import tiny_model
 
@@ -106,6 +110,11 @@ def ordered_prompts(tokenizer, data_file: str, seed: int, max_prompt_length: int
     ids = [x for x in ids if len(x) <= max_prompt_length]
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     return [ids[i] for i in order]
+
+
+def loadavg() -> list[str]:
+    """1, 5 and 15 minute load averages, as /proc/loadavg writes them."""
+    return [f"{x:.2f}" for x in os.getloadavg()]
 
 
 def gate() -> None:
@@ -169,15 +178,20 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from torch.utils.data import DataLoader
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, TrainerCallback)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        TrainerCallback,
+    )
 
     if not trl.__version__.startswith("1.12."):
         print(f"warning: trl {trl.__version__}, not 1.12 (run in the venv of the module docstring)", file=sys.stderr)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
-    load_avg_start = open("/proc/loadavg").read().split()[:3]
+    load_avg_start = loadavg()
     tmp = None
     work_dir = args.work_dir
     if work_dir is None:
@@ -318,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_width_per_step": widths,
         "trainable_params": n_trainable,
         "load_s": load_s,
-        "loadavg_start": load_avg_start, "loadavg_end": open("/proc/loadavg").read().split()[:3],
+        "loadavg_start": load_avg_start, "loadavg_end": loadavg(),
     }
     print(json.dumps(result))
     if tmp is not None:
