@@ -211,6 +211,8 @@ def main(argv=None):
     p.add_argument("--reward_model", required=True)
     p.add_argument("--out_dir", default="/tmp/ppo_step_experiments")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--flops", action="store_true",
+                   help="instead of timing: count each variant's matmul/attention FLOPs (torch.utils.flop_counter), no noise")
     p.add_argument("--variants", default="baseline,lora_rank_scale,last_layer,lora_rank_scale+last_layer,threads1,trim_padding")
     a = p.parse_args(argv)
 
@@ -226,6 +228,24 @@ def main(argv=None):
     snapshot = trainer._snapshot()
     step_count, length_state = got["step_count"], trainer.length_rng.getstate()
     names = a.variants.split(",")
+    if a.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        base = None
+        print(f"{'variant':34}{'update GFLOP':>14}{'ref+values GFLOP':>18}")
+        for name in names:
+            counts = []
+            with variant(name):
+                trainer._restore(copy.deepcopy(snapshot))
+                trainer.step_count = step_count
+                for call in (lambda: trainer.update(b, *upd_args), lambda: trainer.reference_and_values(b)):
+                    with FlopCounterMode(display=False) as fc:
+                        call()
+                    counts.append(fc.get_total_flops() / 1e9)
+            trainer._restore(copy.deepcopy(snapshot))
+            base = base or counts
+            print(f"{name:34}{counts[0]:14.2f}{counts[1]:18.2f}   ({1 - counts[0] / base[0]:.1%}, {1 - counts[1] / base[1]:.1%} fewer)")
+        return
     times = {n: {"update": [], "generate": [], "reference_and_values": []} for n in names}
     cpu = {n: {"update": [], "generate": [], "reference_and_values": []} for n in names}  # process CPU seconds
     outputs = {}
