@@ -1,6 +1,7 @@
 """Candidate speed-ups of our PPO step that compute the same thing, measured on the setup of benchmarks/ppo_vs_trl.py.
 
     python benchmarks/ppo_step_experiments.py --model DIR/tiny --reward_model DIR/rm --rounds 3
+    python benchmarks/ppo_step_experiments.py --model DIR/tiny --reward_model DIR/rm --flops   # exact FLOP counts
     # DIR/tiny, DIR/rm: from benchmarks/trl_ppo_baseline.py build_models (EOS suppressed in DIR/tiny)
 
 An experiment, not project code: each variant is a temporary patch (a context manager) around the real
