@@ -33,8 +33,8 @@ TRL: `on_step_end`), warm-up steps excluded. Phases (seconds per step):
 - value: ours, the no-grad policy forward giving old log-probs and values (shared trunk); TRL, the no-grad forward
   of its separate value model (its old log-probs come from the generation scores);
 - ref: the no-grad forward with the adapter disabled;
-- update: `ppo_epochs` x minibatches, split into update_forward (the model call, ours with log-softmax), update_backward,
-  update_optimizer (AdamW) and, ours only, update_clip (gradient clipping; TRL 1.12 does not clip);
+- update: `ppo_epochs` x minibatches, split into update_forward (the model call, ours with log-softmax),
+  update_backward, update_optimizer (AdamW) and, ours only, update_clip (gradient clipping; TRL 1.12 does not clip);
 - other: the rest of the step (collate, entropy, GAE, whitening, metrics; TRL: its gc.collect() calls, log-softmax of
   the generation scores, logging).
 """
@@ -62,7 +62,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # jobs; passive waiting keeps the figures stable. Set before torch loads; export OMP_WAIT_POLICY=ACTIVE to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from trl_ppo_baseline import PhaseTimer, build_models, gate, loadavg
+from trl_ppo_baseline import PhaseTimer, build_models, gate, loadavg  # noqa: E402
 
 TABLE_PHASES = ["generate", "score", "value", "ref", "update", "update_forward", "update_backward", "update_optimizer",
                 "update_clip", "other"]
@@ -80,8 +80,9 @@ def run_ours(a) -> dict:
     load_avg_start = loadavg()
     n_steps = a.warmup + a.steps
     out_dir = os.path.join(a.work_dir, "ours_out")
-    argv = ["--model_name", a.model, "--reward_model_name", a.reward_model, "--dataset_name", ROOT, "--subset", "data/rl",
-            "--batch_size", str(a.batch_size), "--mini_batch_size", str(a.mini_batch_size), "--gradient_accumulation_steps", "1",
+    argv = ["--model_name", a.model, "--reward_model_name", a.reward_model, "--dataset_name", ROOT,
+            "--subset", "data/rl", "--batch_size", str(a.batch_size), "--mini_batch_size", str(a.mini_batch_size),
+            "--gradient_accumulation_steps", "1",
             "--ppo_epochs", str(a.ppo_epochs), "--output_min_length", str(a.response_length),
             "--output_max_length", str(a.response_length), "--learning_rate", str(a.learning_rate),
             "--steps", str(n_steps * a.batch_size), "--seed", str(a.seed), "--output_dir", out_dir,
@@ -126,7 +127,8 @@ def run_ours(a) -> dict:
         ph.pop("ref_and_values", None)  # its forwards are `value` and `ref`; the rest of it (entropy) is `other`
         total = now - last["t"]
         ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
-        steps.append({"total": total, "cpu_s": time.process_time() - last["cpu"], **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
+        steps.append({"total": total, "cpu_s": time.process_time() - last["cpu"],
+                      **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
         last["t"] = now
 
     # training_rl.main's loop writes metrics and samples after each step(), then comes back for the next one: a step
@@ -134,7 +136,7 @@ def run_ours(a) -> dict:
     inner_step, inner_save = T.step, T.save_model
 
     def step(self):
-        if last["t"] is not None and len(steps) < self.step_count:
+        if last["t"] is not None and len(steps) < self.progress.step:
             close_step()
         if a.gate:
             gate()
@@ -142,11 +144,20 @@ def run_ours(a) -> dict:
         return inner_step(self)
 
     def save_model(self, folder):
-        if len(steps) < self.step_count:
+        if len(steps) < self.progress.step:
             close_step()
         return inner_save(self, folder)
 
     T.step, T.save_model = step, save_model
+    # Our sampling ignores the model's generation_config (common/generation.py), so the suppressed EOS that keeps
+    # TRL's responses at full length is not seen here: sample with no EOS id instead, the same 32 tokens.
+    inner_init = T.__init__
+
+    def init(self, *args, **kwargs):
+        inner_init(self, *args, **kwargs)
+        self.eos_ids = []
+
+    T.__init__ = init
 
     t0 = time.perf_counter()
     training_rl.main(*training_rl.parse(argv))
@@ -173,7 +184,8 @@ def run_ours(a) -> dict:
         "steps": [{k: round(v, 4) for k, v in s.items()} for s in steps],
         # training_rl's own figures (t0..t3 inside step(): metrics, samples and the loop not included)
         "metrics_episodes_per_s_median": statistics.median(m["throughput/episodes_per_s"] for m in mt),
-        "metrics_time_s_median": {k: statistics.median(m[f"time/{k}"] for m in mt) for k in ("generate", "score", "train")},
+        "metrics_time_s_median": {k: statistics.median(m[f"time/{k}"] for m in mt)
+                                  for k in ("generate", "score", "train")},
         "response_length_mean": lengths,
         "prompt_width_per_step": widths,
         "run_wall_s": wall,
@@ -215,13 +227,15 @@ def drive(a) -> dict:
             for side in first:
                 proc = subprocess.run(cmds[side], cwd=ROOT, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                    raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                       f"{proc.stderr[-3000:]}")
                 got[side] = last_json_line(proc.stdout)
         for side in ("ours", "trl"):
             results[side].append(got[side])
         for i in range(a.warmup, a.warmup + a.steps):
             o, tr = got["ours"]["steps"][i], got["trl"]["steps"][i]
-            pairs.append({"round": r, "step": i, "ours_s": o["total"], "trl_s": tr["total"], "ratio": tr["total"] / o["total"],
+            pairs.append({"round": r, "step": i, "ours_s": o["total"], "trl_s": tr["total"],
+                          "ratio": tr["total"] / o["total"],
                           "ours_cpu_s": o["cpu_s"], "trl_cpu_s": tr["cpu_s"], "cpu_ratio": tr["cpu_s"] / o["cpu_s"],
                           "loadavg": got.get("pair_loadavg", [None] * (i + 1))[i]})
         print(f"round {r + 1}/{a.rounds} ({time.perf_counter() - t:.0f} s): ours {got['ours']['episodes_per_s']:.3f}, "
@@ -298,7 +312,8 @@ def summarise(results: dict, pairs: list[dict], a) -> dict:
            "ratio_paired_range": [min(p["ratio"] for p in pairs), max(p["ratio"] for p in pairs)],
            "ratio_best_steps": summary["trl"]["step_s_min"] / summary["ours"]["step_s_min"],
            "cpu_ratio_paired_median": med(p["cpu_ratio"] for p in pairs),
-           "ratio_per_round": [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(results["ours"], results["trl"])],
+           "ratio_per_round": [o["episodes_per_s"] / t["episodes_per_s"]
+                               for o, t in zip(results["ours"], results["trl"])],
            "pairs": pairs,
            "prompt_width_per_step": {side: sorted(w) for side, w in widths.items()},
            "runs": results}
@@ -317,18 +332,21 @@ def print_table(out: dict) -> None:
         o, t = s["ours"]["phases_s_median"][k], s["trl"]["phases_s_median"].get(k, 0.0)
         print(f"{'  ' + k:18}{o:10.3f}{t:10.3f}" + (f"{t / o:10.2f}" if o > 1e-9 and t > 1e-9 else f"{'-':>10}"))
     print(f"ratio ours/TRL episodes/s: {out['ratio_ours_over_trl']:.2f} (medians), paired steps median "
-          f"{out['ratio_paired_median']:.2f} (range {out['ratio_paired_range'][0]:.2f}-{out['ratio_paired_range'][1]:.2f}, "
+          f"{out['ratio_paired_median']:.2f} (range {out['ratio_paired_range'][0]:.2f}-"
+          f"{out['ratio_paired_range'][1]:.2f}, "
           f"{len(out['pairs'])} pairs), best steps {out['ratio_best_steps']:.2f}; per round "
           + ", ".join(f"{r:.2f}" for r in out["ratio_per_round"]))
     print(f"process CPU seconds per step (all threads), medians: ours {s['ours']['step_cpu_s_median']:.3f}, "
           f"TRL {s['trl']['step_cpu_s_median']:.3f}; paired CPU ratio TRL/ours {out['cpu_ratio_paired_median']:.2f}")
     print("load average (1 min) at each timed pair: " + " ".join(str(p["loadavg"]) for p in out["pairs"]))
-    print("load average (1 min, start/end of each process): ours " + " ".join(f"{x}/{y}" for x, y in s["ours"]["loadavg"])
+    print("load average (1 min, start/end of each process): ours "
+          + " ".join(f"{x}/{y}" for x, y in s["ours"]["loadavg"])
           + "; TRL " + " ".join(f"{x}/{y}" for x, y in s["trl"]["loadavg"]))
 
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--side", choices=["both", "ours"], default="both")
     p.add_argument("--trl_python", default="/work/venv_trl112/bin/python", help="Python of the TRL 1.12 venv")
     p.add_argument("--model")
@@ -344,7 +362,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--learning_rate", type=float, default=1.41e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alternate", choices=["steps", "runs"], default="steps",
-                   help="steps: both sides load once per round, then run one PPO step each in turn; runs: whole runs in turn")
+                   help="steps: both sides load once per round, then run one PPO step each in turn; "
+                        "runs: whole runs in turn")
     p.add_argument("--gate", action="store_true", help=argparse.SUPPRESS)  # --side ours under --alternate steps
     p.add_argument("--output", help="write the full results (every run, every step) here as JSON")
     a = p.parse_args(argv)

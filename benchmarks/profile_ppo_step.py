@@ -35,17 +35,19 @@ def build(model: str, reward_model: str, out_dir: str, extra: list[str] | None =
     import training_rl
     from common.modeling import load_tokenizer
 
-    a, m = training_rl.parse([
+    a, c, m = training_rl.parse([
         "--model_name", model, "--reward_model_name", reward_model, "--dataset_name", ROOT, "--subset", "data/rl",
         "--batch_size", "16", "--mini_batch_size", "4", "--gradient_accumulation_steps", "1", "--ppo_epochs", "4",
         "--output_min_length", "32", "--output_max_length", "32", "--learning_rate", "1.41e-5", "--steps", "16000",
         "--seed", "0", "--output_dir", out_dir, *(extra or [])])
-    training_rl.check_args(a, m)
+    training_rl.check_args(a, c, m)
     accelerator = training_rl.make_accelerator(a)
-    set_seed(a.seed)
+    set_seed(c.seed)
     tok = load_tokenizer(m.tokenizer_name or m.model_name_or_path, a.trust_remote_code, "left")
     prompts, _, _ = training_rl.load_prompts(a, tok)
-    return training_rl.build_trainer(a, m, accelerator, tok, prompts)
+    trainer = training_rl.build_trainer(a, c, m, accelerator, tok, prompts)
+    trainer.eos_ids = []  # every response is exactly 32 tokens (our sampling ignores generation_config)
+    return trainer
 
 
 def mark_phases():
@@ -68,7 +70,8 @@ def mark_phases():
     T.score = labelled(T.score, "ppo:score")
     T.reference_and_values = labelled(T.reference_and_values, "ppo:reference_and_values")
     T.update = labelled(T.update, "ppo:update")
-    T.forward = labelled(T.forward, lambda *a, **k: "ppo:update_forward" if torch.is_grad_enabled() else "ppo:nograd_forward")
+    T.forward = labelled(T.forward,
+                         lambda *a, **k: "ppo:update_forward" if torch.is_grad_enabled() else "ppo:nograd_forward")
     Accelerator.backward = labelled(Accelerator.backward, "ppo:update_backward")
     Accelerator.clip_grad_norm_ = labelled(Accelerator.clip_grad_norm_, "ppo:update_clip")
     AcceleratedOptimizer.step = labelled(AcceleratedOptimizer.step, "ppo:update_optimizer")

@@ -67,7 +67,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-PHASES = ["generate", "score", "ref", "value", "update", "update_forward", "update_backward", "update_optimizer", "other"]
+PHASES = ["generate", "score", "ref", "value", "update", "update_forward", "update_backward", "update_optimizer",
+          "other"]
 
 
 def build_models(work_dir: str, seed: int = 0) -> tuple[str, str]:
@@ -150,7 +151,8 @@ class PhaseTimer:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="tiny policy folder (default: built in --work_dir)")
     p.add_argument("--reward_model", help="reward model folder (default: built in --work_dir)")
     p.add_argument("--work_dir", help="where to build the models and write TRL's output (default: a temporary folder)")
@@ -167,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate", action="store_true",
-                   help="before each step print a line starting GATE and wait for a line on stdin (benchmarks/ppo_vs_trl.py "
-                        "uses it to run one step of each side in turn); the wait is not timed")
+                   help="before each step print a line starting GATE and wait for a line on stdin "
+                        "(benchmarks/ppo_vs_trl.py uses it to run one step of each side in turn); "
+                        "the wait is not timed")
     args = p.parse_args(argv)
 
     import torch
@@ -209,8 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if tok.eos_token_id not in (policy.generation_config.suppress_tokens or []):
         raise SystemExit(f"{args.model}/generation_config.json does not suppress EOS: build it with build_models")
-    value_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, dtype=torch.float32)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, dtype=torch.float32)
+    value_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1,
+                                                                     dtype=torch.float32)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1,
+                                                                      dtype=torch.float32)
     for m in (policy, value_model, reward_model):
         m.config.pad_token_id = tok.pad_token_id
 
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_mini_batches=args.batch_size // args.mini_batch_size,
         num_ppo_epochs=args.ppo_epochs,
         total_episodes=n_steps * args.batch_size,
-        local_rollout_forward_batch_size=args.batch_size,  # one generate() / no-grad forward of the whole batch, as ours
+        # one generate() / no-grad forward of the whole batch, as ours
+        local_rollout_forward_batch_size=args.batch_size,
         response_length=args.response_length,
         stop_token=None,
         temperature=1.0,
@@ -255,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                          peft_config=peft_config)
     # The prompts in our trainer's order (TRL's own loader shuffles with its seed): the same batches on both sides.
     trainer.dataloader = trainer.accelerator.prepare(DataLoader(
-        train_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tok), drop_last=True))
+        train_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tok),
+        drop_last=True))
 
     # --- phase timers: wrappers around the functions train() calls; what they compute is unchanged ------------
     timer = PhaseTimer()
@@ -277,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
         return "ref"
 
     ppo_module.forward = timer.wrap(ppo_module.forward, forward_phase)
-    ppo_module.get_reward = timer.wrap(ppo_module.get_reward, lambda model, *a, **k: "value" if model is unwrapped_value else "score")
+    ppo_module.get_reward = timer.wrap(ppo_module.get_reward,
+                                       lambda model, *a, **k: "value" if model is unwrapped_value else "score")
     trainer.accelerator.backward = timer.wrap(trainer.accelerator.backward, lambda *a, **k: "update_backward")
     AcceleratedOptimizer.step = timer.wrap(AcceleratedOptimizer.step, lambda *a, **k: "update_optimizer")
 
@@ -299,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
             ph["update"] = now - marks["update_start"]
             total = now - self.last
             ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
-            steps.append({"total": total, "cpu_s": time.process_time() - self.last_cpu, **{k: ph.get(k, 0.0) for k in PHASES}})
+            steps.append({"total": total, "cpu_s": time.process_time() - self.last_cpu,
+                          **{k: ph.get(k, 0.0) for k in PHASES}})
             marks["update_start"] = None
             if args.gate and len(steps) < n_steps:
                 gate()
@@ -313,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     timed = steps[args.warmup :]
     eos_counts = [entry["val/num_eos_tokens"] for entry in log_entries if "val/num_eos_tokens" in entry]
     if any(c for c in eos_counts):
-        print(f"warning: EOS sampled ({eos_counts}); responses are still {args.response_length} tokens (no stop token)", file=sys.stderr)
+        print(f"warning: EOS sampled ({eos_counts}); responses are still {args.response_length} tokens "
+              "(no stop token)", file=sys.stderr)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     med = {k: statistics.median(s[k] for s in timed) for k in ["total", *PHASES]}
     result = {

@@ -85,7 +85,8 @@ def write_report(root: str, summary: dict, answers: list[dict], plots: list[str]
         "| stage | figure | value |", "| --- | --- | --- |",
         f"| SFT | eval loss before -> after | {_fmt(s['sft_eval_loss_before'])} -> {_fmt(s['sft_eval_loss_after'])} |",
         f"| reward model | eval accuracy (ECE) | {_fmt(s['rm_eval_accuracy'])} ({_fmt(s['rm_ece'])}) |",
-        f"| PPO | mean score, first -> last fifth of {s['ppo_steps']} steps | {_fmt(s['ppo_score_first'])} -> {_fmt(s['ppo_score_last'])} |",
+        f"| PPO | mean score, first -> last fifth of {s['ppo_steps']} steps | {_fmt(s['ppo_score_first'])} -> "
+        f"{_fmt(s['ppo_score_last'])} |",
         f"| PPO | KL to the SFT model, last step (max) | {_fmt(s['ppo_kl_last'])} ({_fmt(s['ppo_kl_max'])}) |",
         "", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds_per_stage"].items()), "",
         "## The same held-out questions, before and after PPO", "",
@@ -140,16 +141,21 @@ def print_summary(s: dict, answers: list[dict]) -> None:
     learned_ppo = s["ppo_score_last"] is not None and s["ppo_score_last"] > s["ppo_score_first"]
     print(
         "\n================ RLHF pipeline summary ================\n"
-        f"SFT           eval loss {_fmt(s['sft_eval_loss_before'])} -> {_fmt(s['sft_eval_loss_after'])}   fell: {ok(learned_sft)}\n"
-        f"reward model  eval accuracy {_fmt(s['rm_eval_accuracy'])}   >= 0.9: {ok((s['rm_eval_accuracy'] or 0) >= 0.9)}\n"
-        f"PPO           score {_fmt(s['ppo_score_first'])} -> {_fmt(s['ppo_score_last'])} (first -> last fifth)   rose: {ok(learned_ppo)}\n"
-        f"              KL last {_fmt(s['ppo_kl_last'])}, max {_fmt(s['ppo_kl_max'])}, kl_coef {_fmt(s['ppo_kl_coef_last'])}\n"
+        f"SFT           eval loss {_fmt(s['sft_eval_loss_before'])} -> {_fmt(s['sft_eval_loss_after'])}   "
+        f"fell: {ok(learned_sft)}\n"
+        f"reward model  eval accuracy {_fmt(s['rm_eval_accuracy'])}   "
+        f">= 0.9: {ok((s['rm_eval_accuracy'] or 0) >= 0.9)}\n"
+        f"PPO           score {_fmt(s['ppo_score_first'])} -> {_fmt(s['ppo_score_last'])} (first -> last fifth)   "
+        f"rose: {ok(learned_ppo)}\n"
+        f"              KL last {_fmt(s['ppo_kl_last'])}, max {_fmt(s['ppo_kl_max'])}, "
+        f"kl_coef {_fmt(s['ppo_kl_coef_last'])}\n"
         f"time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()) + "\n"
         "========================================================", file=sys.stdout,
     )
     if answers:
         row = answers[0]
-        print(f"\nQ: {row['question']}\nSFT   ({row['sft_merged']['score']:+.2f}): {row['sft_merged']['answer'][:160]!r}\n"
+        print(f"\nQ: {row['question']}\n"
+              f"SFT   ({row['sft_merged']['score']:+.2f}): {row['sft_merged']['answer'][:160]!r}\n"
               f"final ({row['final']['score']:+.2f}): {row['final']['answer'][:160]!r}")
 
 

@@ -80,9 +80,11 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, se
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="models/tiny")
-    parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))
+    parser.add_argument("--data_dir",
+                        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--num_layers", type=int, default=4)
