@@ -75,6 +75,16 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: str, timeout: float = 300)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
+def mark_checkpoint(checkpoint: str) -> str:
+    """Put a file into ``checkpoint`` that no run writes, before resuming from it. A resume only saves later steps;
+    a run that ignored the checkpoint and started over saves this step again (``replace_folder``), and the file is
+    gone. The weights and the metrics' step list cannot tell the two apart: every run here is deterministic."""
+    path = os.path.join(checkpoint, "resumed_from.marker")
+    with open(path, "w", encoding="utf-8"):
+        pass
+    return path
+
+
 def max_weight_diff(a_dir: str, b_dir: str, name: str) -> float:
     from safetensors.torch import load_file
 

@@ -9,7 +9,7 @@ import torch
 
 from common.cli import UserError, run
 from common.outputs import find_checkpoint, read_metrics
-from conftest import kill_after_checkpoint, max_weight_diff, run_script
+from conftest import kill_after_checkpoint, mark_checkpoint, max_weight_diff, run_script
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
@@ -138,7 +138,18 @@ def test_a_checkpoint_cut_short_is_left_as_tmp_and_never_resumed_from(tiny_model
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         assert os.path.isfile(os.path.join(out, "checkpoint-4", name)), name
 
+    # The resumed run trains the steps after checkpoint-4 only: a run that started over would train from step 0, and
+    # (deterministic) end on the same weights, checkpoints and metrics' step list.
+    trained = []
+    real_step = transformers.Trainer.training_step
+
+    def counted(self, *a, **k):
+        trained.append(self.state.global_step)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", counted)
     run(lambda: training_sft.main(*training_sft.parse([*args, "--resume_from_checkpoint", "latest"])))
+    assert sorted(set(trained)) == [4, 5, 6, 7], trained  # global_step before each of the optimizer steps 5 to 8
     names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint"))
     assert names == ["checkpoint-6", "checkpoint-8"]  # the leftover replaced, the oldest rotated out
     assert json.load(open(os.path.join(out, "checkpoint-8", "trainer_state.json")))["global_step"] == 8
@@ -154,7 +165,9 @@ def test_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, t
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*args, "--output_dir", full)
     kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-8"))
+    marker = mark_checkpoint(os.path.join(cut, "checkpoint-8"))
     run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
+    assert os.path.isfile(marker), "checkpoint-8 was saved again: the run started over instead of resuming"
     assert [m["step"] for m in read_metrics(cut)] == list(range(1, 17))
     assert max_weight_diff(full, cut, "adapter_model.safetensors") < 1e-5
 
@@ -169,7 +182,11 @@ def test_ppo_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, t
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*args, "--output_dir", full)
     kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-2"))
+    marker = mark_checkpoint(os.path.join(cut, "checkpoint-2"))
+    before = read_metrics(cut)[:2]  # wall-clock timings: a run that started over would write other ones
     run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
+    assert os.path.isfile(marker), "checkpoint-2 was saved again: the run started over instead of resuming"
+    assert read_metrics(cut)[:2] == before
     assert [m["step"] for m in read_metrics(cut)] == [1, 2, 3, 4]
     assert max_weight_diff(full, cut, "adapter_model.safetensors") < 1e-5
     assert max_weight_diff(full, cut, "value_head.safetensors") < 1e-5
