@@ -8,7 +8,7 @@ import torch
 
 from common.cli import UserError
 from common.outputs import read_metrics
-from conftest import TORCHRUN, assert_user_error, max_weight_diff, run_script
+from conftest import TORCHRUN, assert_user_error, mark_checkpoint, max_weight_diff, run_script
 
 METRIC_KEYS = [
     "step", "episodes", "objective/scores", "objective/scores_std", "objective/kl", "objective/kl_coef",
@@ -104,7 +104,10 @@ def test_full_fine_tuning_with_a_reward_model_of_another_tokenizer_resumes_exact
     # A crash after checkpoint-1, resumed: the weights of the uninterrupted run.
     cut = tmp_path / "cut"
     shutil.copytree(os.path.join(out, "checkpoint-1"), cut / "checkpoint-1")
+    marker = mark_checkpoint(str(cut / "checkpoint-1"))
     ppo(tiny_model, rm, str(cut), *args, "--resume_from_checkpoint", "latest")
+    assert os.path.isfile(marker), "checkpoint-1 was saved again: the run started over instead of resuming"
+    assert [m["step"] for m in read_metrics(str(cut))] == [2]  # only the step after the checkpoint was trained
     assert max_weight_diff(out, str(cut), "model.safetensors") < 1e-6
     assert max_weight_diff(out, str(cut), "value_head.safetensors") < 1e-6
 

@@ -11,7 +11,7 @@ import yaml
 
 from common.outputs import read_metrics
 from common.prompts import format_example
-from conftest import assert_user_error, kill_after_checkpoint, run_script
+from conftest import assert_user_error, kill_after_checkpoint, mark_checkpoint, run_script
 
 DATA = ["--dataset_name", ".", "--train_data_dir", "data/reward", "--eval_data_dir", "data/evaluation"]
 # A random base needs a far higher learning rate than StackLLaMA's 2e-5 for a pretrained 7B model.
@@ -145,8 +145,10 @@ def test_config_yaml_and_a_run_killed_after_a_checkpoint_resumes_to_the_same_wei
                            "--output_dir", cut],
                           os.path.join(cut, "checkpoint-2"))
     assert not os.path.exists(os.path.join(cut, "adapter_config.json"))
+    marker = mark_checkpoint(os.path.join(cut, "checkpoint-2"))
     run_script("training_reward_model.py", "--config", str(config), "--max_steps", "4", "--output_dir", cut,
                "--resume_from_checkpoint", "latest")
+    assert os.path.isfile(marker), "checkpoint-2 was saved again: the run started over instead of resuming"
     assert [m["step"] for m in read_metrics(cut)] == [1, 2, 3, 4]
     a = load_file(os.path.join(full, "adapter_model.safetensors"))
     b = load_file(os.path.join(cut, "adapter_model.safetensors"))
