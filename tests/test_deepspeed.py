@@ -19,7 +19,7 @@ import os
 import pytest
 
 from common.outputs import read_metrics
-from conftest import TORCHRUN, max_weight_diff, run_script
+from conftest import TORCHRUN, mark_checkpoint, max_weight_diff, run_script
 
 ENV = {"DS_ACCELERATOR": "cpu"}  # what DeepSpeed falls back to without a GPU anyway, minus the warning
 
@@ -132,7 +132,9 @@ def test_sft_two_processes_under_zero_match_ddp_and_resume_exactly(tiny_model, d
     os.rename(checkpoint, os.path.join(cut, "checkpoint-6"))
     with open(os.path.join(full, "metrics.jsonl")) as f, open(os.path.join(cut, "metrics.jsonl"), "w") as g:
         g.write(f.read())  # the resumed run drops the lines after its checkpoint itself
+    marker = mark_checkpoint(os.path.join(cut, "checkpoint-6"))
     run_script(*launch, "--output_dir", cut, "--resume_from_checkpoint", "latest", env=ENV, timeout=900)
+    assert os.path.isfile(marker), "checkpoint-6 was saved again: the run started over instead of resuming"
     assert max_weight_diff(full, cut, "adapter_model.safetensors") == 0.0
     assert _series(cut, "loss") == _series(full, "loss")
 
@@ -188,6 +190,9 @@ def test_ppo_two_processes_under_zero_match_ddp_and_resume_exactly(ppo_models, t
     os.rename(os.path.join(full, "checkpoint-2"), os.path.join(cut, "checkpoint-2"))
     with open(os.path.join(full, "metrics.jsonl")) as f, open(os.path.join(cut, "metrics.jsonl"), "w") as g:
         g.writelines(f.readlines()[:2])
+    marker = mark_checkpoint(os.path.join(cut, "checkpoint-2"))
     run_script(*launch, "--output_dir", cut, "--resume_from_checkpoint", "latest", env=ENV, timeout=900)
+    assert os.path.isfile(marker), "checkpoint-2 was saved again: the run started over instead of resuming"
+    assert read_metrics(cut)[:2] == read_metrics(full)[:2]  # kept: a run that started over writes other timings
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         assert max_weight_diff(full, cut, name) == 0.0, name
