@@ -179,6 +179,72 @@ def test_gemma2_soft_capping_is_in_rollout_reference_and_training_log_probs():
         assert (uncapped[i, :n] - torch.tensor(training[i])).abs().max() > 0.1  # skipping the cap would show
 
 
+def _dropout_probabilities(model) -> dict[str, float]:
+    """Every dropout probability in ``model``: each ``nn.Dropout``'s ``p`` (GPT-2's attention passes
+    ``attn_dropout.p`` to SDPA; LoRA's dropouts are modules too) and attention dropout kept as a float (Llama)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            found[name] = module.p
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            found[name + ".attention_dropout"] = module.attention_dropout
+    return found
+
+
+def _with_dropout(family: str, attn: str):
+    """A tiny model with dropout 0.1 everywhere its family has one, and a LoRA adapter with lora_dropout 0.1 whose B is
+    not zero (a zero B would leave the LoRA dropout without effect)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if family == "gpt2":
+        torch.manual_seed(0)
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=64, attn_pdrop=0.1,
+                            resid_pdrop=0.1, embd_pdrop=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        config._attn_implementation = attn
+        lm, targets = GPT2LMHeadModel(config).eval(), ["c_attn", "c_proj"]
+    else:
+        lm, targets = _llama(attention_dropout=0.1, attn_implementation=attn), ["q_proj", "v_proj", "o_proj"]
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, target_modules=targets,
+                      fan_in_fan_out=family == "gpt2")
+    return get_peft_model(lm, lora)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_disable_dropout_sets_every_dropout_to_zero_so_training_sees_the_rollouts_log_probs(family, attn):
+    """PPO samples in eval mode and trains in train mode: with any dropout left on, the training forward would see
+    other log-probs than the rollout's for the same weights (training_rl.disable_dropout)."""
+    from training_rl import disable_dropout
+
+    policy = _with_dropout(family, attn)
+    before = _dropout_probabilities(policy)
+    assert any("lora_dropout" in n and p == 0.1 for n, p in before.items()), before
+    kinds = ("attn_dropout", "resid_dropout", "drop") if family == "gpt2" else ("attention_dropout",)
+    for kind in kinds:
+        assert any(n.endswith(kind) and p == 0.1 for n, p in before.items()), (kind, before)
+    ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(2))
+    policy.train()
+    with torch.no_grad():
+        assert not torch.equal(policy(ids).logits, policy(ids).logits)  # dropout is active before
+
+    disable_dropout(policy)
+    assert all(p == 0.0 for p in _dropout_probabilities(policy).values()), _dropout_probabilities(policy)
+    policy.train()
+    with torch.no_grad():
+        first, second = policy(ids).logits, policy(ids).logits
+    assert torch.equal(first, second)
+    # The rollout (eval mode, as PPOTrainer.generate) against the training forward in train mode (as update()).
+    model = _with_value_head(policy)
+    torch.manual_seed(3)
+    prompts = [[1, 5, 9, 11], [1, 6, 7]]
+    responses, rollout = sample_responses(model.lm().eval(), prompts, 8, 1.0, [2], 0, return_logprobs=True)
+    model.train()
+    for gen, train in zip(rollout, _training_logprobs(model, prompts, responses)):
+        torch.testing.assert_close(torch.tensor(gen), torch.tensor(train), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loss at any batch layout
 # ----------------------------------------------------------------------------------------------------------------
