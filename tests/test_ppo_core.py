@@ -300,12 +300,19 @@ def _delta(weights, start):
 def test_responses_of_unequal_length_give_the_same_step_at_any_micro_batch_split():
     assert len({len(r) for r in RESPONSES}) == 4 and len({len(p) for p in PROMPTS}) == 4  # deliberately unequal
     start = tiny_policy().state_dict()
-    whole = _delta(run_update(mini=4, accum=1), start)
+    raw_whole = run_update(mini=4, accum=1)
+    whole = _delta(raw_whole, start)
     assert max(v.abs().max().item() for v in whole.values()) > 1e-3  # the step moved the weights
+    # policy and value loss, approxkl, policy clipfrac: all non-zero (val/clipfrac is 0: values start at old_values)
+    assert (raw_whole["stats"][:4].abs() > 1e-2).all(), raw_whole["stats"]
     for mini, accum in ((1, 4), (2, 2)):
-        split = _delta(run_update(mini=mini, accum=accum), start)
+        raw_split = run_update(mini=mini, accum=accum)
+        split = _delta(raw_split, start)
         for k in whole:
             torch.testing.assert_close(split[k], whole[k], atol=1e-5, rtol=0, msg=f"mini {mini} x accum {accum}: {k}")
+        # the statistics are token-weighted over the whole step too (measured within 1e-6)
+        torch.testing.assert_close(raw_split["stats"], raw_whole["stats"], atol=1e-5, rtol=0,
+                                   msg=f"mini {mini} x accum {accum}: stats")
 
 
 @pytest.mark.slow
