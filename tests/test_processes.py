@@ -15,6 +15,8 @@ SFT = ["--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "
 
 @pytest.mark.slow
 def test_sft_two_processes_learn_like_one_with_the_same_global_batch(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_script("training_sft.py", "--model_name_or_path", tiny_model, *SFT, "--batch_size", "8", "--output_dir", one)
     proc = run_script(*TORCHRUN, "--master_port", "29561", "training_sft.py", "--model_name_or_path", tiny_model, *SFT,
@@ -24,8 +26,14 @@ def test_sft_two_processes_learn_like_one_with_the_same_global_batch(tiny_model,
     b = [m["loss"] for m in read_metrics(two) if "loss" in m]
     assert len(a) == len(b) == 12
     assert a[-1] < 0.9 * a[0] and b[-1] < 0.9 * b[0]  # both learn
-    assert abs(sum(a[-4:]) / 4 - sum(b[-4:]) / 4) < 0.1 * a[0]  # and end in the same place
-    assert os.path.isfile(os.path.join(two, "adapter_model.safetensors"))
+    # ... and take the same steps: equal at step 1, then apart by rounding that 12 Adam steps amplify. Measured: the
+    # losses at most 0.032 apart at any step, the trained lm_head 0.015 apart (relative). Two processes with a global
+    # batch of 4 instead of 8: 0.62 and 0.22. (The adapter's largest element difference tells the two cases apart
+    # hardly at all, 0.023 against 0.026, so it is not the measure here.)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.15, (a, b)
+    head = [load_file(os.path.join(d, "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+            for d in (one, two)]
+    assert (head[0] - head[1]).norm() / head[0].norm() < 0.06
     # The checkpoint holds both processes' RNG states: renamed into place only after both wrote theirs.
     assert sorted(n for n in os.listdir(two) if n.startswith("checkpoint")) == ["checkpoint-12"]
     for name in ("rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt",
