@@ -143,8 +143,13 @@ def test_temperature_scales_the_sampled_and_the_trained_distribution_alike():
     torch.manual_seed(4)
     prompts = [[1, 5, 9], [1, 6, 7, 8]]
     responses, gen_logprobs = sample_responses(lm, prompts, 8, 0.6, [2], 0, return_logprobs=True)
-    for gen, train in zip(gen_logprobs, _training_logprobs(_with_value_head(lm), prompts, responses, 0.6)):
+    policy = _with_value_head(lm)
+    trained = _training_logprobs(policy, prompts, responses, 0.6)
+    for gen, train in zip(gen_logprobs, trained):
         torch.testing.assert_close(torch.tensor(gen), torch.tensor(train), atol=1e-5, rtol=0)
+    # and the temperature was applied: both sides ignoring it would agree at T = 1 as well
+    at_one = _training_logprobs(policy, prompts, responses, 1.0)
+    assert max(abs(a - b) for x, y in zip(trained, at_one) for a, b in zip(x, y)) > 1e-2  # measured 0.15
 
 
 def test_gemma2_soft_capping_is_in_rollout_reference_and_training_log_probs():
