@@ -11,6 +11,7 @@ import sys
 import matplotlib.image as mpimg
 import pytest
 
+import common.plots
 from common.plots import detect_stage, moving_average, plot_pipeline, plot_run, series
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,49 @@ def assert_png(path: str) -> None:
     assert mpimg.imread(path).var() > 0, f"{path} is blank"
 
 
+# The series each panel of a stage's figure must draw, in panel order; written out here, not read from common.plots,
+# so that a panel key drifting from the metric the trainer logs fails
+PANELS = {
+    "sft_loss.png": [["loss", "eval_loss"]],
+    "rm_accuracy.png": [["accuracy", "eval_accuracy"]],
+    "rm_loss.png": [["loss", "eval_loss"]],
+    "ppo.png": [["objective/scores"], ["objective/kl"], ["objective/kl_coef"], ["response/length_mean"],
+                ["objective/entropy"], ["objective/rlhf_reward"]],
+}
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """The figure behind each PNG the plot functions save, by path (``_save`` closes it; its artists stay)."""
+    saved, real = {}, common.plots._save
+
+    def save(fig, out_dir, name, title):
+        path = real(fig, out_dir, name, title)
+        saved[path] = fig
+        return path
+
+    monkeypatch.setattr(common.plots, "_save", save)
+    return saved
+
+
+def assert_drawn(path: str, figures: dict, records: list[dict]) -> None:
+    """``path`` is a PNG, and each visible panel of its figure draws every series it should, point for point, from
+    ``records`` (the raw line; the smoothed one is beside it), and none says "no data"."""
+    assert_png(path)
+    fig = figures[path]
+    panels = PANELS.get(os.path.basename(path)) or [[k] for k in dict.fromkeys(k for r in records for k in r)
+                                                    if k not in ("step", "epoch") and series(records, k)[0]][:12]
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == len(panels), (path, [ax.get_title() for ax in axes])
+    for ax, keys in zip(axes, panels):
+        assert not any(t.get_text() == "no data" for t in ax.texts), (path, ax.get_title())
+        lines = [([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()]) for line in ax.lines]
+        expected = [series(records, k) for k in keys if series(records, k)[0]]
+        assert expected, (path, keys)  # the records do hold data for this panel
+        for xy in expected:
+            assert (list(map(float, xy[0])), xy[1]) in lines, (path, ax.get_title(), keys)
+
+
 @pytest.mark.parametrize("records, names", [
     (sft_records(), ["sft_loss.png"]),
     (rm_records(), ["rm_accuracy.png", "rm_loss.png"]),
@@ -70,28 +114,28 @@ def assert_png(path: str) -> None:
     ([{"step": s, "foo": s * 2.0, "bar/baz": None if s == 3 else 1.0 / s, "note": "x"} for s in range(1, 20)],
      ["metrics.png"]),
 ], ids=["sft", "rm", "ppo", "generic"])
-def test_plot_run_each_stage(tmp_path, records, names):
+def test_plot_run_each_stage(tmp_path, figures, records, names):
     run_dir = write_run(tmp_path / "run", records)
     written = plot_run(run_dir)
     assert sorted(written) == sorted(os.path.join(run_dir, n) for n in names)
     for path in written:
-        assert_png(path)
+        assert_drawn(path, figures, records)
 
 
 @pytest.mark.parametrize("records", [sft_records(1)[1:], rm_records(1), ppo_records(1), [{"step": 7, "x": 1.0}]],
                          ids=["sft", "rm", "ppo", "generic"])
-def test_single_data_point(tmp_path, records):
+def test_single_data_point(tmp_path, figures, records):
     out = tmp_path / "figs"
     written = plot_run(write_run(tmp_path / "run", records), str(out))
     assert written and all(os.path.dirname(p) == str(out) for p in written)
     for path in written:
-        assert_png(path)
+        assert_drawn(path, figures, records)
 
 
-def test_generic_panel_cap(tmp_path):
+def test_generic_panel_cap(tmp_path, figures):
     records = [{"step": s, **{f"m{i}": float(i + s) for i in range(20)}} for s in range(5)]
     [path] = plot_run(write_run(tmp_path / "run", records))
-    assert_png(path)
+    assert_drawn(path, figures, records)  # the first 12 keys, in order
 
 
 def test_helpers():
@@ -104,16 +148,17 @@ def test_helpers():
     assert moving_average([4.0]) == [4.0]
 
 
-def test_plot_pipeline(tmp_path):
+def test_plot_pipeline(tmp_path, figures):
     root = tmp_path / "pipeline"
-    write_run(root / "sft", sft_records())
-    write_run(root / "rm", rm_records())
-    write_run(root / "ppo", ppo_records())
+    records = {"sft_loss.png": sft_records(), "rm_accuracy.png": rm_records(), "ppo.png": ppo_records()}
+    write_run(root / "sft", records["sft_loss.png"])
+    write_run(root / "rm", records["rm_accuracy.png"])
+    write_run(root / "ppo", records["ppo.png"])
     written = plot_pipeline(str(root))
     assert sorted(os.path.basename(p) for p in written) == ["ppo.png", "rm_accuracy.png", "sft_loss.png"]
     for path in written:
         assert os.path.dirname(path) == str(root)
-        assert_png(path)
+        assert_drawn(path, figures, records[os.path.basename(path)])
     # a missing stage is skipped
     write_run(tmp_path / "partial" / "ppo", ppo_records())
     assert [os.path.basename(p) for p in plot_pipeline(str(tmp_path / "partial"), str(tmp_path / "out"))] == ["ppo.png"]
