@@ -54,6 +54,40 @@ def score_rows(model, tokenizer, rows, max_tokens=None):
     return score_texts(model, tokenizer, chosen, 16), score_texts(model, tokenizer, rejected, 16)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("pad", ["eos", "unk"])
+def test_score_texts_gives_each_text_the_score_of_a_forward_of_it_alone(tiny_model, pad, padding_side):
+    """common.reward.score_texts (the reward model's report, its stats and PPO's scores) against a plain unpadded
+    forward of each text with its EOS: padding, batching and the EOS append. With pad = EOS (what the stages set
+    when a tokenizer has none) the model reads the last token before the EOS; with another pad token, the EOS."""
+    from transformers import AutoModelForSequenceClassification
+
+    from common.modeling import load_tokenizer
+    from common.reward import score_texts
+
+    tokenizer = load_tokenizer(tiny_model, padding_side=padding_side)  # pad = EOS: the tiny tokenizer has none
+    if pad == "unk":
+        tokenizer.pad_token = tokenizer.unk_token
+    assert (tokenizer.pad_token_id == tokenizer.eos_token_id) == (pad == "eos")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        model.score.weight.mul_(50)  # scores far apart, so one read from another text or position would show
+    texts = [format_example(r["question"], r["response_j"]) for r in eval_pairs(6)]
+    lengths = [len(tokenizer(t + tokenizer.eos_token)["input_ids"]) for t in texts]
+    assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1  # both batches of 4 have padded rows
+    scores = score_texts(model, tokenizer, texts, batch_size=4)
+    alone = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt")["input_ids"]
+            assert ids[0, -1].item() == tokenizer.eos_token_id
+            alone.append(model(input_ids=ids).logits[0, 0].item())
+    assert scores.shape == (len(texts),) and max(alone) - min(alone) > 1  # measured 21 to 23
+    torch.testing.assert_close(scores, torch.tensor(alone), atol=1e-3, rtol=0)  # measured <= 1.5e-5 apart
+
+
 @pytest.mark.slow
 def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, tmp_path):
     out = str(tmp_path / "rm")
