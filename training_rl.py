@@ -294,13 +294,15 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
 def disable_dropout(model: torch.nn.Module) -> None:
     """Every dropout of the model off: with dropout the log-probs at sampling time, the old log-probs and the training
     log-probs of the same tokens disagree (Huang et al. 2024, sec. 4). Dropout modules get p = 0 (some models read
-    `.p`, GPT-2's attention among them), attention dropout given as a probability is set to 0, and LoRA's dropouts
-    become identities, what peft builds for lora_dropout 0 (no call per layer)."""
+    `.p`, GPT-2's attention among them); dropout kept as a probability on a module (`attention_dropout`, OPT's
+    `dropout` and `activation_dropout`, passed to `nn.functional.dropout`) and OPT's `layerdrop` are set to 0; LoRA's
+    dropouts become identities, what peft builds for lora_dropout 0 (no call per layer)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name in ("attention_dropout", "dropout", "activation_dropout", "layerdrop"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
         lora_dropout = getattr(module, "lora_dropout", None)
         if isinstance(lora_dropout, torch.nn.ModuleDict):
             for name in list(lora_dropout.keys()):

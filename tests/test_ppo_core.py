@@ -253,10 +253,7 @@ def test_disable_dropout_sets_every_dropout_to_zero_so_training_sees_the_rollout
 def _family_params():
     from test_architectures import FAMILIES
 
-    opt_bug = pytest.mark.xfail(strict=True, reason="disable_dropout leaves OPT's dropout on: OPT keeps it as a float "
-                                "attribute `dropout` (config.dropout, read by nn.functional.dropout), not a module")
-    return [pytest.param(name, spec, marks=[opt_bug] if name == "opt" else [], id=name)
-            for name, spec in sorted(FAMILIES.items())]
+    return [pytest.param(name, spec, id=name) for name, spec in sorted(FAMILIES.items())]
 
 
 @pytest.mark.parametrize("family, spec", _family_params())
