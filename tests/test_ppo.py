@@ -194,6 +194,10 @@ def test_a_causal_lm_is_not_a_reward_model(tiny_model, tmp_path, capsys):
     from common.cli import run
 
     args = ["--model_name", tiny_model, "--reward_model_name", tiny_model, *FAST, "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         run(lambda: training_rl.main(*training_rl.parse(args)))
-    assert "score" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # one user error (exit 2, no traceback) that says why, not just any message that mentions a score
+    assert exit_info.value.code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
+    message = err.split("error: ", 1)[1]
+    assert "--reward_model_name" in message and "not a reward model" in message, err
