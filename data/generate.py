@@ -59,6 +59,7 @@ LOOKALIKE_SHARES = {  # share of each split's pairs whose rejected answer looks 
     "lookalike_broken": 0.20,       # the preferred answer with a subtly broken variant of its code
 }
 MIN_LOOKALIKE_SHARE = 0.5  # checked for reward and evaluation
+MAX_WRONG_FIX_COVERAGE = 0.5  # a wrong-fix answer's code holds at most half of the terms of any right fix
 LENGTH_TOLERANCE = 0.25  # look-alike rejected answers are within +-25% of the preferred answer's length
 PRETRAIN_SPLITS = ("finetune", "reward")  # whose questions and preferred answers go into the pretraining corpus
 HELD_OUT = ("evaluation", "rl")  # no question (or question core) of these is in the pretraining corpus
@@ -1952,7 +1953,7 @@ KEYS: dict[str, dict] = {
             B("bash", "git reset --soft HEAD~2\ngit status   # [[file]] is still staged", "HEAD~2"),
         ]),
     "git-merge-conflict": dict(
-        fix=[["git status", "git add", "git commit"], ["--theirs", "git add", "git commit"]],
+        fix=[["<<<<<<<", ">>>>>>>", "git add", "git commit"], ["--theirs", "git add", "git commit"]],
         broken=[
             B("bash", "git status                 # lists conflicted files\n"
                       "# edit [[file]]: delete everything between <<<<<<< and >>>>>>>, markers included\n"
@@ -2446,10 +2447,15 @@ def code_of(answer: str) -> str:
     return "\n".join(FENCE_BLOCK.findall(answer))
 
 
+def fix_coverage(answer: str, key: dict) -> float:
+    """The largest share of the terms of a right fix of the answer key that the answer's code holds."""
+    code = code_of(answer)
+    return max(sum(contains(code, term) for term in alt) / len(alt) for alt in key["fix"])
+
+
 def covers_fix(answer: str, key: dict) -> bool:
     """Whether the answer's code holds every term of at least one right fix of the answer key."""
-    code = code_of(answer)
-    return any(all(contains(code, term) for term in alt) for alt in key["fix"])
+    return fix_coverage(answer, key) == 1.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -2733,7 +2739,8 @@ def _donors(t: dict, spec: dict, key: dict) -> list[list[tuple[dict, dict]]]:
 
 
 def wrong_fix_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
-    """(ii) The preferred answer of another topic's question, filled with this question's names."""
+    """(ii) The preferred answer of another topic's question, filled with this question's names; its code holds
+    at most half of the terms of any right fix (both may use ``git add`` or ``re.findall``, not more)."""
     attempts = 0
     for tier in donors(t, spec, key):
         tier = tier[:]
@@ -2746,7 +2753,7 @@ def wrong_fix_answer(rng, t, spec, slots, question, plan, good, key) -> str | No
             for short in (len(good) < 300, len(good) >= 300):
                 bad = render(plan_good(rng, t2, spec2, slots2, short=short), slots2)
                 if (similar_length(good, bad) and len(question) + len(bad) <= MAX_PAIR_CHARS
-                        and not covers_fix(bad, key)):
+                        and fix_coverage(bad, key) <= MAX_WRONG_FIX_COVERAGE):
                     return bad
     return None
 
@@ -2991,8 +2998,8 @@ def check_pair(where: str, row: dict) -> None:
     if kind == "lookalike_wrong_names" and (not key["names"] or any(contains(bad, n) for n in key["names"])
                                             or not covers_fix(bad, key)):
         raise AssertionError(f"{where}: a wrong-names answer has the right fix and none of the question's names")
-    if kind == "lookalike_wrong_fix" and covers_fix(bad, key):
-        raise AssertionError(f"{where}: a wrong-fix answer covers a right fix")
+    if kind == "lookalike_wrong_fix" and fix_coverage(bad, key) > MAX_WRONG_FIX_COVERAGE:
+        raise AssertionError(f"{where}: a wrong-fix answer holds more than half of a right fix's terms")
     if kind == "lookalike_broken" and not any(contains(bad, m) for m in key["forbidden"]):
         raise AssertionError(f"{where}: a broken answer contains none of the key's forbidden markers")
 
