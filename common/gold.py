@@ -322,14 +322,19 @@ def _rows(data_dir: str, splits: tuple[str, ...]):
                 yield json.loads(line)
 
 
-@lru_cache(maxsize=4)
 def load_answer_keys(data_dir: str | None = None, splits: tuple[str, ...] = SPLITS) -> dict[str, dict]:
     """Question text -> answer key, for every row of the given splits of the sample data (questions are unique
-    across splits). Returns a shared dict: do not modify it."""
+    across splits); ``data_dir`` defaults to this repository's ``data/``. Read once per process and shared: do
+    not modify the result."""
+    return _load_answer_keys(os.path.abspath(data_dir or DATA_DIR), tuple(splits))
+
+
+@lru_cache(maxsize=4)
+def _load_answer_keys(data_dir: str, splits: tuple[str, ...]) -> dict[str, dict]:
     keys = {}
-    for row in _rows(data_dir or DATA_DIR, tuple(splits)):
+    for row in _rows(data_dir, splits):
         if "answer_key" not in row:
-            raise ValueError(f"{data_dir or DATA_DIR}: rows have no 'answer_key'; regenerate with data/generate.py")
+            raise ValueError(f"{data_dir}: rows have no 'answer_key'; regenerate them with data/generate.py")
         keys[row["question"]] = _as_key(row["answer_key"])
     return keys
 
@@ -347,11 +352,16 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-@lru_cache(maxsize=4)
 def vocabulary(data_dir: str | None = None, splits: tuple[str, ...] = SPLITS) -> frozenset[str]:
-    """Every word (see ``words``) of the questions and of both answers of the sample data's splits."""
+    """Every word (see ``words``) of the questions and of both answers of the sample data's splits (all four by
+    default; ``data_dir`` defaults to this repository's ``data/``). About 2,000 words."""
+    return _vocabulary(os.path.abspath(data_dir or DATA_DIR), tuple(splits))
+
+
+@lru_cache(maxsize=4)
+def _vocabulary(data_dir: str, splits: tuple[str, ...]) -> frozenset[str]:
     vocab: set[str] = set()
-    for row in _rows(data_dir or DATA_DIR, tuple(splits)):
+    for row in _rows(data_dir, splits):
         for field in ("question", "response_j", "response_k"):
             vocab.update(words(row[field]))
     return frozenset(vocab)
