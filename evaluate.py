@@ -259,6 +259,11 @@ def reward_scores(rm, rm_tokenizer, questions: list[str], answers: list[str], ba
     return scores.double().tolist()
 
 
+def gold_scores(rows: list[dict], answers: list[str]) -> list[float | None]:
+    """The gold score of each answer to its row's question (common/gold.py); None where the row has no key."""
+    return [gold_score(r["question"], t, r["answer_key"]) if r["answer_key"] else None for r, t in zip(rows, answers)]
+
+
 def same_tokenizer(t1, t2) -> bool:
     """Whether two tokenizers map text to the same ids (same vocabulary and special tokens)."""
     return t1.get_vocab() == t2.get_vocab() and t1.all_special_ids == t2.all_special_ids
@@ -275,8 +280,7 @@ def answer_model(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, r
         "prompts": prompts, "ids": ids, "texts": texts,
         "tokens": [len(r) for r in ids], "ended": [bool(r) and r[-1] in eos for r in ids],
         "reward": reward_scores(rm, rm_tokenizer, questions, texts, a.batch_size, f"model {name}"),
-        "gold": [gold_score(r["question"], t, r["answer_key"]) if r["answer_key"] else None
-                 for r, t in zip(rows, texts)],
+        "gold": gold_scores(rows, texts),
         "readable": [readable_share(t, vocab) for t in texts],
         "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, a.temperature, a.batch_size),
     }
@@ -294,7 +298,7 @@ def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments
     per_prompt = []
     for i, row in enumerate(rows):
         answers, reward = texts[i * n_max : (i + 1) * n_max], flat[i * n_max : (i + 1) * n_max]
-        gold = [gold_score(row["question"], t, row["answer_key"]) for t in answers] if row["answer_key"] else None
+        gold = gold_scores([row] * n_max, answers) if row["answer_key"] else None
         per_prompt.append({"question": row["question"], "answers": answers, "reward": reward, "gold": gold})
     ns = [2**k for k in range(int(math.log2(n_max)) + 1)]
     ns += [n_max] if ns[-1] != n_max else []
