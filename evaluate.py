@@ -147,7 +147,10 @@ def check_args(a: EvalArguments) -> dict[str, str]:
             problems.append(f"--{flag} {getattr(a, flag)} is not one of the --models names: {', '.join(models)}")
     collect(problems)
     for name, path in models.items():
-        check_model_path(path, f"--models {name}=")
+        try:
+            check_model_path(path, "--models")
+        except UserError as e:
+            raise UserError(f"model {name}: {e}") from None
     check_model_path(a.reward_model_name, "--reward_model_name")
     return models
 
@@ -190,12 +193,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_causal_lm(name: str, path: str, a: EvalArguments):
-    flag = f"--models {name}="
+def load_causal_lm(path: str, a: EvalArguments):
+    """A model to evaluate and its own tokenizer (left padding, for batched generation)."""
     tokenizer = load_tokenizer(path, a.trust_remote_code, "left")
     lm = load_model(ModelArguments(model_name_or_path=path, dtype=a.dtype, use_peft=False), "CAUSAL_LM",
-                    a.trust_remote_code, tokenizer.pad_token_id, flag=flag)
-    check_vocabulary(tokenizer, lm, path, path, flag, flag)
+                    a.trust_remote_code, tokenizer.pad_token_id, flag="--models")
+    check_vocabulary(tokenizer, lm, path, path, "--models", "--models")
     return tokenizer, lm.eval().requires_grad_(False).to(device())
 
 
@@ -371,7 +374,7 @@ def evaluate_models(args: EvalArguments | None = None, **kwargs) -> dict:
     vocab = vocabulary()
     answered, bon, ref = {}, None, None
     for name in [reference] + [n for n in models if n != reference]:  # the reference first; it stays loaded
-        tokenizer, lm = load_causal_lm(name, models[name], a)
+        tokenizer, lm = load_causal_lm(models[name], a)
         m = answered[name] = answer_model(name, lm, tokenizer, rows, a, rm, rm_tokenizer, vocab)
         if ref is None:
             ref = (tokenizer, lm)
