@@ -219,3 +219,29 @@ def test_cli_writes_the_results_folder(paths, tmp_path):
     assert yaml.safe_load(open(os.path.join(out, "run_args.yaml")))["EvalArguments"]["models"] == args[2:4]
     # a second run into the same folder is refused unless asked
     assert_user_error(run_script(*args, check=False), "already holds eval.json", "--overwrite_output_dir")
+
+
+def test_kl_log_probs_are_those_the_answers_were_sampled_with(paths):
+    """The KL's forward (left-padded prompt, right-padded answer, logits_to_keep) gives each answer the log-prob
+    ``generate`` sampled it with: no off-by-one between logits and tokens, padding ignored."""
+    import torch
+
+    import evaluate
+    from common.generation import eos_token_ids, sample_responses
+    from common.prompts import tokenize_prompt
+
+    a = evaluate.EvalArguments(max_new_tokens=8, temperature=0.7)
+    tokenizer, lm = evaluate.load_causal_lm(paths["tiny"], a)
+    questions = [r["question"] for r in evaluate.load_questions(evaluate.EvalArguments(num_prompts=5))[0]]
+    prompts = [tokenize_prompt(tokenizer, q) for q in questions]
+    assert len(set(map(len, prompts))) > 1  # prompts of several lengths: left padding is exercised
+    torch.manual_seed(0)
+    answers, sampled = sample_responses(lm, prompts, 8, 0.7, eos_token_ids(tokenizer, lm), tokenizer.pad_token_id,
+                                        return_logprobs=True)
+    ours = evaluate.sequence_logprobs(lm, prompts, answers, tokenizer.pad_token_id, 0.7, batch_size=2)
+    assert ours == pytest.approx([sum(lp) for lp in sampled], abs=1e-4)  # 5e-6 seen: float32 rounding
+    # answers of several lengths (as EOS cuts them): a prefix's log-prob does not depend on what follows it
+    cut = [3, 8, 1, 5, 2]
+    ours = evaluate.sequence_logprobs(lm, prompts, [r[:k] for r, k in zip(answers, cut)], tokenizer.pad_token_id,
+                                      0.7, batch_size=5)
+    assert ours == pytest.approx([sum(lp[:k]) for lp, k in zip(sampled, cut)], abs=1e-4)
