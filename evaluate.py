@@ -339,7 +339,7 @@ def win(x: list[float], y: list[float], same: list[bool], a: EvalArguments) -> d
     return {**w.as_dict(), "verdict": {stats.ROSE: "better", stats.FELL: "worse"}.get(v, v)}
 
 
-def summarize(name: str, m: dict, base: dict, a: EvalArguments) -> dict:
+def summarize(m: dict, base: dict, a: EvalArguments) -> dict:
     """A model's figures with intervals, and its comparison with the baseline, over the same prompts."""
     keyed = [i for i, g in enumerate(m["gold"]) if g is not None]
     same = [t == u for t, u in zip(m["texts"], base["texts"])]
@@ -389,7 +389,7 @@ def evaluate_models(args: EvalArguments | None = None, **kwargs) -> dict:
         if a.best_of_n and name == bon_model:
             bon = best_of_n_curve(name, lm, tokenizer, rows, a, rm, rm_tokenizer)
         if lm is not ref[1]:
-            del lm
+            del lm  # freed before the next model loads: at most the reference, this model and the reward model
     base = answered[baseline]
     keyed = sum(r["answer_key"] is not None for r in rows)
     notes = [] if keyed else ["no question has an answer key: no gold scores (gold needs the sample data's questions)"]
@@ -402,7 +402,7 @@ def evaluate_models(args: EvalArguments | None = None, **kwargs) -> dict:
                      **{k: v for k, v in dataclasses.asdict(a).items() if k not in ("models", "baseline", "reference",
                                                                                      "best_of_n_model")}},
         "prompts": {"source": source, "n": len(rows), "with_answer_key": keyed},
-        "models": {name: {"path": models[name], **summarize(name, answered[name], base, a)} for name in models},
+        "models": {name: {"path": models[name], **summarize(answered[name], base, a)} for name in models},
         "best_of_n": bon,
         "rows": [{"question": r["question"], "has_answer_key": r["answer_key"] is not None,
                   "answers": {name: {"answer": m["texts"][i], "tokens": m["tokens"][i], "ended": m["ended"][i],

@@ -144,7 +144,7 @@ def test_preferred_answers_beat_rejected_ones_under_gold():
 
     good, bad = model("response_j"), model("response_k")
     assert good["gold"] == [1.0] * 30 and all(g < 1.0 for g in bad["gold"])
-    s = evaluate.summarize("good", good, bad, a)
+    s = evaluate.summarize(good, bad, a)
     assert s["vs_baseline"]["win_rate_gold"]["mean"] == 1.0 and s["vs_baseline"]["win_rate_gold"]["verdict"] == "better"
     assert s["vs_baseline"]["gold_difference"]["verdict"] == "rose"
     assert s["vs_baseline"]["win_rate_reward"]["mean"] == 0.5  # equal reward everywhere: ties
