@@ -358,6 +358,8 @@ def summarize(m: dict, base: dict, a: EvalArguments) -> dict:
             "gold_difference": difference(gold, base_gold, a) if keyed else None,
             "win_rate_reward": win(m["reward"], base["reward"], same, a),
             "win_rate_gold": win(gold, base_gold, [same[i] for i in keyed], a) if keyed else None,
+            "length_difference": difference(m["tokens"], base["tokens"], a),
+            "readable_share_difference": difference(m["readable"], base["readable"], a),
         },
     }
 
@@ -454,6 +456,12 @@ def write_markdown(results: dict, path: str) -> None:
         cells = [f"{_ci(v[k])} | {v[k]['verdict']}" if v[k] else "n/a | " for k in
                  ("reward_difference", "gold_difference", "win_rate_reward", "win_rate_gold")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | length difference (tokens) | verdict | readable share difference | verdict |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, m in results["models"].items():
+        v = m["vs_baseline"]
+        lines.append(f"| {name} | {_ci(v['length_difference'], 1)} | {v['length_difference']['verdict']} | "
+                     f"{_ci(v['readable_share_difference'])} | {v['readable_share_difference']['verdict']} |")
     bon = results["best_of_n"]
     if bon:
         lines += ["", f"## Best of n: `{bon['model']}`, {bon['prompts']} prompts ({bon['with_answer_key']} with a key)",
@@ -500,6 +508,7 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     bars(axes[0], "reward", "reward-model score (proxy)")
     bars(axes[1], "gold", "gold score")
+    axes[1].set_ylim(0, 1)  # gold is a score out of 1
     fig.suptitle(f"{results['prompts']['n']} prompts, means with 95% bootstrap intervals")
     fig.tight_layout()
     fig.savefig(paths[0], dpi=100)
@@ -517,6 +526,7 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
                 ax.fill_between(x, [c[key]["low"] for c in points], [c[key]["high"] for c in points], alpha=0.25,
                                 color="C0" if key == "reward" else "C1")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [str(n) for n in x])
             ax.set_xlabel("n (answers the reward model picks from)")
             ax.set_title(title)
         fig.suptitle(f"best of n: {bon['model']}, {bon['prompts']} prompts, 95% bootstrap intervals")

@@ -87,6 +87,10 @@ def test_rows_agree_with_the_aggregates(results):
             assert m["vs_baseline"][key]["mean"] == pytest.approx(mean(w), abs=1e-12)
         for key in ("reward", "gold", "length", "kl"):
             assert m[key]["low"] <= m[key]["mean"] <= m[key]["high"]
+        base = [r["answers"]["a"] for r in rows]
+        for key, field in (("length_difference", "tokens"), ("readable_share_difference", "readable_share")):
+            expected = mean([x[field] - y[field] for x, y in zip(answers, base)])
+            assert m["vs_baseline"][key]["mean"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_gold_scores_are_those_of_common_gold(results):
