@@ -553,7 +553,8 @@ def write_results(results: dict, output_dir: str) -> None:
     write_model_card(output_dir, "Evaluation", s["models"][s["baseline"]],
                      f"{s['dataset_name']} ({s['subset']}, {s['split']}), {results['prompts']['n']} prompts; reward "
                      f"model {s['reward_model_name']}", metrics,
-                     notes="Tables and example answers: `eval.md`; every figure and answer: `eval.json`.")
+                     notes="Tables and example answers: `eval.md`; every figure and answer: `eval.json`.",
+                     logs_metrics=False)
 
 
 def main(a: EvalArguments) -> dict:
