@@ -1,6 +1,7 @@
 """Merge a LoRA adapter into its base model, check the merge, and save a plain `transformers` model.
 
-    python merge_with_lora.py --adapter_model_name runs/sft --output_name runs/sft-merged  # base from adapter_config.json
+    python merge_with_lora.py --adapter_model_name runs/sft --output_name runs/sft-merged
+        # base from adapter_config.json
     python merge_with_lora.py --adapter_model_name=XXX --base_model_name=YYY --output_name=ZZZ  # StackLLaMA's command
 
 A reward-model adapter (task type SEQ_CLS) merges into a one-label `AutoModelForSequenceClassification` with its
@@ -34,7 +35,13 @@ import torch
 
 from common.cli import UserError, parse_args, run
 from common.modeling import (
-    ModelArguments, check_model_path, check_vocabulary, is_adapter_folder, load_model, load_tokenizer, read_adapter_config,
+    ModelArguments,
+    check_model_path,
+    check_vocabulary,
+    is_adapter_folder,
+    load_model,
+    load_tokenizer,
+    read_adapter_config,
     resolve_base,
 )
 from common.outputs import MetricsWriter, holds_final_model, replace_folder, write_model_card, write_run_args
@@ -44,7 +51,8 @@ from common.prompts import format_example
 PROBES = [
     ("How do I reverse a list in Python?", "Use `reversed(xs)` for an iterator, or `xs[::-1]` for a new list."),
     ("What does `git rebase -i` do?", "It replays your commits one by one and lets you edit, squash or drop each."),
-    ("Why is my SQL query slow?", "Check the plan with EXPLAIN; a missing index on the joined column is the usual cause."),
+    ("Why is my SQL query slow?",
+     "Check the plan with EXPLAIN; a missing index on the joined column is the usual cause."),
     ("Is 0 a natural number?", "It depends on the convention."),
 ]
 
@@ -53,13 +61,32 @@ PROBES = [
 class MergeArguments:
     adapter_model_name: str = field(metadata={"help": "LoRA adapter folder (or Hub id) to merge."})
     output_name: str = field(metadata={"help": "Folder to write the merged model to."})
-    base_model_name: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own, from adapter_config.json)."})
-    dtype: str = field(default="auto", metadata={"help": "Dtype to merge and save in (auto: the base's own).", "choices": ["auto", "bfloat16", "float16", "float32"]})
-    verify: bool = field(default=True, metadata={"help": "Check the merged model against base + adapter on a probe batch."})
-    tolerance: float | None = field(default=None, metadata={"help": "Largest allowed |logit difference| (default: by dtype, see the module docstring)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a model already in --output_name (once the new one is complete)."})
+    base_model_name: str | None = field(
+        default=None,
+        metadata={"help": "Base model (default: the adapter's own, from adapter_config.json)."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype to merge and save in (auto: the base's own).",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+    verify: bool = field(
+        default=True,
+        metadata={"help": "Check the merged model against base + adapter on a probe batch."},
+    )
+    tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Largest allowed |logit difference| (default: by dtype, see the module docstring)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a model already in --output_name (once the new one is complete)."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Also upload the merged model to the Hub."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub (default: the output folder's name)."})
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub repository for --push_to_hub (default: the output folder's name)."},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code from the Hub to run."})
 
 
@@ -77,11 +104,13 @@ def find_adapter(name: str) -> str:
         try:
             name = snapshot_download(name)
         except (OSError, ValueError) as e:
-            raise UserError(f"--adapter_model_name {name}: no such folder, nor Hub repository ({str(e).splitlines()[0]})") from e
+            raise UserError(f"--adapter_model_name {name}: no such folder, nor Hub repository "
+                            f"({str(e).splitlines()[0]})") from e
     if is_adapter_folder(name):
         return name
     if os.path.isfile(os.path.join(name, "config.json")):
-        raise UserError(f"--adapter_model_name {name} holds a full model (config.json), not a LoRA adapter: it is already merged, or was trained without LoRA")
+        raise UserError(f"--adapter_model_name {name} holds a full model (config.json), not a LoRA adapter: "
+                        "it is already merged, or was trained without LoRA")
     raise UserError(f"--adapter_model_name {name} holds no LoRA adapter (no adapter_config.json)")
 
 
@@ -91,11 +120,14 @@ def check_output(args: MergeArguments, inputs: list[str]) -> None:
         raise UserError(f"--output_name {out} is a file, not a folder")
     if os.path.isdir(out) and os.listdir(out):
         if not args.overwrite:
-            raise UserError(f"--output_name {out} is not empty; pass --overwrite to replace it, or choose another folder")
+            raise UserError(f"--output_name {out} is not empty; pass --overwrite to replace it, "
+                            "or choose another folder")
         if not holds_final_model(out):  # never delete a folder that is not a model, whatever the flags say
-            raise UserError(f"--output_name {out} holds no model (config.json); --overwrite replaces only a model folder")
+            raise UserError(f"--output_name {out} holds no model (config.json); "
+                            "--overwrite replaces only a model folder")
     for path in inputs:  # the output, or a folder above it, must not be an input
-        if os.path.exists(path) and os.path.join(os.path.realpath(path), "").startswith(os.path.join(os.path.realpath(out), "")):
+        if (os.path.exists(path)
+                and os.path.join(os.path.realpath(path), "").startswith(os.path.join(os.path.realpath(out), ""))):
             raise UserError(f"--output_name {out} would replace the input {path}: choose another folder")
 
 
@@ -247,7 +279,8 @@ def main(args: MergeArguments) -> None:
     check_output(args, [adapter, base])
     task = read_adapter_config(adapter).get("task_type") or "CAUSAL_LM"
     if task not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise UserError(f"--adapter_model_name {adapter} is a {task} adapter; this script merges CAUSAL_LM and SEQ_CLS adapters")
+        raise UserError(f"--adapter_model_name {adapter} is a {task} adapter; this script merges CAUSAL_LM and "
+                        "SEQ_CLS adapters")
 
     has_tokenizer = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
     tokenizer = load_tokenizer(adapter if has_tokenizer else base, args.trust_remote_code)
@@ -271,7 +304,8 @@ def main(args: MergeArguments) -> None:
         why = next((line.strip() for line in str(e).splitlines() if "mismatch" in line), str(e).splitlines()[0])
         raise UserError(f"--adapter_model_name {adapter} does not fit the base {base}: {why}") from e
 
-    metrics = {"adapter": args.adapter_model_name, "base_model": base, "task_type": task, "dtype": str(model.dtype).removeprefix("torch."),
+    metrics = {"adapter": args.adapter_model_name, "base_model": base, "task_type": task,
+               "dtype": str(model.dtype).removeprefix("torch."),
                "verify_max_abs_diff": "not checked (--verify false)"}
     if args.verify:  # base + adapter outputs before merging: merge_and_unload changes the model in place
         batch = tokenizer([format_example(q, a) for q, a in PROBES], return_tensors="pt", padding=True)
@@ -293,7 +327,8 @@ def main(args: MergeArguments) -> None:
         tokenizer.save_pretrained(tmp)
         if os.path.isfile(os.path.join(adapter, "reward_stats.json")):  # still true of the merged reward model
             shutil.copy2(os.path.join(adapter, "reward_stats.json"), tmp)
-        write_run_args(tmp, args, extra={"resolved": {"adapter_folder": adapter, "base_model": base, "task_type": task}})
+        write_run_args(tmp, args,
+                       extra={"resolved": {"adapter_folder": adapter, "base_model": base, "task_type": task}})
         MetricsWriter(tmp).write({"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         cls = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
         write_model_card(tmp, "merged " + ("reward model" if task == "SEQ_CLS" else "causal LM"), base,

@@ -31,7 +31,13 @@ from trl import RewardConfig, RewardTrainer
 from common.cli import collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
-    ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config, trainer_device_defaults,
+    ModelArguments,
+    check_model_path,
+    check_vocabulary,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    trainer_device_defaults,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import format_example
@@ -45,7 +51,8 @@ FIELDS = ["question", "response_j", "response_k"]
 class ScriptArguments:
     dataset_name: str = field(
         default="lvwerra/stack-exchange-paired",
-        metadata={"help": "Hub id, local folder (with the data dirs below as its sub-folders), data file, or save_to_disk folder."},
+        metadata={"help": "Hub id, local folder (with the data dirs below as its sub-folders), data file, or "
+                          "save_to_disk folder."},
     )
     train_data_dir: str = field(default="data/reward", metadata={"help": "The data_dir of the training pairs."})
     eval_data_dir: str = field(default="data/evaluation", metadata={"help": "The data_dir of the evaluation pairs."})
@@ -54,10 +61,17 @@ class ScriptArguments:
     eval_subset: int = field(default=50000, metadata={"help": "Use the first N evaluation pairs (<= 0: all)."})
     margin: float = field(
         default=0.0,
-        metadata={"help": "Constant margin m in the loss -logsigmoid(r_j - r_k - m): r_j must beat r_k by m (0: none)."},
+        metadata={"help": "Constant margin m in the loss -logsigmoid(r_j - r_k - m): r_j must beat r_k by m "
+                          "(0: none)."},
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
-    eval_first_step: bool = field(default=False, metadata={"help": "Evaluate once before training (the untrained baseline)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a final model already in --output_dir."},
+    )
+    eval_first_step: bool = field(
+        default=False,
+        metadata={"help": "Evaluate once before training (the untrained baseline)."},
+    )
 
 
 ALIASES = {"--model_name": "model_name_or_path"}  # StackLLaMA's other flags are the Hugging Face names already
@@ -92,7 +106,8 @@ def check_args(script: ScriptArguments, config: RewardConfig) -> None:
         problems.append(f"--per_device_eval_batch_size must be > 0, got {config.per_device_eval_batch_size}")
     collect(problems)
     if script.margin < 0:
-        warnings.warn(f"--margin {script.margin} is negative: pairs count as learned before r_j beats r_k")
+        warnings.warn(f"--margin {script.margin} is negative: pairs count as learned before r_j beats r_k",
+                      stacklevel=2)
 
 
 def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, verbose: bool):
@@ -150,7 +165,8 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     # Data first: a bad row should cost seconds, not a model load.
     train_rows = load_rows(script, script.train_data_dir, script.train_subset)
     eval_rows = load_rows(script, script.eval_data_dir, script.eval_subset)
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "", config.trust_remote_code, "right")
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "",
+                               config.trust_remote_code, "right")
     if config.eos_token:  # RewardTrainer would switch to it only after the pairs below are tokenized
         tokenizer.eos_token = config.eos_token
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
@@ -168,7 +184,8 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     # The report scores the final model afresh, pair by pair with common/reward.py as PPO will, rather than trust
     # RewardTrainer's per-batch averages.
     r_j, r_k = score_pairs(
-        trainer.model, tokenizer, [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_j"])],
+        trainer.model, tokenizer,
+        [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_j"])],
         [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_k"])],
         config.per_device_eval_batch_size, trainer.accelerator,
     )
@@ -197,7 +214,8 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:
-    return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES, {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
+    return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES,
+                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,18 @@ def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
     # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
     # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(log_with=trackers or None, project_dir=a.output_dir,
+    handlers = []
+    if deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # Launched under DeepSpeed without a GPU, accelerate (1.15, PartialState) finds no process-group backend for
+        # the device, lets DeepSpeed form the group (gloo) and then, its backend being None, counts one process:
+        # num_processes 1 and process_index 0 on every rank, so DeepSpeed's batch check fails with several processes.
+        # Naming the backend of DeepSpeed's CPU accelerator (gloo; ccl where oneCCL is installed) makes accelerate
+        # hand it to DeepSpeed's init_distributed and count the real world size and rank.
+        from accelerate.utils import InitProcessGroupKwargs
+        from deepspeed.accelerator import get_accelerator
+
+        handlers.append(InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name()))
+    return Accelerator(log_with=trackers or None, project_dir=a.output_dir, kwargs_handlers=handlers,
                        cpu=not torch.cuda.is_available() and not deepspeed)
 
 
@@ -268,11 +279,7 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
         ref_model = copy.deepcopy(policy)
     if ref_model is not None:
         ref_model.eval().requires_grad_(False).to(accelerator.device)
-    for module in policy.modules():  # dropout makes old and new log-probs disagree (Huang et al. 2024, sec. 4)
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = 0.0
+    disable_dropout(policy)
     if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
@@ -282,6 +289,18 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
                               num_training_steps=total_ppo_steps(config))
     return PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, config, reward_stats,
                       ref_model, optimizer, scheduler)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of the model off: with dropout the log-probs at sampling time, the old log-probs and the training
+    log-probs of the same tokens disagree (Huang et al. 2024, sec. 4). Dropout modules (LoRA's included) become
+    identities, which also saves their calls; attention dropout given as a probability is set to 0."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Dropout):
+                setattr(module, name, torch.nn.Identity())
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:

@@ -26,7 +26,13 @@ from trl import SFTConfig, SFTTrainer
 from common.cli import collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
-    ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer, lora_config, trainer_device_defaults,
+    ModelArguments,
+    check_model_path,
+    check_vocabulary,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    trainer_device_defaults,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import tokenize_example
@@ -46,9 +52,18 @@ class ScriptArguments:
     size_valid_set: int = field(default=4000, metadata={"help": "Rows held out of --split for evaluation (0: none)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data set instead of downloading it whole."})
     shuffle_buffer: int = field(default=5000, metadata={"help": "Shuffle buffer size when streaming."})
-    eos_token_id: int | None = field(default=None, metadata={"help": "EOS id to end each example with (default: the tokenizer's)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a final model already in --output_dir."})
-    eval_first_step: bool = field(default=False, metadata={"help": "Evaluate once before training (the baseline eval loss)."})
+    eos_token_id: int | None = field(
+        default=None,
+        metadata={"help": "EOS id to end each example with (default: the tokenizer's)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a final model already in --output_dir."},
+    )
+    eval_first_step: bool = field(
+        default=False,
+        metadata={"help": "Evaluate once before training (the baseline eval loss)."},
+    )
     lm_head: str = field(
         default="auto",
         metadata={"help": "How the loss is taken from the LM head: 'fused' (TRL's chunked head, no [tokens, vocab] "
@@ -94,7 +109,8 @@ def check_args(script: ScriptArguments, config: SFTConfig) -> None:
     if script.streaming and config.max_steps <= 0:
         problems.append("--streaming needs --max_steps > 0 (a stream has no length to count epochs by)")
     if config.per_device_train_batch_size <= 0:
-        problems.append(f"--batch_size/--per_device_train_batch_size must be > 0, got {config.per_device_train_batch_size}")
+        problems.append(f"--batch_size/--per_device_train_batch_size must be > 0, "
+                        f"got {config.per_device_train_batch_size}")
     collect(problems)
 
 
@@ -109,7 +125,8 @@ def split_valid(loaded, script: ScriptArguments):
     if script.size_valid_set == 0:
         return ds, None
     if script.size_valid_set >= len(ds):
-        collect([f"--size_valid_set {script.size_valid_set} leaves no training rows: {loaded.source} has {len(ds)} rows"])
+        collect([f"--size_valid_set {script.size_valid_set} leaves no training rows: {loaded.source} has "
+                 f"{len(ds)} rows"])
     parts = ds.train_test_split(test_size=script.size_valid_set, seed=0)
     return parts["train"], parts["test"]
 
@@ -138,13 +155,15 @@ def plain_lm_head(model) -> bool:
 
     text_config = model.config.get_text_config()
     scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-    if any(getattr(text_config, k, None) is not None for k in scaled) or getattr(text_config, "output_router_logits", False):
+    if (any(getattr(text_config, k, None) is not None for k in scaled)
+            or getattr(text_config, "output_router_logits", False)):
         return False
     fused = model.forward  # TRL's, kept for every call not handled here
 
     def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None:
-            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
+                         **kwargs)
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = labels[:, 1:].to(hidden.device)
@@ -198,7 +217,8 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     if valid_rows is None:
         config.eval_strategy = IntervalStrategy.NO
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "", config.trust_remote_code, "right")
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "",
+                               config.trust_remote_code, "right")
     if script.eos_token_id is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(script.eos_token_id)
     train_ds = tokenize(train_rows, tokenizer, script.streaming)
@@ -207,7 +227,8 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
         lengths = [len(ids) for ids in train_ds["input_ids"]]
         over = sum(n > config.max_length for n in lengths)
         what = "span two packed blocks" if config.packing else "are truncated"
-        print(f"train: {len(lengths)} examples, {sum(lengths)} tokens; {over} longer than --seq_length {config.max_length} {what}")
+        print(f"train: {len(lengths)} examples, {sum(lengths)} tokens; {over} longer than --seq_length "
+              f"{config.max_length} {what}")
 
     trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
     stage.begin(script, model_args, config)
@@ -234,7 +255,8 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfig, ModelArguments]:
-    return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES, {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
+    return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES,
+                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ def parse_args(
     class Parser(HfArgumentParser):
         error = ArgumentParser.error  # raise UserError instead of exiting
 
-    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False)  # a typo is an error, not a prefix
-    parser.add_argument("--config", default=None, help="YAML file of argument defaults; command-line flags override it.")
+    # allow_abbrev=False: a typo is an error, not a prefix
+    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False)
+    parser.add_argument("--config", default=None,
+                        help="YAML file of argument defaults; command-line flags override it.")
     _accept_none(parser, dataclass_types)
     for alias, dest in aliases.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
@@ -94,7 +96,8 @@ def parse_args(
         config = {alias_dest.get(k, k): v for k, v in config.items()}
         unknown = sorted(k for k in config if k not in dests)
         if unknown:
-            raise UserError(f"--config {config_path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+            raise UserError(f"--config {config_path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(unknown)}")
         for action in parser._actions:
             if action.dest in config:
                 action.default = config[action.dest]

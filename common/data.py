@@ -58,7 +58,8 @@ def _is_save_to_disk_folder(path: str) -> bool:
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name)) and os.path.splitext(name)[1] not in DATA_EXTENSIONS
+    return (bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name))
+            and os.path.splitext(name)[1] not in DATA_EXTENSIONS)
 
 
 def _split_of(relpath: str) -> str | None:
@@ -142,7 +143,8 @@ def _concatenate(parts: list, files: list[str], root: str):
         raise
 
 
-def load_split(dataset_name: str, data_dir: str | None = None, split: str = "train", streaming: bool = False) -> LoadedSplit:
+def load_split(dataset_name: str, data_dir: str | None = None, split: str = "train",
+               streaming: bool = False) -> LoadedSplit:
     """Load one split as ``datasets.load_dataset(dataset_name, data_dir=data_dir, split=split)`` would.
 
     ``dataset_name`` may be a Hub id, a local folder (``data_dir`` is a sub-folder of it), a single data file
@@ -152,7 +154,8 @@ def load_split(dataset_name: str, data_dir: str | None = None, split: str = "tra
     if os.path.exists(dataset_name):
         root = os.path.join(dataset_name, data_dir) if (data_dir and os.path.isdir(dataset_name)) else dataset_name
         if not os.path.exists(root):
-            raise DataError(f"data folder {root} does not exist (from --dataset_name {dataset_name} and --subset/data_dir {data_dir})")
+            raise DataError(f"data folder {root} does not exist (from --dataset_name {dataset_name} and "
+                            f"--subset/data_dir {data_dir})")
         if os.path.isfile(root):
             return LoadedSplit(_load_file(root, streaming), f"file {root}", [(0, root)])
         if _is_save_to_disk_folder(root):
@@ -184,7 +187,8 @@ def load_split(dataset_name: str, data_dir: str | None = None, split: str = "tra
         hint = ""
         if data_dir and os.path.isdir(data_dir):
             hint = f" (a local folder {data_dir} exists: pass --dataset_name . to use it)"
-        raise DataError(f"could not load {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+        raise DataError(f"could not load {source}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
     return LoadedSplit(ds, source)
 
 
@@ -237,7 +241,8 @@ def validate_fields(loaded: LoadedSplit, fields: list[str]) -> None:
         raise DataError(f"{loaded.source} has no rows")
     if problems:
         more = f"\n  ... and {count - len(problems)} more" if count > len(problems) else ""
-        raise DataError(f"{count} invalid value{'s' if count > 1 else ''} in {loaded.source}:\n  " + "\n  ".join(problems) + more)
+        raise DataError(f"{count} invalid value{'s' if count > 1 else ''} in {loaded.source}:\n  "
+                        + "\n  ".join(problems) + more)
 
 
 def checked_stream(loaded: LoadedSplit, fields: list[str]) -> datasets.IterableDataset:
@@ -252,7 +257,8 @@ def checked_stream(loaded: LoadedSplit, fields: list[str]) -> datasets.IterableD
     return loaded.dataset.map(check, with_indices=True)
 
 
-def load_and_validate(dataset_name: str, data_dir: str | None, split: str, fields: list[str], streaming: bool = False) -> LoadedSplit:
+def load_and_validate(dataset_name: str, data_dir: str | None, split: str, fields: list[str],
+                      streaming: bool = False) -> LoadedSplit:
     """``load_split`` + ``validate_fields``: the one call a stage makes before loading any model."""
     loaded = load_split(dataset_name, data_dir, split, streaming)
     validate_fields(loaded, fields)

@@ -32,7 +32,8 @@ class ModelArguments(ModelConfig):
         metadata={"help": "Base model for an adapter given as --model_name_or_path (default: the adapter's own)."},
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use (default: the model's, or the adapter folder's if it has one)."}
+        default=None,
+        metadata={"help": "Tokenizer to use (default: the model's, or the adapter folder's if it has one)."},
     )
     dtype: str | None = field(
         default=None,
@@ -114,7 +115,8 @@ def check_model_path(name_or_path: str, flag: str) -> None:
     if os.path.isdir(name_or_path) and not (
         is_adapter_folder(name_or_path) or os.path.isfile(os.path.join(name_or_path, "config.json"))
     ):
-        raise UserError(f"{flag} {name_or_path}: folder holds neither a model (config.json) nor an adapter (adapter_config.json)")
+        raise UserError(f"{flag} {name_or_path}: folder holds neither a model (config.json) nor an adapter "
+                        "(adapter_config.json)")
 
 
 def quantization_config(args: ModelArguments, dtype: torch.dtype | str):
@@ -168,22 +170,27 @@ def check_vocabulary(tokenizer, model, tokenizer_source: str, model_source: str,
     That is caught when the model folder has its own tokenizer of another size, or when the tokenizer covers less
     than 90% of the embedding rows (models pad their embeddings by at most a few hundred rows).
     """
-    rows = model.get_input_embeddings().weight.shape[0]
-    specials = [i for i in tokenizer.all_special_ids + [tokenizer.pad_token_id, tokenizer.eos_token_id] if i is not None]
+    embeddings = model.get_input_embeddings()
+    # num_embeddings, not weight.shape: under DeepSpeed ZeRO-3 the model is built partitioned and its weights are
+    # empty placeholders on every process.
+    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
+    specials = [i for i in tokenizer.all_special_ids + [tokenizer.pad_token_id, tokenizer.eos_token_id]
+                if i is not None]
     top = max([max(tokenizer.get_vocab().values(), default=0), *specials])
     size = len(tokenizer)
     if top >= rows:
         raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens (ids up to {top}) but the model "
                         f"{model_source} has {rows} embedding rows: ids from {rows} on would crash training; pass the "
                         f"model's own tokenizer ({tokenizer_flag}) or a model made for this tokenizer ({model_flag})")
-    own = _own_tokenizer_size(model_source) if os.path.normpath(tokenizer_source) != os.path.normpath(model_source) else None
+    own = (_own_tokenizer_size(model_source)
+           if os.path.normpath(tokenizer_source) != os.path.normpath(model_source) else None)
     if own is not None and own != size:
-        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens but the model {model_source} comes with "
-                        f"a tokenizer of {own}: its ids would mean other tokens to this model; drop {tokenizer_flag} or "
-                        f"pass a matching one")
+        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens but the model {model_source} "
+                        f"comes with a tokenizer of {own}: its ids would mean other tokens to this model; drop "
+                        f"{tokenizer_flag} or pass a matching one")
     if size < 0.9 * rows:
-        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens but the model {model_source} has {rows} "
-                        f"embedding rows: it is most likely another model's tokenizer; pass the model's own "
+        raise UserError(f"the tokenizer of {tokenizer_source} has {size} tokens but the model {model_source} has "
+                        f"{rows} embedding rows: it is most likely another model's tokenizer; pass the model's own "
                         f"({tokenizer_flag}) or a model made for this tokenizer ({model_flag})")
 
 

@@ -42,8 +42,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint=
         raise UserError(f"--output_dir {output_dir} is a file, not a folder: choose another path")
     resume = find_checkpoint(output_dir, resume_from_checkpoint)
     if holds_final_model(output_dir) and not overwrite and resume is None:
-        raise UserError(f"--output_dir {output_dir} already holds a final model; pass --overwrite_output_dir to replace "
-                        "it, or choose another folder")
+        raise UserError(f"--output_dir {output_dir} already holds a final model; pass --overwrite_output_dir to "
+                        "replace it, or choose another folder")
     return resume
 
 
@@ -68,7 +68,8 @@ def write_run_args(output_dir: str, *arg_objects, extra: dict | None = None) -> 
     """``run_args.yaml``: every resolved argument, grouped by dataclass, plus the command line."""
     record = {"command": command_line()}
     for obj in arg_objects:
-        record[type(obj).__name__] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+        record[type(obj).__name__] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                      if not f.name.startswith("_")}
     if extra:
         record.update(_plain(extra))
     os.makedirs(output_dir, exist_ok=True)
@@ -258,7 +259,8 @@ def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
         if not os.path.isdir(str(value)):
             raise UserError(f"--resume_from_checkpoint {value}: no such folder")
         if not _complete(str(value)):
-            raise UserError(f"--resume_from_checkpoint {value} is incomplete (no trainer_state.json): it was not fully written")
+            raise UserError(f"--resume_from_checkpoint {value} is incomplete (no trainer_state.json): "
+                            "it was not fully written")
         return str(value)
     found = {}
     if os.path.isdir(output_dir):

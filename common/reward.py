@@ -7,7 +7,8 @@ import torch
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16,
+                max_length: int | None = None) -> torch.Tensor:
     """Reward-model scores of ``texts`` (float32, on CPU, shape ``[len(texts)]``).
 
     Each text is tokenized with the reward model's own tokenizer (so policy and reward model need not share a

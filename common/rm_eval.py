@@ -77,7 +77,8 @@ def calibration(p: torch.Tensor, n_bins: int = N_BINS) -> tuple[float, list[dict
     return ece, table
 
 
-def pair_report(questions: list[str], chosen: list[str], rejected: list[str], r_j: torch.Tensor, r_k: torch.Tensor) -> dict:
+def pair_report(questions: list[str], chosen: list[str], rejected: list[str], r_j: torch.Tensor,
+                r_k: torch.Tensor) -> dict:
     """The whole report as a JSON-ready dict (``chosen``/``rejected`` are the answers, without the question)."""
     margin = r_j - r_k
     correct = margin > 0  # a tie is wrong: the model expressed no preference
@@ -129,9 +130,11 @@ def report_markdown(report: dict) -> str:
     lc, longer = report["length_correlation"], report["accuracy_when_rejected_is_longer"]
     lines = [
         "# Reward model evaluation", "",
-        f"- Pairs: {report['n_pairs']}; accuracy (ties count as wrong): **{f(report['accuracy'])}** ({report['ties']} ties)",
+        f"- Pairs: {report['n_pairs']}; accuracy (ties count as wrong): **{f(report['accuracy'])}** "
+        f"({report['ties']} ties)",
         f"- Mean margin r_j - r_k: {f(report['mean_margin'])}; chosen scores {f(report['chosen_scores']['mean'])} "
-        f"± {f(report['chosen_scores']['std'])}, rejected {f(report['rejected_scores']['mean'])} ± {f(report['rejected_scores']['std'])}",
+        f"± {f(report['chosen_scores']['std'])}, rejected {f(report['rejected_scores']['mean'])} "
+        f"± {f(report['rejected_scores']['std'])}",
         f"- Expected calibration error of sigmoid(r_j - r_k), 10 bins: **{f(report['ece'])}**",
         f"- Pearson correlation of score with answer length in {report['length_unit']}: chosen {f(lc['chosen'])}, "
         f"rejected {f(lc['rejected'])}, all {f(lc['all'])}",
@@ -143,11 +146,13 @@ def report_markdown(report: dict) -> str:
         "", "## Calibration", "",
         "Each pair counts twice, as (p, preferred wins) and (1 - p, rejected wins), so the table is symmetric.", "",
         "| p bin | count | mean predicted | observed |", "| --- | --- | --- | --- |",
-        *(f"| {b['bin']} | {b['count']} | {f(b['mean_predicted'])} | {f(b['observed'])} |" for b in report["calibration_bins"]),
+        *(f"| {b['bin']} | {b['count']} | {f(b['mean_predicted'])} | {f(b['observed'])} |"
+          for b in report["calibration_bins"]),
         "", f"## The {len(report['most_confidently_wrong'])} most confidently wrong pairs", "",
     ]
     for w in report["most_confidently_wrong"]:
-        lines += [f"- p(chosen) {w['p_chosen']:.3f}: chosen {w['chosen_score']:.3f}, rejected {w['rejected_score']:.3f}",
+        lines += [f"- p(chosen) {w['p_chosen']:.3f}: chosen {w['chosen_score']:.3f}, "
+                  f"rejected {w['rejected_score']:.3f}",
                   f"  - question: {json.dumps(w['question'])}", f"  - chosen: {json.dumps(w['chosen'])}",
                   f"  - rejected: {json.dumps(w['rejected'])}"]
     return "\n".join(lines) + "\n"

@@ -16,8 +16,16 @@ import os
 
 from common.cli import UserError
 from common.outputs import (
-    MetricsWriter, check_processes, checkpoint_step, commit_final, final_tmp_dir, metrics_callback, nonfinite_guard,
-    prepare_output_dir, write_model_card, write_run_args,
+    MetricsWriter,
+    check_processes,
+    checkpoint_step,
+    commit_final,
+    final_tmp_dir,
+    metrics_callback,
+    nonfinite_guard,
+    prepare_output_dir,
+    write_model_card,
+    write_run_args,
 )
 
 

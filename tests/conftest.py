@@ -16,6 +16,16 @@ os.environ.update(OFFLINE_ENV)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# transformers and datasets create their stderr log handler on first use, holding whatever sys.stderr is then. If
+# that happens inside a test that uses capsys, the handler keeps that test's stream, which pytest closes after it,
+# and every later log line fails with "--- Logging error ---" (a traceback in the next capsys test's stderr). Made
+# here, they hold pytest's session-wide capture stream.
+import datasets.utils.logging  # noqa: E402
+import transformers.utils.logging  # noqa: E402
+
+transformers.utils.logging.get_logger("transformers")
+datasets.utils.logging.get_logger("datasets")
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:

@@ -54,8 +54,9 @@ def test_each_stage_names_the_bad_field_and_row(script, fields, problem, bad_row
     path = bad_rows([GOOD, GOOD, bad])
     data = {"training_sft": ["--dataset_name", path, "--subset", ""],
             "training_reward_model": ["--dataset_name", path, "--train_data_dir", "", "--eval_data_dir", ""],
-            "training_rl": ["--dataset_name", path, "--subset", "", "--reward_model_name", tiny_model, "--batch_size", "1",
-                            "--mini_batch_size", "1", "--gradient_accumulation_steps", "1"]}[script]
+            "training_rl": ["--dataset_name", path, "--subset", "", "--reward_model_name", tiny_model,
+                            "--batch_size", "1", "--mini_batch_size", "1",
+                            "--gradient_accumulation_steps", "1"]}[script]
     args = ["--model_name_or_path", tiny_model, *data, "--output_dir", str(tmp_path / "out")]
     needles = [repr(field)] + ([] if problem == "missing" else [path, "row 3"])
     _expect_error(capsys, script, args, *needles)
@@ -73,7 +74,8 @@ def test_unknown_flag(capsys):
 
 
 def test_a_model_path_that_does_not_exist(tmp_path, capsys):
-    _expect_error(capsys, "training_reward_model", ["--model_name", str(tmp_path / "nope"), "--dataset_name", "."], str(tmp_path / "nope"))
+    _expect_error(capsys, "training_reward_model", ["--model_name", str(tmp_path / "nope"), "--dataset_name", "."],
+                  str(tmp_path / "nope"))
 
 
 def test_an_sft_adapter_given_as_reward_model(tiny_model, tmp_path, capsys):
@@ -81,9 +83,11 @@ def test_an_sft_adapter_given_as_reward_model(tiny_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     adapter = str(tmp_path / "sft_adapter")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(task_type="CAUSAL_LM", r=2)).save_pretrained(adapter)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(task_type="CAUSAL_LM", r=2)).save_pretrained(adapter)
     args = ["--model_name", tiny_model, "--reward_model_name", adapter, "--dataset_name", ".", "--subset", "data/rl",
-            "--batch_size", "2", "--mini_batch_size", "1", "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "o")]
+            "--batch_size", "2", "--mini_batch_size", "1", "--gradient_accumulation_steps", "1",
+            "--output_dir", str(tmp_path / "o")]
     _expect_error(capsys, "training_rl", args, adapter, "score", "not a reward model")
 
 
@@ -114,13 +118,15 @@ def test_an_output_folder_holding_a_final_model(tiny_model, tmp_path, capsys):
     out = tmp_path / "done"
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
-    args = ["--model_name", tiny_model, "--reward_model_name", tiny_model, "--dataset_name", ".", "--output_dir", str(out)]
+    args = ["--model_name", tiny_model, "--reward_model_name", tiny_model, "--dataset_name", ".",
+            "--output_dir", str(out)]
     _expect_error(capsys, "training_rl", args, "--output_dir", "--overwrite_output_dir")
     assert (out / "adapter_config.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl"])
-def test_an_output_dir_that_is_a_file_is_refused_before_any_model_loads(script, tiny_model, tmp_path, capsys, monkeypatch):
+def test_an_output_dir_that_is_a_file_is_refused_before_any_model_loads(script, tiny_model, tmp_path, capsys,
+                                                                        monkeypatch):
     import common.modeling
 
     def no_model(*args, **kwargs):
@@ -192,8 +198,8 @@ def _stage_args(script, model, tmp_path, *extra):
 @pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl"])
 def test_a_tokenizer_larger_than_the_embedding_matrix(script, small_model, tiny_model, tiny_rm, tmp_path, capsys):
     extra = ["--tokenizer_name", tiny_model] + (["--reward_model_name", tiny_rm] if script == "training_rl" else [])
-    _expect_error(capsys, script, _stage_args(script, small_model, tmp_path, *extra), "2048 tokens", "1024 embedding rows",
-                  "--tokenizer_name")
+    _expect_error(capsys, script, _stage_args(script, small_model, tmp_path, *extra), "2048 tokens",
+                  "1024 embedding rows", "--tokenizer_name")
     assert not os.path.exists(tmp_path / "out" / "adapter_config.json")
 
 
@@ -217,13 +223,16 @@ def test_a_special_token_past_the_embedding_matrix(script, extra_token_model, ti
                   "2048 embedding rows")
 
 
-def test_merge_refuses_an_adapter_whose_tokenizer_does_not_fit_the_base(tiny_model, extra_token_model, tmp_path, capsys):
+def test_merge_refuses_an_adapter_whose_tokenizer_does_not_fit_the_base(tiny_model, extra_token_model, tmp_path,
+                                                                         capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(task_type="CAUSAL_LM", r=2)).save_pretrained(adapter)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(task_type="CAUSAL_LM", r=2)).save_pretrained(adapter)
     AutoTokenizer.from_pretrained(extra_token_model).save_pretrained(adapter)
-    _expect_error(capsys, "merge_with_lora", ["--adapter_model_name", str(adapter), "--output_name", str(tmp_path / "m")],
+    _expect_error(capsys, "merge_with_lora",
+                  ["--adapter_model_name", str(adapter), "--output_name", str(tmp_path / "m")],
                   "ids up to 2048", "2048 embedding rows", "--adapter_model_name")
     assert not os.path.exists(tmp_path / "m")

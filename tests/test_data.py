@@ -428,7 +428,8 @@ def test_many_problems_are_capped_with_a_count(tmp_path):
 def test_corrupt_json_line_names_file_and_line(tmp_path):
     path = write_text(
         tmp_path / "pairs.jsonl",
-        json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"question": "broken", \n' + json.dumps(ROWS[2]) + "\n",
+        json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"question": "broken", \n'
+        + json.dumps(ROWS[2]) + "\n",
     )
     msg = raises_data_error(path, None, "train", FIELDS)
     assert f"file {path}, line 3" in msg
@@ -490,7 +491,8 @@ def test_folder_without_data_files(tmp_path, contents):
 @pytest.mark.parametrize("kind", ["file", "folder", "relative"])
 def test_path_that_does_not_exist(tmp_path, monkeypatch, kind):
     monkeypatch.chdir(tmp_path)
-    name = {"file": str(tmp_path / "missing.jsonl"), "folder": str(tmp_path / "missing" / "dir"), "relative": "data/rl/x"}[kind]
+    name = {"file": str(tmp_path / "missing.jsonl"), "folder": str(tmp_path / "missing" / "dir"),
+            "relative": "data/rl/x"}[kind]
     msg = raises_data_error(name, None, "train", FIELDS)
     assert name in msg and "no such file or folder" in msg
 

@@ -31,7 +31,8 @@ def adapters(tiny_model, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     root = tmp_path_factory.mktemp("adapters")
-    causal = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    causal = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                            LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
     randomize(causal, "lora_B")
     causal.save_pretrained(root / "causal")
 
@@ -81,7 +82,8 @@ def test_causal_merge_matches_base_plus_adapter(tiny_model, adapters, tmp_path, 
     printed = capsys.readouterr().out
     assert "verify: max |merged - (base + adapter)|" in printed and "saved to" in printed
     files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "run_args.yaml", "metrics.jsonl"} <= files
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "run_args.yaml",
+            "metrics.jsonl"} <= files
     assert "adapter_config.json" not in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     assert leftovers(out) == ["merged"]
 
@@ -188,15 +190,18 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_model_or_an_input(adapte
 
 
 @pytest.mark.parametrize("case", ["missing", "plain model", "other base", "hub id offline", "missing base"])
-def test_bad_adapter_or_base_is_a_clear_error_and_writes_nothing(case, tiny_model, adapters, other_base, tmp_path, capsys):
+def test_bad_adapter_or_base_is_a_clear_error_and_writes_nothing(case, tiny_model, adapters, other_base, tmp_path,
+                                                                  capsys):
     out = tmp_path / "merged"
     missing, hub_id, no_base = str(tmp_path / "nope"), "nobody/no-such-adapter", str(tmp_path / "no-base")
     adapter, extra, needles = {  # each message names the folder at fault
         "missing": (missing, [], [missing, "no such folder"]),
         "plain model": (tiny_model, [], [tiny_model, "full model", "not a LoRA adapter"]),
-        "other base": (adapters["causal"], ["--base_model_name", other_base], [adapters["causal"], other_base, "size mismatch"]),
+        "other base": (adapters["causal"], ["--base_model_name", other_base],
+                       [adapters["causal"], other_base, "size mismatch"]),
         "hub id offline": (hub_id, [], [hub_id, "no such folder, nor Hub repository"]),
-        "missing base": (adapters["causal"], ["--base_model_name", no_base], [f"--base_model_name {no_base}: no such folder"]),
+        "missing base": (adapters["causal"], ["--base_model_name", no_base],
+                         [f"--base_model_name {no_base}: no such folder"]),
     }[case]
     with pytest.raises(SystemExit) as e:
         run(lambda: main(*parse(["--adapter_model_name", adapter, "--output_name", str(out), *extra])))
@@ -256,7 +261,8 @@ def hub_calls(monkeypatch) -> list:
 
 
 def test_push_to_hub_only_when_asked(adapters, tmp_path, hub_calls):
-    merge("--adapter_model_name", adapters["causal"], "--output_name", tmp_path / "b", "--verify", "false", "--push_to_hub")
+    merge("--adapter_model_name", adapters["causal"], "--output_name", tmp_path / "b", "--verify", "false",
+          "--push_to_hub")
     assert hub_calls == [("create", "b"), ("upload", "b", str(tmp_path / "b"))]
 
 
@@ -265,8 +271,8 @@ def test_stackllama_command_runs_unchanged(tiny_model, adapters, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "rm-merged"
-    proc = run_script("merge_with_lora.py", f"--adapter_model_name={adapters['reward']}", f"--base_model_name={tiny_model}",
-                      f"--output_name={out}")
+    proc = run_script("merge_with_lora.py", f"--adapter_model_name={adapters['reward']}",
+                      f"--base_model_name={tiny_model}", f"--output_name={out}")
     assert proc.returncode == 0 and "verify: max" in proc.stdout
     assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
 
@@ -274,7 +280,8 @@ def test_stackllama_command_runs_unchanged(tiny_model, adapters, tmp_path):
 @pytest.mark.slow
 def test_a_user_error_is_one_line_without_traceback(tmp_path):
     missing = str(tmp_path / "no-adapter")
-    proc = run_script("merge_with_lora.py", "--adapter_model_name", missing, "--output_name", tmp_path / "out", check=False)
+    proc = run_script("merge_with_lora.py", "--adapter_model_name", missing, "--output_name", tmp_path / "out",
+                      check=False)
     assert proc.returncode == 2
     assert_user_error(proc, missing, "no such folder")
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1

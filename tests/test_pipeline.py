@@ -17,8 +17,10 @@ from conftest import OFFLINE_ENV, ROOT, TORCHRUN, run_script
 def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline") / "run")
     env = {**os.environ, **OFFLINE_ENV, "OUT": out, "SFT_ARGS": "--max_steps 100 --disable_tqdm true",
-           "RM_ARGS": "--max_steps 40 --disable_tqdm true", "PPO_ARGS": "--steps 480 --save_freq 1000 --disable_tqdm true"}
-    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+           "RM_ARGS": "--max_steps 40 --disable_tqdm true",
+           "PPO_ARGS": "--steps 480 --save_freq 1000 --disable_tqdm true"}
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -34,7 +36,8 @@ def test_pipeline_shows_that_rlhf_worked(pipeline):
     assert summary["rm_eval_accuracy"] >= 0.9
     assert summary["ppo_score_last"] > summary["ppo_score_first"] + 0.5, summary
     assert 0 <= summary["ppo_kl_last"] < 20 and summary["ppo_kl_max"] < 30  # bounded by the KL penalty
-    assert {"SFT", "reward model", "PPO", "merge SFT", "merge reward model", "merge PPO"} <= set(summary["seconds_per_stage"])
+    assert ({"SFT", "reward model", "PPO", "merge SFT", "merge reward model", "merge PPO"}
+            <= set(summary["seconds_per_stage"]))
     assert "RLHF pipeline summary" in stdout and "rose: yes" in stdout
 
 
@@ -44,18 +47,21 @@ def test_ppo_on_two_processes_learns_like_one_with_the_same_global_batch(pipelin
     pipeline's 1 process x 16 (minibatches of 4), from the same SFT policy and reward model."""
     out, _ = pipeline
     two = os.path.join(os.path.dirname(out), "ppo_two_processes")
-    same = ["--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--learning_rate", "3e-4", "--output_min_length", "16",
-            "--output_max_length", "32", "--init_kl_coef", "0.1", "--target", "4", "--horizon", "500"]
+    same = ["--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--learning_rate", "3e-4",
+            "--output_min_length", "16", "--output_max_length", "32", "--init_kl_coef", "0.1", "--target", "4",
+            "--horizon", "500"]
     one_args = yaml.safe_load(open(os.path.join(out, "ppo", "run_args.yaml")))["ScriptArguments"]
     for flag, value in zip(same[::2], same[1::2]):  # the one-process run used these too (scripts/run_pipeline.sh)
         assert float(one_args[flag[2:]]) == float(value), flag
     assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 480)
     run_script(*TORCHRUN, "--master_port", "29573", "training_rl.py",
                "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm_merged"),
-               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", "240", "--batch_size", "8", "--mini_batch_size", "2",
-               "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two, timeout=900)
+               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", "240", "--batch_size", "8",
+               "--mini_batch_size", "2", "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two,
+               timeout=900)
     runs = {name: read_metrics(path) for name, path in (("one", os.path.join(out, "ppo")), ("two", two))}
-    assert [m["episodes"] for m in runs["two"]] == [m["episodes"] for m in runs["one"]] == [16 * (i + 1) for i in range(30)]
+    assert ([m["episodes"] for m in runs["two"]] == [m["episodes"] for m in runs["one"]]
+            == [16 * (i + 1) for i in range(30)])
     fifth = {}
     for name, metrics in runs.items():
         scores = [m["objective/scores"] for m in metrics]
@@ -97,13 +103,15 @@ def test_pipeline_writes_report_plots_and_plain_models(pipeline):
 def test_pipeline_rerun_skips_finished_stages(pipeline):
     out, _ = pipeline
     env = {**os.environ, **OFFLINE_ENV, "OUT": out}
-    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0 and proc.stdout.count("(done already: skipped)") == 7, proc.stdout[-2000:]
 
 
 def test_a_failing_stage_is_named(tmp_path):
     env = {**os.environ, **OFFLINE_ENV, "OUT": str(tmp_path), "BASE_MODEL": str(tmp_path / "missing-model")}
-    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0 and "pipeline stage 'SFT' failed" in proc.stderr
 
 
@@ -113,10 +121,11 @@ def test_example_run_configs_parse(path):
     import training_rl
     import training_sft
 
-    script = {"sft": training_sft, "rm": training_reward_model, "ppo": training_rl}[os.path.basename(path).split("_")[0]]
+    script = {"sft": training_sft, "rm": training_reward_model,
+              "ppo": training_rl}[os.path.basename(path).split("_")[0]]
     parsed = script.parse(["--config", path])
     values = {k: v for obj in parsed for k, v in vars(obj).items()}
-    for key, value in yaml.safe_load(open(path)).items():
+    for key, _value in yaml.safe_load(open(path)).items():
         assert key in values or key in ("seq_length", "batch_size", "num_warmup_steps", "eval_freq", "save_freq"), key
 
 

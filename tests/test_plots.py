@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def sft_records(n: int = 30) -> list[dict]:
     recs = [{"step": 0, "eval_loss": 7.7, "eval_mean_token_accuracy": 0.0}]  # the eval before training
     for s in range(5, 5 * n + 1, 5):
-        recs.append({"step": s, "epoch": s / 300, "loss": None if s == 15 else 7.5 - 1.5 * math.log1p(s / 20), "learning_rate": 5e-3,
-                     "grad_norm": None if s == 10 else 1.0, "mean_token_accuracy": s / 2000, "entropy": 6.0})
+        recs.append({"step": s, "epoch": s / 300, "loss": None if s == 15 else 7.5 - 1.5 * math.log1p(s / 20),
+                     "learning_rate": 5e-3, "grad_norm": None if s == 10 else 1.0, "mean_token_accuracy": s / 2000,
+                     "entropy": 6.0})
         if s % 50 == 0:
             recs[-1]["eval_loss"] = 7.4 - 1.4 * math.log1p(s / 20)
     return recs
@@ -66,7 +67,8 @@ def assert_png(path: str) -> None:
     (sft_records(), ["sft_loss.png"]),
     (rm_records(), ["rm_accuracy.png", "rm_loss.png"]),
     (ppo_records(), ["ppo.png"]),
-    ([{"step": s, "foo": s * 2.0, "bar/baz": None if s == 3 else 1.0 / s, "note": "x"} for s in range(1, 20)], ["metrics.png"]),
+    ([{"step": s, "foo": s * 2.0, "bar/baz": None if s == 3 else 1.0 / s, "note": "x"} for s in range(1, 20)],
+     ["metrics.png"]),
 ], ids=["sft", "rm", "ppo", "generic"])
 def test_plot_run_each_stage(tmp_path, records, names):
     run_dir = write_run(tmp_path / "run", records)
@@ -95,7 +97,8 @@ def test_generic_panel_cap(tmp_path):
 def test_helpers():
     assert detect_stage(sft_records()) == "sft" and detect_stage(rm_records()) == "rm"
     assert detect_stage(ppo_records()) == "ppo" and detect_stage([{"step": 1, "x": 1.0}]) == "generic"
-    steps, values = series([{"step": 1, "a": None}, {"step": 2, "a": float("nan")}, {"step": 3, "a": 2}, {"step": 4}], "a")
+    steps, values = series([{"step": 1, "a": None}, {"step": 2, "a": float("nan")}, {"step": 3, "a": 2}, {"step": 4}],
+                           "a")
     assert (steps, values) == ([3], [2.0])
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=3) == [2.0, 3.0, 5.0, 6.0]
     assert moving_average([4.0]) == [4.0]

@@ -31,7 +31,8 @@ def test_sft_reward_model_and_ppo_tokenize_the_same_prefix_on_their_real_paths(t
 
     rows = [{"question": "How do I sort a list in Python?", "response_j": "Use `sorted(items)` for a copy.",
              "response_k": "No idea."},
-            {"question": "Why does `git rebase -i` say \"nothing to do\"?  ", "response_j": " Because:\n```\ngit log\n```",
+            {"question": "Why does `git rebase -i` say \"nothing to do\"?  ",
+             "response_j": " Because:\n```\ngit log\n```",
              "response_k": "Reinstall git."},
             {"question": "Ünïcode in `café.txt`?\nSecond line.", "response_j": "Open it with encoding='utf-8'.",
              "response_k": "It is broken."}]

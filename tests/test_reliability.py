@@ -32,8 +32,9 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_in_sft_is_skipped_counted_and_repeated_ones_stop_the_run(tiny_model, tmp_path, monkeypatch, capsys):
-    import training_sft
     from trl import SFTTrainer
+
+    import training_sft
 
     real = SFTTrainer.compute_loss
     calls = {"n": 0}
@@ -47,9 +48,9 @@ def test_nan_loss_in_sft_is_skipped_counted_and_repeated_ones_stop_the_run(tiny_
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
     out = str(tmp_path / "sft")
-    args = ["--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "0",
-            "--seq_length", "64", "--batch_size", "2", "--max_steps", "20", "--save_freq", "4", "--learning_rate", "1e-3",
-            "--disable_tqdm", "true", "--output_dir", out]
+    args = ["--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune",
+            "--size_valid_set", "0", "--seq_length", "64", "--batch_size", "2", "--max_steps", "20",
+            "--save_freq", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true", "--output_dir", out]
     with pytest.raises(SystemExit) as exit_info:
         run(lambda: training_sft.main(*training_sft.parse(args)))
     assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
@@ -63,10 +64,12 @@ def test_nan_loss_in_sft_is_skipped_counted_and_repeated_ones_stop_the_run(tiny_
 
 
 @pytest.mark.slow
-def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint_intact(tiny_model, tmp_path, monkeypatch, capsys):
+def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint_intact(tiny_model, tmp_path,
+                                                                                        monkeypatch, capsys):
+    from test_ppo import FAST, _save_reward_model
+
     import common.reward
     import training_rl
-    from test_ppo import FAST, _save_reward_model
 
     rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
     real = common.reward.score_texts
@@ -120,9 +123,10 @@ def test_a_checkpoint_cut_short_is_left_as_tmp_and_never_resumed_from(tiny_model
 
     monkeypatch.setattr(transformers.Trainer, "_save_rng_state", crash_at_step_6)
     out = str(tmp_path / "sft")
-    args = ["--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "0",
-            "--seq_length", "64", "--batch_size", "2", "--max_steps", "8", "--save_freq", "2", "--save_total_limit", "2",
-            "--learning_rate", "1e-3", "--disable_tqdm", "true", "--output_dir", out]
+    args = ["--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune",
+            "--size_valid_set", "0", "--seq_length", "64", "--batch_size", "2", "--max_steps", "8",
+            "--save_freq", "2", "--save_total_limit", "2", "--learning_rate", "1e-3", "--disable_tqdm", "true",
+            "--output_dir", out]
     with pytest.raises(OSError, match="disk full"):
         run(lambda: training_sft.main(*training_sft.parse(args)))
     assert crashed == [os.path.join(out, "checkpoint-6.tmp", "checkpoint-6")]
@@ -145,8 +149,8 @@ def test_a_checkpoint_cut_short_is_left_as_tmp_and_never_resumed_from(tiny_model
 @pytest.mark.slow
 def test_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, tmp_path):
     args = ["training_sft.py", "--model_name_or_path", tiny_model, "--dataset_name", ".", "--subset", "data/finetune",
-            "--size_valid_set", "20", "--seq_length", "64", "--batch_size", "2", "--max_steps", "16", "--save_freq", "8",
-            "--eval_freq", "8", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+            "--size_valid_set", "20", "--seq_length", "64", "--batch_size", "2", "--max_steps", "16",
+            "--save_freq", "8", "--eval_freq", "8", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*args, "--output_dir", full)
     kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-8"))
@@ -160,7 +164,8 @@ def test_ppo_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, t
     from test_ppo import FAST, _save_reward_model
 
     rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
-    args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "32", "--save_freq", "2"]
+    args = ["training_rl.py", "--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "32",
+            "--save_freq", "2"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(*args, "--output_dir", full)
     kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-2"))

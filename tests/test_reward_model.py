@@ -20,7 +20,8 @@ FAST = ["--max_length", "256", "--per_device_train_batch_size", "8", "--learning
 
 
 def rm(model, out, *extra, check=True):
-    return run_script("training_reward_model.py", "--model_name_or_path", model, *DATA, *FAST, "--output_dir", out, *extra, check=check)
+    return run_script("training_reward_model.py", "--model_name_or_path", model, *DATA, *FAST, "--output_dir", out,
+                      *extra, check=check)
 
 
 def eval_pairs(n=None):
@@ -46,8 +47,9 @@ def score_rows(model, tokenizer, rows, max_tokens=None):
     chosen = [format_example(r["question"], r["response_j"]) for r in rows]
     rejected = [format_example(r["question"], r["response_k"]) for r in rows]
     if max_tokens:  # the run drops pairs over --max_length; so must the check
-        keep = [i for i in range(len(rows)) if max(len(tokenizer(chosen[i] + tokenizer.eos_token)["input_ids"]),
-                                                   len(tokenizer(rejected[i] + tokenizer.eos_token)["input_ids"])) <= max_tokens]
+        keep = [i for i in range(len(rows))
+                if max(len(tokenizer(chosen[i] + tokenizer.eos_token)["input_ids"]),
+                       len(tokenizer(rejected[i] + tokenizer.eos_token)["input_ids"])) <= max_tokens]
         chosen, rejected = [chosen[i] for i in keep], [rejected[i] for i in keep]
     return score_texts(model, tokenizer, chosen, 16), score_texts(model, tokenizer, rejected, 16)
 
@@ -57,7 +59,8 @@ def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, t
     out = str(tmp_path / "rm")
     # The score head and LoRA (r 8, all linear layers) reach ~1.0 by step 20 even on a random base; 30 steps of
     # 8 pairs (an eighth of the data) leave a margin. Each evaluation pass costs as much as ~8 training steps.
-    proc = rm(tiny_model, out, "--max_steps", "30", "--eval_steps", "30", "--save_steps", "15", "--eval_first_step", "true")
+    proc = rm(tiny_model, out, "--max_steps", "30", "--eval_steps", "30", "--save_steps", "15",
+              "--eval_first_step", "true")
     assert "eval: 400 pairs; " in proc.stdout and "longer than --max_length 256 tokens dropped" in proc.stdout
     metrics = read_metrics(out)
     evals = {m["step"]: m["eval_accuracy"] for m in metrics if "eval_accuracy" in m}
@@ -65,7 +68,8 @@ def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, t
 
     files = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run_args.yaml", "metrics.jsonl",
-            "README.md", "reward_stats.json", "eval_report.json", "eval_report.md", "checkpoint-15", "checkpoint-30"} <= files
+            "README.md", "reward_stats.json", "eval_report.json", "eval_report.md", "checkpoint-15",
+            "checkpoint-30"} <= files
     assert "training_args.bin" not in files and ".final-tmp" not in files
     adapter_config = json.load(open(os.path.join(out, "adapter_config.json")))
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
@@ -89,7 +93,8 @@ def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, t
         assert wrong["chosen_score"] <= wrong["rejected_score"]
 
     card = open(os.path.join(out, "README.md")).read()
-    assert "Reward model" in card and tiny_model in card and "eval_accuracy" in card and "training_reward_model.py" in card
+    assert ("Reward model" in card and tiny_model in card and "eval_accuracy" in card
+            and "training_reward_model.py" in card)
 
 
 @pytest.mark.slow
@@ -110,7 +115,8 @@ def test_stackllama_flags_run_unchanged(tiny_model, tmp_path):
     assert {m["step"] for m in metrics if "eval_loss" in m} == {0, 2, 4}
     args = yaml.safe_load(open(os.path.join(out, "run_args.yaml")))
     cfg = args["RewardConfig"]
-    assert (cfg["per_device_train_batch_size"], cfg["per_device_eval_batch_size"], cfg["gradient_accumulation_steps"]) == (2, 4, 2)
+    assert (cfg["per_device_train_batch_size"], cfg["per_device_eval_batch_size"],
+            cfg["gradient_accumulation_steps"]) == (2, 4, 2)
     assert cfg["gradient_checkpointing"] is True and cfg["center_rewards_coefficient"] == 0.01
     assert args["ModelArguments"]["model_name_or_path"] == tiny_model and args["ScriptArguments"]["margin"] == 0.5
     assert json.load(open(os.path.join(out, "eval_report.json")))["n_pairs"] == 8
@@ -124,16 +130,18 @@ def test_config_yaml_and_a_run_killed_after_a_checkpoint_resumes_to_the_same_wei
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     config = tmp_path / "run.yaml"
     # YAML keys may be Hugging Face names or StackLLaMA aliases; the command line overrides them.
-    config.write_text(yaml.safe_dump({"model_name": tiny_model, "dataset_name": ".", "train_subset": 24, "eval_subset": 8,
-                                      "max_steps": 99, "save_steps": 2, "eval_steps": 2, "per_device_train_batch_size": 4,
-                                      "learning_rate": 1e-3, "logging_steps": 1, "disable_tqdm": True}))
+    config.write_text(yaml.safe_dump({"model_name": tiny_model, "dataset_name": ".", "train_subset": 24,
+                                      "eval_subset": 8, "max_steps": 99, "save_steps": 2, "eval_steps": 2,
+                                      "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                                      "disable_tqdm": True}))
     run_script("training_reward_model.py", "--config", str(config), "--max_steps", "4", "--output_dir", full)
     args = yaml.safe_load(open(os.path.join(full, "run_args.yaml")))
     assert args["RewardConfig"]["max_steps"] == 4 and args["ScriptArguments"]["train_subset"] == 24
     assert args["RewardConfig"]["per_device_eval_batch_size"] == 4  # evaluation batches like training by default
 
     # The interrupted run: SIGKILL as soon as checkpoint-2 is in place, then resumed.
-    kill_after_checkpoint(["training_reward_model.py", "--config", str(config), "--max_steps", "4", "--output_dir", cut],
+    kill_after_checkpoint(["training_reward_model.py", "--config", str(config), "--max_steps", "4",
+                           "--output_dir", cut],
                           os.path.join(cut, "checkpoint-2"))
     assert not os.path.exists(os.path.join(cut, "adapter_config.json"))
     run_script("training_reward_model.py", "--config", str(config), "--max_steps", "4", "--output_dir", cut,
@@ -196,7 +204,8 @@ def test_pair_report_math_on_a_hand_computed_case():
     assert report["accuracy_when_rejected_is_longer"] == {"count": 1, "accuracy": 0.0}
     assert report["chosen_scores"] == {"mean": 1.5, "std": pytest.approx(math.sqrt(1.25)), "n": 4}
     # Pearson of scores [2, 0, 1, 3] with lengths [2, 1, 4, 6]
-    assert report["length_correlation"]["chosen"] == pytest.approx(float(torch.corrcoef(torch.tensor([[2.0, 0, 1, 3], [2.0, 1, 4, 6]]))[0, 1]))
+    assert report["length_correlation"]["chosen"] == pytest.approx(
+        float(torch.corrcoef(torch.tensor([[2.0, 0, 1, 3], [2.0, 1, 4, 6]]))[0, 1]))
 
     # p = 0.75 for 4 pairs: bins [0.7, 0.8) (observed 1) and [0.2, 0.3) (observed 0): perfectly calibrated would
     # need 0.75 / 0.25; the error is 0.25 in each.
@@ -224,7 +233,8 @@ def test_bad_data_names_the_missing_field(tmp_path, capsys):
     (["--model_name", "./no/such/folder"], "./no/such/folder"),
 ])
 def test_bad_flags_give_one_clear_message(tiny_model, tmp_path, capsys, flags, needle):
-    assert needle in _user_error(["--model_name_or_path", tiny_model, *DATA, "--output_dir", str(tmp_path / "o"), *flags], capsys)
+    assert needle in _user_error(["--model_name_or_path", tiny_model, *DATA, "--output_dir", str(tmp_path / "o"),
+                                  *flags], capsys)
     assert not os.path.exists(tmp_path / "o" / "adapter_config.json")
 
 
@@ -237,7 +247,8 @@ def test_an_existing_final_model_is_refused(tiny_model, tmp_path, capsys):
 
 
 def test_a_bad_flag_exits_without_traceback(tmp_path):
-    proc = run_script("training_reward_model.py", "--model_name", "m", "--learning_rate", "-1", "--output_dir", str(tmp_path), check=False)
+    proc = run_script("training_reward_model.py", "--model_name", "m", "--learning_rate", "-1",
+                      "--output_dir", str(tmp_path), check=False)
     assert_user_error(proc, "--learning_rate")
     proc = run_script("training_reward_model.py", "--help")
     for flag in ["--model_name", "--model_name_or_path", "--tokenizer_name", "--train_data_dir", "--eval_data_dir",

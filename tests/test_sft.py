@@ -16,7 +16,8 @@ FAST = ["--seq_length", "128", "--batch_size", "4", "--size_valid_set", "40", "-
 
 
 def sft(tiny_model, out, *extra, check=True):
-    return run_script("training_sft.py", "--model_name_or_path", tiny_model, *DATA, *FAST, "--output_dir", out, *extra, check=check)
+    return run_script("training_sft.py", "--model_name_or_path", tiny_model, *DATA, *FAST, "--output_dir", out,
+                      *extra, check=check)
 
 
 @pytest.mark.slow
@@ -75,7 +76,8 @@ def test_stackllama_command_and_flags_run_unchanged(tiny_model, tmp_path):
     assert {m["step"] for m in metrics if "eval_loss" in m} == {2, 4}
     args = yaml.safe_load(open(os.path.join(out, "run_args.yaml")))
     cfg = args["SFTConfig"]
-    assert (cfg["max_length"], cfg["per_device_train_batch_size"], cfg["warmup_steps"], cfg["save_steps"]) == (128, 2, 1, 2)
+    assert (cfg["max_length"], cfg["per_device_train_batch_size"], cfg["warmup_steps"],
+            cfg["save_steps"]) == (128, 2, 1, 2)
     assert args["ScriptArguments"]["streaming"] is True and args["ScriptArguments"]["eos_token_id"] == 2
     assert os.path.isdir(os.path.join(out, "checkpoint-4")) and "saved to" in proc.stdout
 
@@ -112,7 +114,8 @@ def test_config_yaml_with_command_line_override_and_refusal_to_overwrite(tiny_mo
 
 def test_bad_data_is_reported_before_any_model_is_loaded(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "q", "response_j": "a"}) + "\n" + json.dumps({"question": "q2", "answer": "b"}) + "\n")
+    bad.write_text(json.dumps({"question": "q", "response_j": "a"}) + "\n"
+                   + json.dumps({"question": "q2", "answer": "b"}) + "\n")
     proc = run_script("training_sft.py", "--model_name_or_path", "does/not-exist-locally", "--dataset_name", str(bad),
                       "--output_dir", str(tmp_path / "o"), check=False)
     assert_user_error(proc, str(bad), "row 2", "response_j")
@@ -141,7 +144,8 @@ def test_bad_flags_give_one_clear_message(tiny_model, tmp_path, capsys, flags, n
 
 
 def test_a_bad_flag_exits_without_traceback(tmp_path):
-    proc = run_script("training_sft.py", "--model_path", "m", "--learning_rate", "-1", "--output_dir", str(tmp_path), check=False)
+    proc = run_script("training_sft.py", "--model_path", "m", "--learning_rate", "-1", "--output_dir", str(tmp_path),
+                      check=False)
     assert_user_error(proc, "--learning_rate")
 
 
@@ -165,7 +169,8 @@ def test_plain_lm_head_matches_trls_fused_head(tiny_model):
         add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
         if plain:
             assert plain_lm_head(m)
-        peft = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
         models.append(peft)
     models[1].load_state_dict(models[0].state_dict())
     ids = torch.randint(0, base.config.vocab_size, (3, 40))
