@@ -318,14 +318,18 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Every dropout of the model off: with dropout the log-probs at sampling time, the old log-probs and the training
-    log-probs of the same tokens disagree (Huang et al. 2024, sec. 4). Dropout modules (LoRA's included) become
-    identities, which also saves their calls; attention dropout given as a probability is set to 0."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Dropout):
-                setattr(module, name, torch.nn.Identity())
+    log-probs of the same tokens disagree (Huang et al. 2024, sec. 4). Dropout modules get p = 0 (some models read
+    `.p`, GPT-2's attention among them), attention dropout given as a probability is set to 0, and LoRA's dropouts
+    become identities, what peft builds for lora_dropout 0 (no call per layer)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+        lora_dropout = getattr(module, "lora_dropout", None)
+        if isinstance(lora_dropout, torch.nn.ModuleDict):
+            for name in list(lora_dropout.keys()):
+                lora_dropout[name] = torch.nn.Identity()
 
 
 def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:

@@ -57,7 +57,8 @@ PROFILES = {
     "quick": dict(hidden=384, layers=6, heads=6, sft_seq=256, sft_bs=4, rm_bs=4, rm_max_length=512,
                   ppo_bs=8, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=24, warmup=1, reps=9, ppo_warmup=1, ppo_reps=7),
     "full": dict(hidden=512, layers=8, heads=8, sft_seq=512, sft_bs=4, rm_bs=4, rm_max_length=512,
-                 ppo_bs=16, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=48, warmup=3, reps=12, ppo_warmup=1, ppo_reps=5),
+                 ppo_bs=16, ppo_mini=1, ppo_ga=4, ppo_epochs=4, ppo_len=48, warmup=3, reps=12, ppo_warmup=1,
+                 ppo_reps=5),
     "gpu": dict(hidden=1024, layers=12, heads=16, sft_seq=1024, sft_bs=8, rm_bs=8, rm_max_length=512,
                 ppo_bs=32, ppo_mini=4, ppo_ga=2, ppo_epochs=4, ppo_len=64, warmup=3, reps=15, ppo_warmup=1, ppo_reps=5),
 }
@@ -210,8 +211,8 @@ class Interleaver:
                 if not warm:
                     outer.ours.append(t - outer.resume)
                     outer.bare.append(t2 - t)
-                log(f"{outer.name} step {state.global_step}{' (warm-up)' if warm else ''}: ours {t - outer.resume:.3f} s, "
-                    f"bare {t2 - t:.3f} s")
+                log(f"{outer.name} step {state.global_step}{' (warm-up)' if warm else ''}: "
+                    f"ours {t - outer.resume:.3f} s, bare {t2 - t:.3f} s")
                 outer.resume = time.perf_counter()
 
         self.callback = Callback()
@@ -279,7 +280,8 @@ def build_sft(models: dict, p: dict, out_dir: str):
                                          callbacks=[nonfinite_guard(), metrics_callback(writer)])
     device = trainer.args.device
 
-    bare_model = get_peft_model(load_model(model_args, "CAUSAL_LM", False, tokenizer.pad_token_id), lora_config(model_args, "CAUSAL_LM"))
+    bare_model = get_peft_model(load_model(model_args, "CAUSAL_LM", False, tokenizer.pad_token_id),
+                                lora_config(model_args, "CAUSAL_LM"))
     bare_model.to(device).train()
     if trainer.args.gradient_checkpointing:  # the same arithmetic as ours: recompute included
         bare_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -307,10 +309,12 @@ def bench_sft(models: dict, p: dict, out_dir: str) -> dict:
     inter.train(trainer)
     tokens_per_step = p["sft_bs"] * p["sft_seq"]
     result = compare(inter.ours, inter.bare, tokens_per_step, "tokens")
-    result["config"] = {"seq_length": p["sft_seq"], "batch_size": p["sft_bs"], "packing_strategy": config.packing_strategy,
+    result["config"] = {"seq_length": p["sft_seq"], "batch_size": p["sft_bs"],
+                        "packing_strategy": config.packing_strategy,
                         "completion_only_loss": config.completion_only_loss, "lora_r": model_args.lora_r,
                         "bf16": bool(trainer.args.bf16), "gradient_checkpointing": trainer.args.gradient_checkpointing,
-                        "logging_steps": config.logging_steps, "optim": str(config.optim), "lm_head": bare_step.script.lm_head}
+                        "logging_steps": config.logging_steps, "optim": str(config.optim),
+                        "lm_head": bare_step.script.lm_head}
     result["trainable_params"] = sum(q.numel() for q in params)
     del trainer
     return result
@@ -348,7 +352,8 @@ def build_rm(models: dict, p: dict, out_dir: str):
     device = trainer.args.device
 
     set_seed(config.seed)
-    bare_model = get_peft_model(load_model(model_args, "SEQ_CLS", False, tokenizer.pad_token_id), lora_config(model_args, "SEQ_CLS"))
+    bare_model = get_peft_model(load_model(model_args, "SEQ_CLS", False, tokenizer.pad_token_id),
+                                lora_config(model_args, "SEQ_CLS"))
     bare_model.to(device).train()
     if trainer.args.gradient_checkpointing:  # the same arithmetic as ours: recompute included
         bare_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -377,7 +382,8 @@ def bench_rm(models: dict, p: dict, out_dir: str) -> dict:
     result = compare(inter.ours, inter.bare, p["rm_bs"], "pairs")
     result["config"] = {"batch_size": p["rm_bs"], "max_length": config.max_length, "lora_r": model_args.lora_r,
                         "lora_dropout": model_args.lora_dropout, "bf16": bool(trainer.args.bf16),
-                        "gradient_checkpointing": trainer.args.gradient_checkpointing, "logging_steps": config.logging_steps}
+                        "gradient_checkpointing": trainer.args.gradient_checkpointing,
+                        "logging_steps": config.logging_steps}
     result["trainable_params"] = sum(q.numel() for q in params)
     del trainer
     return result
@@ -429,7 +435,8 @@ def make_bare_ppo(trainer, a):
     B, L, T = hp.batch_size, hp.output_max_length, hp.temperature
 
     def forward(ids, attn, pos, P):
-        h = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state[:, P - 1 : -1]
+        h = decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
+                    use_cache=False).last_hidden_state[:, P - 1 : -1]
         logits = lm_head(h).float() / T
         logp = torch.gather(F.log_softmax(logits, -1), 2, ids[:, P:].unsqueeze(-1)).squeeze(-1)
         return logp, value_head(h.float()).squeeze(-1)
@@ -456,7 +463,8 @@ def make_bare_ppo(trainer, a):
         with torch.no_grad():
             rm_ids = torch.cat([out, torch.full((B, 1), eos, device=device)], 1)
             rm_attn = torch.cat([full_attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
-            scores = torch.cat([rm(input_ids=rm_ids[s : s + hp.reward_batch_size], attention_mask=rm_attn[s : s + hp.reward_batch_size]).logits[:, 0]
+            scores = torch.cat([rm(input_ids=rm_ids[s : s + hp.reward_batch_size],
+                                   attention_mask=rm_attn[s : s + hp.reward_batch_size]).logits[:, 0]
                                 for s in range(0, B, hp.reward_batch_size)]).float()
         sync(device)
         t2 = time.perf_counter()
@@ -483,7 +491,8 @@ def make_bare_ppo(trainer, a):
                     i = perm[start + k * mb : start + (k + 1) * mb]
                     logp, v = forward(out[i], full_attn[i], pos[i], P)
                     ratio = torch.exp(logp - old_logp[i])
-                    pg_loss = torch.max(-adv[i] * ratio, -adv[i] * ratio.clamp(1 - hp.cliprange, 1 + hp.cliprange)).mean()
+                    pg_loss = torch.max(-adv[i] * ratio,
+                                        -adv[i] * ratio.clamp(1 - hp.cliprange, 1 + hp.cliprange)).mean()
                     v_clipped = old_values[i] + (v - old_values[i]).clamp(-hp.cliprange_value, hp.cliprange_value)
                     v_loss = 0.5 * torch.max((v - returns[i]) ** 2, (v_clipped - returns[i]) ** 2).mean()
                     ((pg_loss + hp.vf_coef * v_loss) / ga).backward()
@@ -535,7 +544,8 @@ def bench_ppo(models: dict, p: dict, out_dir: str) -> dict:
         sampler.phase = "bare"
         b = bare_step(prompts_used[-1])
         if i >= p["ppo_warmup"]:
-            ours.append({"generate": metrics["time/generate"], "score": metrics["time/score"], "train": metrics["time/train"], "total": total})
+            ours.append({"generate": metrics["time/generate"], "score": metrics["time/score"],
+                         "train": metrics["time/train"], "total": total})
             bare.append(b)
     sampler.phase = "done"
     time.sleep(0.02)
@@ -589,8 +599,8 @@ def bench_ppo_memory(models: dict, p: dict, out_dir: str) -> dict:
         assert metrics["response/length_mean"] == a.output_max_length
     sampler.stop()
     peak = peak_rss_bytes(sampler)
-    return {"peak_rss_bytes": peak, "peak_rss_after_warmup_step_bytes": loaded, "step_s_median": statistics.median(steps),
-            "vocab_size": models["vocab_size"],
+    return {"peak_rss_bytes": peak, "peak_rss_after_warmup_step_bytes": loaded,
+            "step_s_median": statistics.median(steps), "vocab_size": models["vocab_size"],
             "config": {"batch_size": a.batch_size, "mini_batch_size": a.mini_batch_size,
                        "gradient_accumulation_steps": a.gradient_accumulation_steps, "ppo_epochs": a.ppo_epochs,
                        "response_length": a.output_max_length}}
@@ -632,10 +642,11 @@ def environment(threads: int) -> dict:
 
 def print_table(r: dict) -> None:
     env, m = r["environment"], r["model"]
-    print(f"\nprofile {r['profile']}: {m['params'] / 1e6:.1f}M-parameter Llama (hidden {m['hidden_size']}, {m['layers']} layers, "
-          f"vocab {m['vocab_size']}) on {env['device']}, {env['torch_threads']} torch threads; "
+    print(f"\nprofile {r['profile']}: {m['params'] / 1e6:.1f}M-parameter Llama (hidden {m['hidden_size']}, "
+          f"{m['layers']} layers, vocab {m['vocab_size']}) on {env['device']}, {env['torch_threads']} torch threads; "
           f"load average {r['load_average_start'][0]:.2f} at start, {r['load_average_end'][0]:.2f} at end")
-    rows = [("stage", "unit", "ours /s", "bare /s", "ratio_to_bare", "ratio of medians", "best-step ratio", "paired range")]
+    rows = [("stage", "unit", "ours /s", "bare /s", "ratio_to_bare", "ratio of medians", "best-step ratio",
+             "paired range")]
     for stage, unit in (("sft", "tokens"), ("rm", "pairs"), ("ppo", "episodes")):
         s = r.get(stage)
         if not s:
@@ -652,29 +663,34 @@ def print_table(r: dict) -> None:
         s = r["ppo_memory"]
         print(f"PPO step alone (vocab {s['vocab_size']}, batch {s['config']['batch_size']}, minibatch "
               f"{s['config']['mini_batch_size']}, {s['config']['response_length']}-token responses): peak RSS "
-              f"{s['peak_rss_bytes'] / 2**20:.0f} MiB, {s['peak_rss_after_warmup_step_bytes'] / 2**20:.0f} MiB after the "
-              f"first step; {s['step_s_median']:.2f} s per step")
+              f"{s['peak_rss_bytes'] / 2**20:.0f} MiB, {s['peak_rss_after_warmup_step_bytes'] / 2**20:.0f} MiB "
+              f"after the first step; {s['step_s_median']:.2f} s per step")
     if "ppo" in r:
         s = r["ppo"]
         for side in ("ours", "bare"):
             print(f"PPO {side}: step {s[side]['median_s']:.3f} s = generate {s[side]['generate_s_median']:.3f} + "
                   f"score {s[side]['score_s_median']:.3f} + train {s[side]['train_s_median']:.3f}")
-        print(f"PPO peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB = {s['peak_rss_over_weights']:.1f}x the policy + reward "
-              f"model weights ({s['weight_bytes'] / 2**20:.0f} MiB); {s['peak_rss_above_baseline_over_weights']:.1f}x above "
+        print(f"PPO peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB = {s['peak_rss_over_weights']:.1f}x the policy "
+              f"+ reward model weights ({s['weight_bytes'] / 2**20:.0f} MiB); "
+              f"{s['peak_rss_above_baseline_over_weights']:.1f}x above "
               f"the {s['baseline_rss_bytes'] / 2**20:.0f} MiB of Python + libraries")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
-    parser.add_argument("--quick", action="store_true", help="Smaller model and fewer repetitions (about 2 minutes on 2 cores).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smaller model and fewer repetitions (about 2 minutes on 2 cores).")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test's size: seconds per stage
     parser.add_argument("--stages", default="sft,rm,ppo",
-                        help="Comma-separated stages to run: sft, rm, ppo; ppo_memory (our PPO step alone, for its peak "
-                             "memory: use with --vocab_size 32000).")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: os.cpu_count()).")
+                        help="Comma-separated stages to run: sft, rm, ppo; ppo_memory (our PPO step alone, for its "
+                             "peak memory: use with --vocab_size 32000).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (default: os.cpu_count()).")
     parser.add_argument("--vocab_size", type=int, default=2048, help="Vocabulary of the tokenizer trained on data/.")
-    parser.add_argument("--work_dir", default=None, help="Folder for the models and run outputs (default: a temporary one).")
+    parser.add_argument("--work_dir", default=None,
+                        help="Folder for the models and run outputs (default: a temporary one).")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: the PPO child process
     args = parser.parse_args(argv)
 

@@ -232,7 +232,8 @@ topic(
         "dedupe it but keep the order of first occurrence?",
         Q("`set([[var]])` removes the duplicates but scrambles the order. How can I keep the order of `[[var]]`?",
           whys=("A `set` has no defined order, which is why `list(set([[var]]))` shuffled your items.",)),
-        Q("Is there a one-liner to drop duplicate items from `[[var]]` in Python 3 without sorting the list?", codes=[0]),
+        Q("Is there a one-liner to drop duplicate items from `[[var]]` in Python 3 without sorting the list?",
+          codes=[0]),
     ],
     intros=[
         "Don't go through `set` if order matters; keep the first occurrence of each item explicitly.",
@@ -315,7 +316,8 @@ topic(
         "file into memory?",
         "My script calls `open('[[file]]').read()` and runs out of memory because the file is [[nsmall]] GB. "
         "How do I process it one line at a time?",
-        "How do I iterate over the lines of `[[file]]` and call `[[func]]()` on each one, without the trailing newline?",
+        "How do I iterate over the lines of `[[file]]` and call `[[func]]()` on each one, "
+        "without the trailing newline?",
         Q("Reading `[[file]]` with `readlines()` is slow and uses [[nsmall]] GB of RAM. Is there a better pattern?",
           whys=("`readlines()` builds a list of every line first, which is exactly what uses the memory.",)),
     ],
@@ -492,8 +494,10 @@ topic(
         "`json.load` takes a file, `json.loads` takes a string; use the pair that matches what you have.",
     ],
     codes=[
-        C("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n    [[var]] = json.load(f)\n\n"
-                    "[[var]][\"[[key]]\"] = \"updated\"\n\nwith open(\"[[jsonfile]]\", \"w\", encoding=\"utf-8\") as f:\n"
+        C("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n"
+                    "    [[var]] = json.load(f)\n\n"
+                    "[[var]][\"[[key]]\"] = \"updated\"\n\n"
+                    "with open(\"[[jsonfile]]\", \"w\", encoding=\"utf-8\") as f:\n"
                     "    json.dump([[var]], f, indent=2, ensure_ascii=False)",
           intros=("Use `json.load` with a file object to read and `json.dump` with `indent` to write.",)),
         C("python", "import json\nfrom pathlib import Path\n\npath = Path(\"[[jsonfile]]\")\n"
@@ -539,7 +543,8 @@ topic(
                   "`squash`.",
                   "`git rebase -i` lets you rewrite the last few commits, including squashing them."),
           whys=("`squash` folds a commit into the one above it and lets you edit the combined message.",)),
-        C("bash", "git checkout [[branch]]\ngit reset --soft HEAD~[[nsmall]]\ngit commit -m \"Add [[branch]] feature\"\n"
+        C("bash", "git checkout [[branch]]\ngit reset --soft HEAD~[[nsmall]]\n"
+                  "git commit -m \"Add [[branch]] feature\"\n"
                   "git push --force-with-lease",
           intros=("The quickest way is a soft reset to before those commits, followed by one new commit.",),
           whys=("`git reset --soft` moves the branch back but keeps all the changes staged, so the new commit "
@@ -614,7 +619,8 @@ topic(
         "git says 'Automatic merge failed; fix conflicts and then commit the result' after merging `[[branch]]`. "
         "Only `[[file]]` is affected. What are the steps?",
         Q("I'm in the middle of merging `[[branch]]` with a conflict in `[[file]]` and want to either finish it or "
-          "cancel it. How?", whys=("`git merge --abort` returns to the state before the merge if you want to cancel.",)),
+          "cancel it. How?",
+          whys=("`git merge --abort` returns to the state before the merge if you want to cancel.",)),
     ],
     intros=["Git stopped so you can choose which lines to keep; mark the file resolved when done."],
     codes=[
@@ -666,7 +672,8 @@ topic(
         C("sql", "SELECT t.id, t.[[col]], o.id AS match_id\nFROM [[table]] AS t\nLEFT JOIN [[table2]] AS o\n"
                  "  ON o.[[fk]] = t.id;",
           whys=("Columns from `[[table2]]` are NULL for rows without a match.",)),
-        C("sql", "SELECT t.id, COUNT(o.id) AS n_[[table2]]\nFROM [[table]] t\nLEFT JOIN [[table2]] o ON o.[[fk]] = t.id\n"
+        C("sql", "SELECT t.id, COUNT(o.id) AS n_[[table2]]\nFROM [[table]] t\n"
+                 "LEFT JOIN [[table2]] o ON o.[[fk]] = t.id\n"
                  "GROUP BY t.id;",
           whys=("`COUNT(o.id)` counts only matched rows, so [[table]] without [[table2]] get 0.",)),
     ],
@@ -732,7 +739,8 @@ topic(
         "I build my query with an f-string: `f\"SELECT * FROM [[table]] WHERE [[col]] = '{value}'\"`. Someone said "
         "this is unsafe. How should I do it?",
         Q("My query on `[[table]]` breaks when the `[[col]]` value contains an apostrophe, like O'Brien. How do I "
-          "pass user input to sqlite3 safely?", whys=("This also fixes the O'Brien case, because no manual quoting is involved.",)),
+          "pass user input to sqlite3 safely?",
+          whys=("This also fixes the O'Brien case, because no manual quoting is involved.",)),
         "How do I prevent SQL injection when querying the `[[table]]` table by `[[col]]` from Python?",
         "Is string concatenation OK for building `SELECT ... FROM [[table]] WHERE [[col]] = ...` queries in Python?",
     ],
@@ -824,7 +832,8 @@ topic(
     ],
     intros=["Your quantifier is greedy, so the match runs to the last possible delimiter."],
     codes=[
-        C("python", "import re\n\nre.findall(r\"<.*?>\", \"<[[tag]]>[[word]]</[[tag]]>\")\n# ['<[[tag]]>', '</[[tag]]>']",
+        C("python", "import re\n\nre.findall(r\"<.*?>\", \"<[[tag]]>[[word]]</[[tag]]>\")\n"
+                    "# ['<[[tag]]>', '</[[tag]]>']",
           intros=("Make the quantifier lazy with `.*?` so the match ends at the first `>`.",),
           whys=("For real HTML, use a parser such as BeautifulSoup instead of regexes.",
                 "`<[^>]*>` also works: the negated class can't cross a `>`, and it avoids backtracking.")),
@@ -1239,7 +1248,8 @@ topic(
     ],
     codes=[
         C("dockerfile", "FROM [[pyimage]]\nWORKDIR /app\nCOPY requirements.txt .\n"
-                        "RUN pip install --no-cache-dir -r requirements.txt\nCOPY . .\nCMD [\"python\", \"[[pyfile]]\"]"),
+                        "RUN pip install --no-cache-dir -r requirements.txt\n"
+                        "COPY . .\nCMD [\"python\", \"[[pyfile]]\"]"),
         C("dockerfile", "FROM [[pyimage]]\nWORKDIR /app\nCOPY requirements.txt ./\n"
                         "RUN --mount=type=cache,target=/root/.cache/pip pip install -r requirements.txt\nCOPY . .\n"
                         "CMD [\"python\", \"[[pyfile]]\"]",
@@ -1310,7 +1320,8 @@ topic(
         Q("How do I compute the total and average `[[ncol]]` for each `[[gcol]]` in pandas and get a normal "
           "DataFrame back?", codes=[1]),
         Q("`df.groupby('[[gcol]]')['[[ncol]]'].mean()` returns a weird object with `[[gcol]]` as the index. How do "
-          "I turn it into columns?", whys=("By default the group keys become the index, which is what you are seeing.",)),
+          "I turn it into columns?",
+          whys=("By default the group keys become the index, which is what you are seeing.",)),
         "What's the pandas equivalent of `SELECT [[gcol]], AVG([[ncol]]) FROM df GROUP BY [[gcol]]`?",
     ],
     intros=[
@@ -1564,8 +1575,9 @@ topic(
         "What's the difference between `String` and `&str` in Rust, and which should `[[func]]` take for a value "
         "like \"[[word]]\"?",
         Q("Passing `&[[strvar]]` where `[[strvar]]: String` to `[[func]]`, which expects `&str`, compiles. Why does "
-          "that work?", codes=[0], whys=("Deref coercion turns `&String` into `&str` automatically, which is why passing "
-                                 "`&[[strvar]]` works.",)),
+          "that work?", codes=[0],
+          whys=("Deref coercion turns `&String` into `&str` automatically, which is why passing "
+                "`&[[strvar]]` works.",)),
         Q("Rust says `expected String, found &str` when I call `[[func]]` with \"[[word]]\". What should I change?",
           codes=[0]),
     ],

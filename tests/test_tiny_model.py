@@ -10,7 +10,8 @@ from common.tiny_model import main
 
 
 def _digest(folder):
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder))}
 
 
 def test_builder_is_deterministic_and_loads(tiny_model, tmp_path):
