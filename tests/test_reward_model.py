@@ -215,6 +215,21 @@ def test_pair_report_math_on_a_hand_computed_case():
     assert ece == pytest.approx(0.0, abs=1e-6)
 
 
+def test_pair_report_accuracy_by_kind_and_on_the_look_alike_pairs():
+    from common.rm_eval import pair_report, report_markdown
+
+    r_j, r_k = torch.tensor([2.0, 0.0, 1.0, 3.0, 1.0]), torch.tensor([0.0, 1.0, 0.5, -2.0, 1.0])
+    kinds = ["lookalike_wrong_names", "lookalike_wrong_names", "lookalike_broken", "dismissive", "lookalike_broken"]
+    report = pair_report(["q"] * 5, ["a"] * 5, ["b"] * 5, r_j, r_k, kinds)
+    # right: pairs 0, 2, 3; wrong: 1 (lower), 4 (a tie)
+    assert report["accuracy_by_kind"] == {"dismissive": {"count": 1, "accuracy": 1.0},
+                                          "lookalike_broken": {"count": 2, "accuracy": 0.5},
+                                          "lookalike_wrong_names": {"count": 2, "accuracy": 0.5}}
+    assert report["n_lookalike"] == 4 and report["accuracy_lookalike"] == 0.5
+    assert "4 look-alike pairs" in report_markdown(report)
+    assert "accuracy_lookalike" not in pair_report(["q"], ["a"], ["b"], r_j[:1], r_k[:1])  # no kinds: not reported
+
+
 def test_bad_data_names_the_missing_field(tmp_path, capsys):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text(json.dumps({"question": "q", "response_j": "a"}) + "\n")
