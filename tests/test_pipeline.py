@@ -50,7 +50,7 @@ def test_ppo_on_two_processes_learns_like_one_with_the_same_global_batch(pipelin
     same = ["--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--learning_rate", "3e-4",
             "--output_min_length", "16", "--output_max_length", "32", "--init_kl_coef", "0.1", "--target", "4",
             "--horizon", "500"]
-    one_args = yaml.safe_load(open(os.path.join(out, "ppo", "run_args.yaml")))["ScriptArguments"]
+    one_args = yaml.safe_load(open(os.path.join(out, "ppo", "run_args.yaml")))["PPOConfig"]
     for flag, value in zip(same[::2], same[1::2]):  # the one-process run used these too (scripts/run_pipeline.sh)
         assert float(one_args[flag[2:]]) == float(value), flag
     assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 480)
