@@ -259,7 +259,8 @@ def judge(question: str, answer: str, key) -> Verdict:
 
     asked = normalize(question)
     forbidden = tuple(m for m in key.get("forbidden") or []
-                      if _spans(code, normalize(m)) or (_spans(prose_n, normalize(m)) and not _spans(asked, normalize(m))))
+                      if _spans(code, normalize(m))
+                      or (_spans(prose_n, normalize(m)) and not _spans(asked, normalize(m))))
     in_code = any(_spans(code, normalize(m)) for m in forbidden)
     if forbidden:
         reasons.append(f"broken variant of the fix: {list(forbidden)}")

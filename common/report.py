@@ -76,7 +76,8 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
         "ppo_kl_max": max((m["objective/kl"] for m in ppo), default=None),
         "ppo_kl_coef_last": ppo[-1]["objective/kl_coef"] if ppo else None,
         "ppo_explained_variance_last": ppo[-1].get("val/explained_variance") if ppo else None,
-        "ppo_held_out": [{k: m.get(k) for k in ("step", "eval/rm_score", "eval/gold", "eval/length")} for m in held_out],
+        "ppo_held_out": [{k: m.get(k) for k in ("step", "eval/rm_score", "eval/gold", "eval/length")}
+                         for m in held_out],
         "eval_prompts": _get(ev, "prompts", "n"),
         "eval_baseline": base,
         "eval_final": final,
@@ -116,7 +117,8 @@ def _verdict(d: dict | None) -> str:
 
 def most_repeated(ev: dict, name: str, top: int = 3) -> list[dict]:
     """The answers the model gave most often to different questions (a collapse onto one answer shows here)."""
-    counts = collections.Counter(r["answers"][name]["answer"].strip() for r in ev.get("rows", []) if name in r["answers"])
+    counts = collections.Counter(r["answers"][name]["answer"].strip()
+                                 for r in ev.get("rows", []) if name in r["answers"])
     return [{"answer": a, "times": n} for a, n in counts.most_common(top) if n > 1]
 
 
@@ -203,7 +205,8 @@ def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> 
     if s["ppo_held_out"]:
         lines += ["## Held-out questions during PPO (proxy and gold side by side)", "",
                   "| step | RM score | gold | length |", "| --- | --- | --- | --- |",
-                  *(f"| {h['step']} | {_fmt(h['eval/rm_score'])} | {_fmt(h['eval/gold'])} | {_fmt(h['eval/length'], 1)} |"
+                  *(f"| {h['step']} | {_fmt(h['eval/rm_score'])} | {_fmt(h['eval/gold'])} "
+                    f"| {_fmt(h['eval/length'], 1)} |"
                     for h in s["ppo_held_out"]), ""]
     if s["best_of_n"]:
         b = s["best_of_n"]
@@ -212,12 +215,15 @@ def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> 
                   *(f"| {c['n']} | {_fmt(c['reward'])} | {_fmt(c['gold'])} |" for c in b["curve"]), ""]
     if examples:
         lines += ["## The same held-out questions, before and after PPO", "",
-                  "One sampled answer each (the same seed for both models); RM = reward model, gold = common/gold.py.", ""]
+                  "One sampled answer each (the same seed for both models); "
+                  "RM = reward model, gold = common/gold.py.", ""]
         for i, row in enumerate(examples, 1):
-            lines += [f"### {i}. {row['question']}", "", f"| {s['eval_baseline']} | {s['eval_final']} |", "| --- | --- |"]
+            lines += [f"### {i}. {row['question']}", "",
+                      f"| {s['eval_baseline']} | {s['eval_final']} |", "| --- | --- |"]
             a, b = row["answers"][s["eval_baseline"]], row["answers"][s["eval_final"]]
             lines += [f"| {_cell(a['answer'])} | {_cell(b['answer'])} |",
-                      f"| RM {a['reward']:.3f}, gold {_fmt(a['gold'], 2)} | RM {b['reward']:.3f}, gold {_fmt(b['gold'], 2)} |", ""]
+                      f"| RM {a['reward']:.3f}, gold {_fmt(a['gold'], 2)} "
+                      f"| RM {b['reward']:.3f}, gold {_fmt(b['gold'], 2)} |", ""]
     lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, root)})" for p in plots]
     path = os.path.join(root, "report.md")
     with open(path, "w", encoding="utf-8") as f:
@@ -243,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(summary, f, indent=2)
     plots = plot_pipeline(args.root)
     eval_dir = os.path.join(args.root, "eval")
-    plots += [os.path.join(eval_dir, p) for p in ("models.png", "best_of_n.png") if os.path.isfile(os.path.join(eval_dir, p))]
+    plots += [os.path.join(eval_dir, p) for p in ("models.png", "best_of_n.png")
+              if os.path.isfile(os.path.join(eval_dir, p))]
     ev = _load_json(os.path.join(eval_dir, "eval.json"))
     examples = [r for r in ev.get("rows", []) if r.get("has_answer_key", True)][: args.num_examples]
     write_report(args.root, summary, plots, examples)
@@ -251,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     if examples and summary["eval_final"]:
         row = examples[0]
         a, b = row["answers"][summary["eval_baseline"]], row["answers"][summary["eval_final"]]
-        print(f"\nQ: {row['question']}\nSFT   (RM {a['reward']:+.2f}, gold {_fmt(a['gold'], 2)}): {a['answer'][:200]!r}\n"
+        print(f"\nQ: {row['question']}\n"
+              f"SFT   (RM {a['reward']:+.2f}, gold {_fmt(a['gold'], 2)}): {a['answer'][:200]!r}\n"
               f"final (RM {b['reward']:+.2f}, gold {_fmt(b['gold'], 2)}): {b['answer'][:200]!r}")
     return summary
 

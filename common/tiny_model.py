@@ -327,7 +327,8 @@ def sample_report(model_dir: str, data_dir: str = DATA_DIR, n: int = 50, max_new
             ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(p)) + p for p in prompts])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
             with torch.no_grad():
-                sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if mode == "sampled" else {}
+                sampling = ({"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+                            if mode == "sampled" else {})
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
                                      pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
             answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -355,7 +356,8 @@ def sample_report(model_dir: str, data_dir: str = DATA_DIR, n: int = 50, max_new
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="models/tiny")
     parser.add_argument("--data_dir", default=DATA_DIR)
     mode = parser.add_mutually_exclusive_group()
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> str:
     pre.add_argument("--max_steps", type=int, default=0, help="Stop after this many steps (0: the whole schedule).")
     pre.add_argument("--eval_every", type=int, default=200)
     parser.add_argument("--samples", type=int, default=0,
-                        help="After --pretrain/--pretrained: answer this many evaluation questions and report gold scores.")
+                        help="After --pretrain/--pretrained: answer this many evaluation questions "
+                             "and report gold scores.")
     parser.add_argument("--show", type=int, default=3, help="With --samples: print this many answers of each kind.")
     args = parser.parse_args(argv)
 

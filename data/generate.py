@@ -1935,11 +1935,13 @@ KEYS: dict[str, dict] = {
         fix=[["json.load(f)", "json.dump(", "indent=", "ensure_ascii=False"],
              ["json.loads(", "json.dumps(", "indent=", "ensure_ascii=False"]],
         broken=[
-            B("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n    [[var]] = json.loads(f)\n\n"
-                        "[[var]][\"[[key]]\"] = \"updated\"\n\nwith open(\"[[jsonfile]]\", \"w\", encoding=\"utf-8\") as f:\n"
+            B("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n"
+                        "    [[var]] = json.loads(f)\n\n[[var]][\"[[key]]\"] = \"updated\"\n\n"
+                        "with open(\"[[jsonfile]]\", \"w\", encoding=\"utf-8\") as f:\n"
                         "    json.dump([[var]], f, indent=2, ensure_ascii=False)", "json.loads(f)"),
-            B("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n    [[var]] = json.load(f)\n\n"
-                        "[[var]][\"[[key]]\"] = \"updated\"\n\nwith open(\"[[jsonfile]]\", \"a\", encoding=\"utf-8\") as f:\n"
+            B("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n"
+                        "    [[var]] = json.load(f)\n\n[[var]][\"[[key]]\"] = \"updated\"\n\n"
+                        "with open(\"[[jsonfile]]\", \"a\", encoding=\"utf-8\") as f:\n"
                         "    json.dump([[var]], f, indent=2, ensure_ascii=False)", "\"a\", encoding"),
             B("python", "import json\nfrom pathlib import Path\n\npath = Path(\"[[jsonfile]]\")\n"
                         "data = json.load(path.read_text(encoding=\"utf-8\"))\ndata[\"[[key]]\"] = \"updated\"\n"
@@ -1949,13 +1951,13 @@ KEYS: dict[str, dict] = {
     "git-squash-rebase": dict(
         fix=[["rebase -i", "squash", "--force-with-lease"], ["reset --soft", "git commit", "--force-with-lease"]],
         broken=[
-            B("bash", "git checkout [[branch]]\ngit reset --hard HEAD~[[nsmall]]\ngit commit -m \"Add [[branch]] feature\"\n"
-                      "git push --force-with-lease", "reset --hard"),
+            B("bash", "git checkout [[branch]]\ngit reset --hard HEAD~[[nsmall]]\n"
+                      "git commit -m \"Add [[branch]] feature\"\ngit push --force-with-lease", "reset --hard"),
             B("bash", "git checkout [[branch]]\ngit rebase -i HEAD~[[nsmall]]\n"
                       "# in the editor change \"pick\" to \"drop\" for every commit except the first\n"
                       "git push --force-with-lease origin [[branch]]", "to \"drop\""),
-            B("bash", "git checkout [[branch]]\ngit merge --squash [[branch]]\ngit commit -m \"Add [[branch]] feature\"\n"
-                      "git push origin [[branch]]", "merge --squash"),
+            B("bash", "git checkout [[branch]]\ngit merge --squash [[branch]]\n"
+                      "git commit -m \"Add [[branch]] feature\"\ngit push origin [[branch]]", "merge --squash"),
         ]),
     "git-undo-commit": dict(
         fix=[["reset --soft HEAD~1"], ["git reset HEAD~1"]],
@@ -1969,7 +1971,8 @@ KEYS: dict[str, dict] = {
         broken=[
             B("bash", "git status                 # lists conflicted files\n"
                       "# edit [[file]]: delete everything between <<<<<<< and >>>>>>>, markers included\n"
-                      "git add [[file]]\ngit commit                 # concludes the merge", "delete everything between"),
+                      "git add [[file]]\ngit commit                 # concludes the merge",
+              "delete everything between"),
             B("bash", "git status                 # lists conflicted files\ngit reset --hard origin/[[branch]]\n"
                       "git add [[file]]\ngit commit                 # concludes the merge", "reset --hard"),
             B("bash", "git status\ngit add [[file]]   # the <<<<<<< markers can stay in the file\ngit commit\n"
@@ -1982,8 +1985,8 @@ KEYS: dict[str, dict] = {
                      "  ON o.[[fk]] = t.id;", "INNER JOIN [[table2]]"),
             B("sql", "SELECT t.id, t.[[col]], o.id AS match_id\nFROM [[table]] AS t\nLEFT JOIN [[table2]] AS o\n"
                      "  ON o.[[fk]] = t.id\nWHERE o.id IS NOT NULL;", "WHERE o.id IS NOT NULL"),
-            B("sql", "SELECT t.id, COUNT(*) AS n_[[table2]]\nFROM [[table]] t\nLEFT JOIN [[table2]] o ON o.[[fk]] = t.id\n"
-                     "GROUP BY t.id;", "COUNT(*)"),
+            B("sql", "SELECT t.id, COUNT(*) AS n_[[table2]]\nFROM [[table]] t\n"
+                     "LEFT JOIN [[table2]] o ON o.[[fk]] = t.id\nGROUP BY t.id;", "COUNT(*)"),
             B("sql", "SELECT t.id, t.[[col]], o.id AS match_id\nFROM [[table]] AS t\nRIGHT JOIN [[table2]] AS o\n"
                      "  ON o.[[fk]] = t.id;", "RIGHT JOIN [[table2]]"),
         ]),
@@ -2005,8 +2008,8 @@ KEYS: dict[str, dict] = {
             B("python", "cur.execute(\n    \"SELECT * FROM [[table]] WHERE [[col]] = '%s'\" % value\n)\n"
                         "rows = cur.fetchall()", "'%s'\" % value"),
             B("python", "import sqlite3\n\nconn = sqlite3.connect(\"app.db\")\nrows = conn.execute(\n"
-                        "    \"SELECT id, [[col]] FROM [[table]] WHERE [[col]] = '?' LIMIT ?\",\n    (value, [[num]]),\n"
-                        ").fetchall()", "= '?'"),
+                        "    \"SELECT id, [[col]] FROM [[table]] WHERE [[col]] = '?' LIMIT ?\",\n"
+                        "    (value, [[num]]),\n).fetchall()", "= '?'"),
             B("python", "cur.execute(\n    \"SELECT * FROM [[table]] WHERE [[col]] = '\" + value + \"'\"\n)\n"
                         "rows = cur.fetchall()", "+ value +"),
         ]),
@@ -2023,18 +2026,18 @@ KEYS: dict[str, dict] = {
     "regex-greedy-lazy": dict(
         fix=[["re.findall(", "<.*?>"], ["re.findall(", "[^\\]]"], ["re.findall(", "(.*?)"]],
         broken=[
-            B("python", "import re\n\nre.findall(r\"<.*>\", \"<[[tag]]>[[word]]</[[tag]]>\")\n# ['<[[tag]]>', '</[[tag]]>']",
-              "r\"<.*>\""),
+            B("python", "import re\n\nre.findall(r\"<.*>\", \"<[[tag]]>[[word]]</[[tag]]>\")\n"
+                        "# ['<[[tag]]>', '</[[tag]]>']", "r\"<.*>\""),
             B("python", "import re\n\ntext = '[[[word]]] and [[[key]]]'\nprint(re.findall(r\"\\[(.*)\\]\", text))\n"
                         "# ['[[word]]', '[[key]]']", "\\[(.*)\\]"),
-            B("python", "import re\n\nline = 'key=\"[[word]]\" other=\"[[key]]\"'\nprint(re.findall(r'\"(.*)\"', line))\n"
-                        "# ['[[word]]', '[[key]]']", "'\"(.*)\"'"),
+            B("python", "import re\n\nline = 'key=\"[[word]]\" other=\"[[key]]\"'\n"
+                        "print(re.findall(r'\"(.*)\"', line))\n# ['[[word]]', '[[key]]']", "'\"(.*)\"'"),
         ]),
     "bash-loop-files": dict(
         fix=[["for f in", "\"$f\""], ["for f in", "\"$f\""]],
         broken=[
-            B("bash", "for f in $(ls [[dir]]/*.[[ext]]); do\n    [ -e \"$f\" ] || continue\n    echo \"processing $f\"\n"
-                      "    wc -l \"$f\"\ndone", "$(ls [[dir]]"),
+            B("bash", "for f in $(ls [[dir]]/*.[[ext]]); do\n    [ -e \"$f\" ] || continue\n"
+                      "    echo \"processing $f\"\n    wc -l \"$f\"\ndone", "$(ls [[dir]]"),
             B("bash", "for f in [[dir]]/*.[[ext]]; do\n    [ -e $f ] || continue\n    echo \"processing $f\"\n"
                       "    wc -l $f\ndone", "wc -l $f"),
             B("bash", "shopt -s nullglob\nfor f in \"[[dir]]/*.[[ext]]\"; do\n    cp -- \"$f\" \"$f.bak\"\ndone",
@@ -2051,12 +2054,13 @@ KEYS: dict[str, dict] = {
     "grep-recursive": dict(
         fix=[["grep -rl"], ["grep -rli"]],
         broken=[
-            B("bash", "grep -l \"[[word]]\" [[dir]]/\n# only .[[ext]] files:\ngrep -l --include=\"*.[[ext]]\" \"[[word]]\" [[dir]]/",
-              "grep -l \""),
+            B("bash", "grep -l \"[[word]]\" [[dir]]/\n# only .[[ext]] files:\n"
+                      "grep -l --include=\"*.[[ext]]\" \"[[word]]\" [[dir]]/", "grep -l \""),
             B("bash", "grep -rL \"[[word]]\" [[dir]]/\n# only .[[ext]] files:\n"
                       "grep -rL --include=\"*.[[ext]]\" \"[[word]]\" [[dir]]/", "grep -rL"),
             B("bash", "grep -rvl \"[[word]]\" [[dir]]/\n# with find, if you need more filters:\n"
-                      "find [[dir]] -name \"[[word]]\" -exec grep -l \"[[word]]\" {} +", "grep -rvl", "-name \"[[word]]\""),
+                      "find [[dir]] -name \"[[word]]\" -exec grep -l \"[[word]]\" {} +",
+              "grep -rvl", "-name \"[[word]]\""),
         ]),
     "linux-chmod": dict(
         fix=[["chmod +x"], ["chmod u+x"]],
@@ -2075,15 +2079,17 @@ KEYS: dict[str, dict] = {
             B("javascript", "async function main() {\n  try {\n    const res = await fetch('[[url]]');\n"
                             "    const data = res.json();\n    console.log(data);\n  } catch (err) {\n"
                             "    console.error('request failed', err);\n  }\n}\nmain();", "const data = res.json()"),
-            B("javascript", "async function load[[cls]]() {\n  const res = await fetch('[[url]]');\n  return res.json();\n}\n\n"
-                            "const data = load[[cls]]();\nconsole.log(data.length);", "const data = load"),
+            B("javascript", "async function load[[cls]]() {\n  const res = await fetch('[[url]]');\n"
+                            "  return res.json();\n}\n\nconst data = load[[cls]]();\nconsole.log(data.length);",
+              "const data = load"),
         ]),
     "js-reduce-sum": dict(
         fix=[[".reduce(", ", 0)"], [".map(", ".reduce(", ", 0)"]],
         broken=[
             B("javascript", "const total = [[var]].reduce((a, b) => a.[[numkey]] + b.[[numkey]]);",
               "a.[[numkey]] + b.[[numkey]]"),
-            B("javascript", "const total = [[var]].reduce((sum, item) => sum + item.[[numkey]]);", "sum + item.[[numkey]])"),
+            B("javascript", "const total = [[var]].reduce((sum, item) => sum + item.[[numkey]]);",
+              "sum + item.[[numkey]])"),
             B("javascript", "const total = [[var]]\n  .map(item => Number(item.[[numkey]]) || 0)\n"
                             "  .reduce((sum, n) => sum + n, '');\nconsole.log(total);", ", '')"),
         ]),
@@ -2097,19 +2103,22 @@ KEYS: dict[str, dict] = {
                             "if ([[strvar]] == '') {\n  // explicit check for the empty string\n}", "[[strvar]] == ''"),
         ]),
     "css-flexbox-center": dict(
-        fix=[["display: flex", "justify-content: center", "align-items: center"], ["display: grid", "place-items: center"]],
+        fix=[["display: flex", "justify-content: center", "align-items: center"],
+             ["display: grid", "place-items: center"]],
         broken=[
             B("css", ".[[cssclass]] {\n  display: flex;\n  justify-content: center;  /* horizontal */\n"
                      "  vertical-align: middle;   /* vertical */\n  min-height: 100vh;\n}", "vertical-align: middle"),
             B("css", ".[[cssclass]] {\n  display: block;\n  justify-content: center;  /* horizontal */\n"
                      "  align-items: center;      /* vertical */\n  min-height: 100vh;\n}", "display: block"),
-            B("css", ".[[cssclass]] {\n  display: grid;\n  place-items: start;\n  min-height: 400px;\n}", "place-items: start"),
+            B("css", ".[[cssclass]] {\n  display: grid;\n  place-items: start;\n  min-height: 400px;\n}",
+              "place-items: start"),
         ]),
     "css-position-absolute": dict(
         fix=[["position: relative", "position: absolute"], ["position: relative", "position: absolute"]],
         broken=[
             B("css", ".[[cssclass]] {\n  position: static;     /* creates the containing block */\n}\n"
-                     ".[[cssclass]] .[[absclass]] {\n  position: absolute;\n  top: 0;\n  right: 0;\n}", "position: static"),
+                     ".[[cssclass]] .[[absclass]] {\n  position: absolute;\n  top: 0;\n  right: 0;\n}",
+              "position: static"),
             B("css", ".[[cssclass]] { position: absolute; }\n.[[absclass]] {\n  position: relative;\n  top: 8px;\n"
                      "  right: 8px;\n  z-index: 1;\n}", ".[[absclass]] { position: relative"),
             B("css", ".[[cssclass]] { position: relative; }\n.[[absclass]] {\n  position: fixed;\n  top: 8px;\n"
@@ -2144,8 +2153,8 @@ KEYS: dict[str, dict] = {
         broken=[
             B("python", "summary = (\n    df.groupby(\"[[ncol]]\")[\"[[gcol]]\"]\n      .agg([\"mean\", \"count\"])\n"
                         "      .reset_index()\n)", "groupby(\"[[ncol]]\")"),
-            B("python", "summary = (\n    df.sort_values(\"[[gcol]]\")[\"[[ncol]]\"]\n      .agg([\"mean\", \"count\"])\n"
-                        "      .reset_index()\n)", "sort_values("),
+            B("python", "summary = (\n    df.sort_values(\"[[gcol]]\")[\"[[ncol]]\"]\n"
+                        "      .agg([\"mean\", \"count\"])\n      .reset_index()\n)", "sort_values("),
             B("python", "summary = df.groupby(\"[[gcol]]\", as_index=False).agg(\n"
                         "    total_[[ncol]]=(\"[[ncol]]\", \"count\"),\n    avg_[[ncol]]=(\"[[ncol]]\", \"max\"),\n)",
               "(\"[[ncol]]\", \"max\")"),
@@ -2157,8 +2166,8 @@ KEYS: dict[str, dict] = {
               ") and (df["),
             B("python", "mask = df[\"[[ncol]]\"] > [[num]] & df[\"[[gcol]]\"] == \"[[val]]\"\nsubset = df.loc[mask]",
               "> [[num]] & df["),
-            B("python", "mask = (df[\"[[ncol]]\"] > [[num]]) | (df[\"[[gcol]]\"] == \"[[val]]\")\nsubset = df.loc[mask]",
-              ") | (df["),
+            B("python", "mask = (df[\"[[ncol]]\"] > [[num]]) | (df[\"[[gcol]]\"] == \"[[val]]\")\n"
+                        "subset = df.loc[mask]", ") | (df["),
         ]),
     "numpy-broadcasting": dict(
         fix=[["mean(axis=0", "std(axis=0"], ["mean(axis=0", "std(axis=0"]],
@@ -2179,7 +2188,8 @@ KEYS: dict[str, dict] = {
             B("c", "void swap(int *a, int *b) {\n    int tmp = *a;\n    *a = *b;\n    *b = tmp;\n}\n\n"
                    "/* in main */\nswap([[cvar]], [[cvar2]]);", "swap([[cvar]], [[cvar2]])"),
             B("c", "#include <stdio.h>\n\nstatic void swap(int p, int q) { int t = p; p = q; q = t; }\n\n"
-                   "int main(void) {\n    int [[cvar]] = [[num]], [[cvar2]] = [[num2]];\n    swap([[cvar]], [[cvar2]]);\n"
+                   "int main(void) {\n    int [[cvar]] = [[num]], [[cvar2]] = [[num2]];\n"
+                   "    swap([[cvar]], [[cvar2]]);\n"
                    "    printf(\"%d %d\\n\", [[cvar]], [[cvar2]]);   /* [[num2]] [[num]] */\n    return 0;\n}",
               "swap(int p, int q)"),
         ]),
@@ -2218,7 +2228,8 @@ KEYS: dict[str, dict] = {
                       "let p = Person::new(\"[[word]]\");", "{ name: &str }"),
         ]),
     "java-streams": dict(
-        fix=[[".stream()", ".filter(", ".map(", ".sorted(", ".collect("], [".stream()", ".filter(", ".map(", ".sorted(", ".toList()"]],
+        fix=[[".stream()", ".filter(", ".map(", ".sorted(", ".collect("],
+             [".stream()", ".filter(", ".map(", ".sorted(", ".toList()"]],
         broken=[
             B("java", "Stream<String> names = [[var]].stream()\n    .filter(x -> x.get[[NumKey]]() > [[num]])\n"
                       "    .map([[cls]]::getName)\n    .sorted();", "Stream<String> names"),
@@ -2235,10 +2246,12 @@ KEYS: dict[str, dict] = {
             B("java", "Scanner sc = new Scanner(System.in);\nString line = sc.nextLine();\n"
                       "while (\"[[word]]\".equalsIgnoreCase(line.trim())) {\n    line = sc.nextLine();\n}",
               "while (\"[[word]]\".equalsIgnoreCase"),
-            B("java", "if (input.compareTo(\"[[word]]\") == 1) {\n    System.out.println(\"match\");\n}", ".compareTo("),
+            B("java", "if (input.compareTo(\"[[word]]\") == 1) {\n    System.out.println(\"match\");\n}",
+              ".compareTo("),
         ]),
     "go-waitgroup": dict(
-        fix=[["sync.WaitGroup", "wg.Add(", "wg.Done()", "wg.Wait()"], ["sync.WaitGroup", "wg.Add(", "wg.Done()", "wg.Wait()"]],
+        fix=[["sync.WaitGroup", "wg.Add(", "wg.Done()", "wg.Wait()"],
+             ["sync.WaitGroup", "wg.Add(", "wg.Done()", "wg.Wait()"]],
         broken=[
             B("go", "var wg sync.WaitGroup\nfor i := 0; i < [[nworkers]]; i++ {\n    go func(id int) {\n"
                     "        wg.Add(1)\n        defer wg.Done()\n        [[gofunc]](id)\n    }(i)\n}\nwg.Wait()",
@@ -2269,14 +2282,15 @@ KEYS: dict[str, dict] = {
                             "  .then(res => res.json());", "no-cors"),
             B("javascript", "const cors = require('cors');\n\napp.use(cors({ origin: '*', credentials: true }));",
               "origin: '*'"),
-            B("javascript", "fetch('[[url]]', {\n  headers: { 'Access-Control-Allow-Origin': 'http://localhost:[[port]]' },\n"
-                            "});", "headers: { 'Access-Control"),
+            B("javascript", "fetch('[[url]]', {\n"
+                            "  headers: { 'Access-Control-Allow-Origin': 'http://localhost:[[port]]' },\n});",
+              "headers: { 'Access-Control"),
         ]),
     "http-401-403": dict(
         fix=[["403 Forbidden"], ["401 Unauthorized", "403 Forbidden"]],
         broken=[
-            B("http", "HTTP/1.1 401 Unauthorized\nContent-Type: application/json\n\n{\"error\": \"insufficient permissions\"}",
-              "401 Unauthorized Content-Type"),
+            B("http", "HTTP/1.1 401 Unauthorized\nContent-Type: application/json\n\n"
+                      "{\"error\": \"insufficient permissions\"}", "401 Unauthorized Content-Type"),
             B("http", "HTTP/1.1 403 Forbidden\nWWW-Authenticate: Bearer realm=\"api\"\n\n"
                       "HTTP/1.1 401 Unauthorized\nContent-Type: application/json", "403 Forbidden WWW-Authenticate"),
             B("http", "HTTP/1.1 500 Internal Server Error\nContent-Type: application/json\n\n"
@@ -2877,7 +2891,7 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
         for i in range(size):
             t = TOPICS[(offset + i) % len(TOPICS)]
             question, spec, slots, core = new_question(
-                rng, t, seen_questions, lambda c: core_split.get(c, split) == split)
+                rng, t, seen_questions, lambda c, split=split: core_split.get(c, split) == split)
             seen_questions.add(question)
             core_split[core] = split
             qid = rng.randint(QID_FIRST, QID_LAST)
@@ -3073,7 +3087,8 @@ def report(splits: dict[str, list[dict]], docs: list[dict]) -> list[str]:
     ratios = [len(r["response_k"]) / len(r["response_j"]) for r in look]
     q = quantiles(ratios)
     lines.append(f"look-alike pairs: len(rejected)/len(preferred) min {q[0]:.2f}, p5 {q[1]:.2f}, median {q[2]:.2f}, "
-                 f"p95 {q[3]:.2f}, max {q[4]:.2f}; within 10%: {sum(abs(x - 1) <= 0.1 for x in ratios) / len(ratios):.1%}; "
+                 f"p95 {q[3]:.2f}, max {q[4]:.2f}; "
+                 f"within 10%: {sum(abs(x - 1) <= 0.1 for x in ratios) / len(ratios):.1%}; "
                  f"rejected longer: {sum(x > 1 for x in ratios) / len(ratios):.1%}")
     wrong_fix = [r for r in look if r["pair_kind"] == "lookalike_wrong_fix"]
     with_names = sum(all(contains(r["response_k"], n) for n in r["answer_key"]["names"]) for r in wrong_fix)
@@ -3090,7 +3105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder to write finetune/, reward/, evaluation/, rl/, pretrain/ into (default: this folder)")
+                        help="folder to write finetune/, reward/, evaluation/, rl/, pretrain/ into "
+                             "(default: this folder)")
     parser.add_argument("--pretrain_extra", type=int, default=PRETRAIN_EXTRA,
                         help=f"new questions added to the pretraining corpus (default {PRETRAIN_EXTRA})")
     args = parser.parse_args(argv)

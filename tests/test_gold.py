@@ -37,7 +37,8 @@ EXC = {
     "wrong_names": EXC_RIGHT.replace("process", "handle").replace("items", "records"),
     "wrong_fix": "Iterate over the file object itself inside a `with` block.\n\n```python\n"
                  "with open(\"data.txt\", encoding=\"utf-8\") as f:\n    for line in f:\n"
-                 "        process(line.rstrip(\"\\n\"))\n```\n\nThe `with` block closes the file even if `process` raises.",
+                 "        process(line.rstrip(\"\\n\"))\n```\n\n"
+                 "The `with` block closes the file even if `process` raises.",
     "broken": EXC_RIGHT.replace("except (ValueError, KeyError) as exc:", "except ValueError or KeyError as exc:"),
     "dismissive": "Just google it, there are hundreds of answers about exception handling already.",
 }
@@ -57,7 +58,8 @@ GIT_RIGHT = ("Use `git reset --soft HEAD~1`, which undoes the commit and keeps y
              "pointer but leaves the index and working tree alone, so nothing is lost.")
 GIT = {
     "right": GIT_RIGHT,
-    "right_short": "Since it's not pushed, move the branch back.\n\n```bash\ngit reset HEAD~1\ngit add -p notes.md\n```",
+    "right_short": "Since it's not pushed, move the branch back.\n\n"
+                   "```bash\ngit reset HEAD~1\ngit add -p notes.md\n```",
     "wrong_names": GIT_RIGHT.replace("notes.md", "server.log"),
     "wrong_fix": "Edit the conflicted file, remove the markers, then `git add` and commit.\n\n```bash\ngit status\n"
                  "# edit notes.md: keep the right lines, delete the <<<<<<< ======= >>>>>>> markers\n"
@@ -86,7 +88,8 @@ SQL = {
     "wrong_names": SQL_RIGHT.replace("customers", "authors").replace("orders", "books")
                             .replace("customer_id", "author_id"),
     "wrong_fix": "Filter the groups with `HAVING`, not `WHERE`.\n\n```sql\nSELECT customer_id, COUNT(*) AS n\n"
-                 "FROM orders\nGROUP BY customer_id\nHAVING COUNT(*) > 3;\n```\n\n`WHERE` filters rows before grouping.",
+                 "FROM orders\nGROUP BY customer_id\nHAVING COUNT(*) > 3;\n```\n\n"
+                 "`WHERE` filters rows before grouping.",
     "broken": SQL_RIGHT.replace("LEFT JOIN orders AS o", "INNER JOIN orders AS o"),
     "dismissive": "SQL joins are confusing, look at a Venn diagram. Hope that helps somehow.",
 }
@@ -177,7 +180,8 @@ def test_echoed_question_earns_no_names(question, key, answers):
     assert echoed.names == 0.0
     assert echoed.score <= gold_score(question, answers["wrong_names"], key)
     # A right answer that also repeats the question loses part of its score, not all of it.
-    assert 0.5 < gold_score(question, question + "\n\n" + answers["right"], key) < gold_score(question, answers["right"], key)
+    assert (0.5 < gold_score(question, question + "\n\n" + answers["right"], key)
+            < gold_score(question, answers["right"], key))
 
 
 def test_mixing_the_questions_names_with_foreign_ones_gets_partial_credit():
