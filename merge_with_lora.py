@@ -227,9 +227,8 @@ def magnitude(module, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-# The multiple of sqrt(K) unit roundoffs (of the sum of |terms|) a merged layer's output may move by. Measured on the
-# demo's models (massive activations, so one large term dominates many sums): up to 0.04 of the bound in float32;
-# a LoRA update left out of a merge is thousands of times larger.
+# The multiple of sqrt(K) unit roundoffs (of the sum of |terms|) a merged layer's output may move by: well above the
+# rounding of a correct merge, far below a LoRA update left out (measurements: docs/merge.md, "Layer by layer").
 ROUNDINGS = 8
 
 

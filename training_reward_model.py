@@ -1,7 +1,7 @@
 """Stage 2: a pairwise reward model on `question` / `response_j` (preferred) / `response_k` (rejected) with TRL's
 RewardTrainer (LoRA by default), and a report of how good it is.
 
-    # the offline demo: tiny model, sample data, CPU, about two minutes
+    # the offline demo: tiny model, sample data, CPU
     python -m common.tiny_model --output_dir models/tiny
     python training_reward_model.py --model_name_or_path models/tiny --dataset_name . --max_length 256 \
         --per_device_train_batch_size 8 --learning_rate 1e-3 --max_steps 60 --eval_steps 20 --output_dir runs/rm

@@ -1,6 +1,6 @@
 """Stage 1: supervised fine-tuning on `question` / `response_j` with TRL's SFTTrainer (LoRA by default).
 
-    # the offline demo: tiny model, sample data, CPU, about a minute
+    # the offline demo: tiny model, sample data, CPU
     python -m common.tiny_model --output_dir models/tiny
     python training_sft.py --model_name_or_path models/tiny --dataset_name . --subset data/finetune \
         --size_valid_set 200 --seq_length 256 --max_steps 60 --eval_freq 20 --save_freq 30 --output_dir runs/sft

@@ -3,7 +3,7 @@
     # once: the TRL 1.12 venv (see benchmarks/trl_ppo_baseline.py)
     python -m venv /work/venv_trl112 --system-site-packages && /work/venv_trl112/bin/pip install trl==1.12.0
     # from the repository root: 3 rounds, each loading both sides once and then running 1 warm-up + 5 timed PPO
-    # steps of each, one step of ours and one of TRL's in turn (~5 minutes on 2 idle cores)
+    # steps of each, one step of ours and one of TRL's in turn
     python benchmarks/ppo_vs_trl.py --rounds 3 --output ppo_vs_trl.json
     # one side alone (prints one JSON line)
     python benchmarks/ppo_vs_trl.py --side ours --model DIR/tiny --reward_model DIR/rm

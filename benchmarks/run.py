@@ -1,6 +1,6 @@
 """Throughput and memory of each stage against the bare PyTorch limit, on an offline random Llama.
 
-    python benchmarks/run.py --quick                        # about 2 minutes on a 2-core CPU
+    python benchmarks/run.py --quick                        # smaller model, fewer repetitions
     python benchmarks/run.py --output results.json          # the full run (larger model, more repetitions)
 
 For each stage the project's real training path and a bare PyTorch loop doing the same arithmetic on the same
@@ -49,8 +49,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # it; override by exporting OMP_WAIT_POLICY.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Sizes per profile. "tiny" is for the test (seconds); "quick" fits ~2 minutes on 2 cores; "full" is the published
-# run; "gpu" is the full run's shape on a GPU with a larger model.
+# Sizes per profile. "tiny" is the test's (smallest that exercises every path); "quick" a short run; "full" the
+# published run; "gpu" the full run's shape on a GPU with a larger model. Run times: benchmarks/README.md.
 PROFILES = {
     "tiny": dict(hidden=128, layers=2, heads=4, sft_seq=128, sft_bs=4, rm_bs=4, rm_max_length=512,
                  ppo_bs=4, ppo_mini=1, ppo_ga=2, ppo_epochs=2, ppo_len=8, warmup=1, reps=3, ppo_warmup=1, ppo_reps=3),
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     parser.add_argument("--quick", action="store_true",
-                        help="Smaller model and fewer repetitions (about 2 minutes on 2 cores).")
+                        help="Smaller model and fewer repetitions.")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test's size: seconds per stage
     parser.add_argument("--stages", default="sft,rm,ppo",
                         help="Comma-separated stages to run: sft, rm, ppo; ppo_memory (our PPO step alone, for its "

@@ -32,7 +32,7 @@ def _get(results: dict, dotted: str):
 def test_benchmark_runs_every_stage_and_writes_the_figures(tmp_path):
     out = tmp_path / "results.json"
     # --tiny: the --quick code paths (SFTTrainer, RewardTrainer, PPOTrainer and their bare loops) on a smaller model
-    # with fewer repetitions, so the test takes about a minute.
+    # with fewer repetitions, to keep the test short.
     proc = run_script("benchmarks/run.py", "--tiny", "--output", out, "--work_dir", tmp_path / "work", timeout=600)
     results = json.loads(out.read_text())
     for key in REQUIRED:

@@ -313,9 +313,8 @@ def test_the_layer_check_names_a_layer_whose_update_was_partly_left_out(adapters
 
 
 def test_a_model_that_amplifies_rounding_is_kept_when_every_layer_matches(adapters, tmp_path, monkeypatch, capsys):
-    """The end-to-end default bound is exceeded (made 0 here, as rounding amplified by massive activations does on
-    some machines: the CI's demo reward model moved a logit by 4e-2) but the layer check passes: kept, with a note.
-    An explicit --tolerance stays strict."""
+    """The end-to-end default bound is exceeded (set to 0 here; massive activations can amplify rounding past it)
+    but the layer check passes: kept, with a note. An explicit --tolerance stays strict (docs/merge.md)."""
     import merge_with_lora
 
     monkeypatch.setattr(merge_with_lora, "fixed_tolerance", lambda dtype, reference: 0.0)

@@ -31,6 +31,10 @@ def test_sft_two_processes_learn_like_one_with_the_same_global_batch(tiny_model,
     for name in ("rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt",
                  "trainer_state.json"):
         assert os.path.isfile(os.path.join(two, "checkpoint-12", name)), name
+    # Resumed with one process, the data order and RNG states would not continue as they would have: refused.
+    proc = run_script("training_sft.py", "--model_name_or_path", tiny_model, *SFT, "--batch_size", "8",
+                      "--max_steps", "24", "--output_dir", two, "--resume_from_checkpoint", "latest", check=False)
+    assert_user_error(proc, "checkpoint-12", "2 processes", "this run has 1")
 
 
 @pytest.mark.slow
