@@ -12,11 +12,9 @@ The pretrained base (``assets/tiny-pretrained/``, README.md there) is the same 3
 4 layers, vocab 2048, 15.8 MB of float32 safetensors) trained from scratch on ``data/pretrain/train.jsonl``
 by ``pretrain``: every document tokenized exactly as SFT tokenizes an example, packed whole (never cut between
 question and answer) into 512-token blocks, 4 blocks a step, 2 epochs (1723 steps), AdamW 2e-3 with cosine decay,
-fixed seeds and data order, float32 on CPU. It took 2391 s on the shared 2-core CPU (load average 4-5) and reaches a
-held-out loss of 0.211 nats per token (0.150 on the answers) on the ``evaluation`` split's questions and
-preferred answers, which the corpus does not contain. Its answers are readable and mostly on the question's
-topic (greedy: the right fix in 50 of 50 evaluation questions), but rarely use the question's own names (all of
-them in 7 of 50): that is the headroom left for the reward model and PPO. ``--pretrained`` copies the committed
+fixed seeds and data order, float32 on CPU. It is evaluated on the ``evaluation`` split's questions and preferred
+answers, which the corpus does not contain; its run time, held-out loss and sample answers are in
+``assets/tiny-pretrained/README.md``. ``--pretrained`` copies the committed
 files, or runs ``pretrain`` when they are missing; ``--samples N`` then prints gold scores of N answers.
 """
 
