@@ -88,19 +88,23 @@ def test_ppo_on_two_processes_matches_one_with_the_same_global_batch(pipeline):
     assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 16 * PPO_STEPS)
     same = [f"--{k}={one_args[k]}" for k in ("ppo_epochs", "learning_rate", "output_min_length", "output_max_length",
                                              "init_kl_coef", "target", "horizon", "seed")]
-    steps = 10
+    steps = 10  # --steps counts episodes per process (as TRL's did): 8 x 10
     run_script(*TORCHRUN, "--master_port", "29573", "training_rl.py",
                "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm"),
-               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", str(8 * 2 * steps), "--batch_size", "8",
+               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", str(8 * steps), "--batch_size", "8",
                "--mini_batch_size", "2", "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two,
                timeout=900)
-    one, two_metrics = read_metrics(os.path.join(out, "ppo"))[:steps], read_metrics(two)
+    # The held-out evaluations (--eval_freq) are lines of their own in the pipeline's metrics: keep the PPO steps.
+    one = [m for m in read_metrics(os.path.join(out, "ppo")) if "objective/scores" in m][:steps]
+    two_metrics = read_metrics(two)
     assert [m["episodes"] for m in two_metrics] == [m["episodes"] for m in one] == [16 * (i + 1) for i in range(steps)]
-    for key in ("objective/scores", "objective/kl", "objective/entropy"):
+    # Means over the 10 steps: the score within half its batch standard deviation (about 4 standard errors of the
+    # difference of two 160-sample means), KL and entropy (per token) within 0.1.
+    score_std = sum(m["objective/scores_std"] for m in one) / steps
+    for key, bound in (("objective/scores", 0.5 * score_std), ("objective/kl", 0.1), ("objective/entropy", 0.1)):
         a = sum(m[key] for m in one) / steps
         b = sum(m[key] for m in two_metrics) / steps
-        spread = sum(m.get("objective/scores_std", 1.0) for m in one) / steps if key == "objective/scores" else 1.0
-        assert abs(a - b) < 0.5 * spread, (key, a, b)
+        assert abs(a - b) < bound, (key, a, b, bound)
     assert max(m["objective/kl"] for m in two_metrics) < 30
 
 
