@@ -137,8 +137,11 @@ def test_a_failing_stage_is_named(tmp_path):
     assert proc.returncode != 0 and "pipeline stage 'SFT' failed" in proc.stderr
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "runs", "*.yaml"))))
-def test_example_run_configs_parse(path):
+RUN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "runs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS)
+def test_example_run_configs_parse_to_their_values(path):
     import training_reward_model
     import training_rl
     import training_sft
@@ -147,8 +150,17 @@ def test_example_run_configs_parse(path):
               "ppo": training_rl}[os.path.basename(path).split("_")[0]]
     parsed = script.parse(["--config", path])
     values = {k: v for obj in parsed for k, v in vars(obj).items()}
-    for key, _value in yaml.safe_load(open(path)).items():
-        assert key in values or key in ("seq_length", "batch_size", "num_warmup_steps", "eval_freq", "save_freq"), key
+    # A StackLLaMA flag name in a config sets the field it is an alias of (the script's ALIASES).
+    aliases = {flag.lstrip("-"): field for flag, field in getattr(script, "ALIASES", {}).items()}
+    for key, value in yaml.safe_load(open(path)).items():
+        name = key if key in values else aliases[key]
+        got = values[name]
+        got = getattr(got, "value", got)  # enums (schedulers, strategies) compare by their value
+        assert got == value or (isinstance(value, list) and list(got) == value), (key, got, value)
+
+
+def test_every_config_folder_has_configs():
+    assert len(RUN_CONFIGS) >= 3 and glob.glob(os.path.join(ROOT, "configs", "accelerate", "*.yaml"))
 
 
 def test_accelerate_configs_are_valid_yaml():
