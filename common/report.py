@@ -129,11 +129,8 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _ci(d: dict | None, digits: int = 3) -> str:
-    if not d or d.get("mean") is None:
-        return "n/a"
-    if d.get("low") is None:
-        return f"{d['mean']:+.{digits}f}"
-    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+    """A difference and its interval, signed: ``+0.093 [-0.051, +0.244]``."""
+    return _interval(d, digits, sign="+")
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -176,12 +173,12 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
-def _interval(d: dict | None, digits: int = 3) -> str:
+def _interval(d: dict | None, digits: int = 3, sign: str = "") -> str:
+    """A mean and its interval: ``0.532 [0.497, 0.568]`` (``sign="+"`` shows the signs of a difference)."""
     if not d or d.get("mean") is None:
         return "n/a"
-    if d.get("low") is None:
-        return f"{d['mean']:.{digits}f}"
-    return f"{d['mean']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+    f = f"{{:{sign}.{digits}f}}".format
+    return f(d["mean"]) if d.get("low") is None else f"{f(d['mean'])} [{f(d['low'])}, {f(d['high'])}]"
 
 
 def _verdict_win(d: dict | None) -> str:
