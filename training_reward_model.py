@@ -192,7 +192,8 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     trainer.accelerator.wait_for_everyone()
     if not stage.is_main:
         return
-    report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k)
+    kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
+    report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k, kinds)
     all_scores = torch.cat([r_j, r_k])
     stats = {"mean": float(all_scores.mean()), "std": float(all_scores.std(unbiased=False)), "n": len(all_scores),
              "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}
@@ -206,10 +207,13 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
                     "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
                     "eval_mean_margin": report["mean_margin"], "ece": report["ece"],
                     "length_correlation_all": report["length_correlation"]["all"],
-                    "score_mean": stats["mean"], "score_std": stats["std"]},
+                    "score_mean": stats["mean"], "score_std": stats["std"],
+                    **({"eval_accuracy_lookalike": report["accuracy_lookalike"]} if kinds else {})},
         "notes": "\nHow good it is: `eval_report.md`. Score statistics for PPO's normalisation: `reward_stats.json`.\n",
     })
-    print(f"eval accuracy {report['accuracy']:.4f} on {report['n_pairs']} pairs, ECE {report['ece']:.4f}; "
+    lookalike = (f" (look-alike pairs {report['accuracy_lookalike']:.4f} on {report['n_lookalike']})"
+                 if report.get("accuracy_lookalike") is not None else "")
+    print(f"eval accuracy {report['accuracy']:.4f} on {report['n_pairs']} pairs{lookalike}, ECE {report['ece']:.4f}; "
           f"saved to {config.output_dir}")
 
 

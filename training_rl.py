@@ -78,6 +78,14 @@ class ScriptArguments:
         default=False, metadata={"help": "Replace a final model already in --output_dir."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Default: on with a GPU, off on CPU."})
+    eval_freq: int | None = field(
+        default=None, metadata={"help": "Every N PPO steps (and before the first, and after the last), answer "
+                                        "--eval_prompts held-out questions and log their reward-model score, gold "
+                                        "score (sample-data questions) and length as eval/* in metrics.jsonl "
+                                        "(None: no evaluation)."})
+    eval_subset: str = field(
+        default="data/evaluation", metadata={"help": "The data_dir inside --dataset_name of the held-out questions."})
+    eval_prompts: int = field(default=64, metadata={"help": "Held-out questions per evaluation (the first N)."})
     max_skipped_steps: int = field(default=3, metadata={"help": "Stop after this many consecutive non-finite steps."})
     samples_per_step: int = field(
         default=3, metadata={"help": "Prompt/response/score triples per step in samples.jsonl."})
@@ -90,7 +98,7 @@ ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to",
 
 def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
     problems = c.problems()
-    for name in ("max_prompt_length", "max_skipped_steps"):
+    for name in ("max_prompt_length", "max_skipped_steps", "eval_prompts"):
         if getattr(a, name) <= 0:
             problems.append(f"--{name} must be > 0, got {getattr(a, name)}")
     if not a.reward_model_name:
@@ -102,6 +110,8 @@ def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
                         "drop --load_in_4bit/--load_in_8bit")
     if a.save_freq is not None and a.save_freq <= 0:
         problems.append(f"--save_freq must be > 0, got {a.save_freq}")
+    if a.eval_freq is not None and a.eval_freq <= 0:
+        problems.append(f"--eval_freq must be > 0 (or None: no evaluation), got {a.eval_freq}")
     if c.reward_normalization == "stats" and a.reward_model_name and \
             not os.path.isfile(os.path.join(a.reward_model_name, "reward_stats.json")):
         problems.append(f"--reward_normalization stats needs {os.path.join(a.reward_model_name, 'reward_stats.json')} "
@@ -109,15 +119,16 @@ def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
     collect(problems)
 
 
-def load_prompts(a: ScriptArguments, tokenizer):
-    """Validated, tokenized prompts; those over --max_prompt_length are dropped and counted."""
-    loaded = load_and_validate(a.dataset_name, a.subset, a.split, ["question"])
+def load_prompts(a: ScriptArguments, tokenizer, subset: str | None = None):
+    """Validated, tokenized prompts (of --subset, or ``subset``); those over --max_prompt_length are dropped and
+    counted. An ``answer_key`` column (the sample data's) is kept for the gold judge."""
+    loaded = load_and_validate(a.dataset_name, a.subset if subset is None else subset, a.split, ["question"])
     # Batched, with the same call as tokenize_prompt (the prefix SFT trained on, byte for byte).
     def tokenize(rows):
         return {"input_ids": tokenizer([format_prompt(q) for q in rows["question"]])["input_ids"]}
 
-    ds = loaded.dataset.map(tokenize, batched=True,
-                            remove_columns=[c for c in loaded.dataset.column_names if c != "question"])
+    ds = loaded.dataset.map(tokenize, batched=True, remove_columns=[
+        c for c in loaded.dataset.column_names if c not in ("question", "answer_key")])
     kept = ds.filter(lambda row: len(row["input_ids"]) <= a.max_prompt_length)
     if len(kept) == 0:
         raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length {a.max_prompt_length}: "
@@ -147,6 +158,13 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
     if is_main:
         print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length "
               f"{a.max_prompt_length} dropped")
+    eval_rows = []
+    if a.eval_freq:
+        held_out, _, _ = load_prompts(a, tokenizer, a.eval_subset)
+        usable = min(a.eval_prompts, len(held_out)) // accelerator.num_processes * accelerator.num_processes
+        eval_rows = [held_out[i] for i in range(usable)]  # the same number on every process
+        if not eval_rows:
+            raise UserError(f"--eval_subset {a.eval_subset}: fewer usable questions than processes")
     reward_stats = None
     if config.reward_normalization == "stats":
         with open(os.path.join(a.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
@@ -169,9 +187,16 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
         accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**vars(a), **vars(config)}.items()
                                                       if isinstance(v, (int, float, str, bool))})
 
+    eval_seed = config.seed + 7919  # every evaluation samples from the same seed: differences are the policy's
+    if eval_rows and not resume:
+        held_out = trainer.evaluate(eval_rows, eval_seed)  # where the policy starts
+        if is_main:
+            writer.write({"step": 0, "episodes": 0, **held_out})
     bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc="PPO")
     while trainer.progress.step < total_steps:
         metrics, samples = trainer.step()
+        if eval_rows and (trainer.progress.step % a.eval_freq == 0 or trainer.progress.step == total_steps):
+            metrics.update(trainer.evaluate(eval_rows, eval_seed))
         if is_main:
             writer.write(metrics)
             with open(samples_path, "a", encoding="utf-8") as f:

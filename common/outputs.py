@@ -165,9 +165,12 @@ def atomic_save(output_dir: str, save: Callable[[str], None]) -> None:
     commit_final(tmp, output_dir)
 
 
-def write_model_card(output_dir: str, stage: str, base_model: str, dataset: str, metrics: dict, notes: str = "") -> str:
-    """A short ``README.md``: what this folder is, how it was made, and its key numbers."""
+def write_model_card(output_dir: str, stage: str, base_model: str, dataset: str, metrics: dict, notes: str = "",
+                     logs_metrics: bool = True) -> str:
+    """A short ``README.md``: what this folder is, how it was made, and its key numbers. ``logs_metrics``: the
+    folder has a ``metrics.jsonl`` to point to (an evaluation folder has none)."""
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
+    where = f"; the metrics of every log step in `{METRICS_FILE}`" if logs_metrics else ""
     text = f"""---
 library_name: transformers
 tags: [rlhf, {re.sub(r'[^a-z0-9-]', '-', stage.lower())}]
@@ -192,7 +195,7 @@ base_model: {base_model}
 {command_line()}
 ```
 
-Every resolved argument is in `run_args.yaml`; the metrics of every log step in `{METRICS_FILE}`.
+Every resolved argument is in `run_args.yaml`{where}.
 {notes}
 """
     path = os.path.join(output_dir, "README.md")

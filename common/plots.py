@@ -138,9 +138,14 @@ def plot_rm(records: list[dict], out_dir: str, title: str, with_loss: bool = Tru
 
 
 def plot_ppo(records: list[dict], out_dir: str, title: str) -> list[str]:
-    """``ppo.png``: a 2x3 grid of score (with a ±std band), KL, KL coefficient, length, entropy, RLHF reward."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), layout="constrained")
-    for i, (ax, (key, label)) in enumerate(zip(axes.flat, PPO_PANELS)):
+    """``ppo.png``: score (with a ±std band), KL, KL coefficient, length, entropy, RLHF reward; with held-out
+    evaluations (``eval/*``, training_rl.py --eval_freq) also the reward-model score and the gold score of the held-out
+    answers side by side, on two axes (reward hacking: the first rising while the second stays flat or falls), and
+    the value head's explained variance."""
+    held_out = bool(series(records, "eval/rm_score")[0])
+    fig, axes = plt.subplots(2, 4 if held_out else 3, figsize=(20 if held_out else 15, 8), layout="constrained")
+    panels = axes.flat
+    for i, (ax, (key, label)) in enumerate(zip(panels, PPO_PANELS)):
         has = _raw_and_smoothed(ax, records, key, "value")
         if key == "objective/scores":
             band = [(r["step"], r[key], r["objective/scores_std"]) for r in records
@@ -151,6 +156,21 @@ def plot_ppo(records: list[dict], out_dir: str, title: str) -> list[str]:
                 ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
                                 color="C0", alpha=0.12, label="± std (batch)")
         _finish(ax, label, key, has_data=has, legend=i == 0)
+    if held_out:
+        ax = axes.flat[6]
+        x, y = series(records, "eval/rm_score")
+        ax.plot(x, y, color="C0", marker="o", label="reward-model score")
+        ax.set_ylabel("reward-model score", color="C0")
+        gx, gy = series(records, "eval/gold")
+        if gx:
+            twin = ax.twinx()
+            twin.plot(gx, gy, color="C3", marker="s", label="gold score")
+            twin.set_ylabel("gold score", color="C3")
+            twin.legend(loc="lower right", fontsize="small")
+        _finish(ax, "held-out answers: proxy and gold", has_data=True, legend=True)
+        ax = axes.flat[7]
+        has = _raw_and_smoothed(ax, records, "val/explained_variance", "value")
+        _finish(ax, "value head: explained variance", "val/explained_variance", has_data=has, legend=False)
     return [_save(fig, out_dir, "ppo.png", title)]
 
 

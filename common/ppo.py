@@ -386,6 +386,43 @@ class PPOTrainer:
         mask = b["mask"]
         return tuple(torch.cat(out[k]) * mask for k in ("logprobs", "values", "ref_logprobs", "entropy"))
 
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict], seed: int) -> dict:
+        """Answers of the current policy to held-out ``rows`` (each with ``input_ids``, ``question`` and, for the
+        sample data, ``answer_key``), and their mean reward-model score, gold score (``common/gold.py``; None when a
+        row has no answer key) and length, as ``eval/*`` metrics. Sampled as in training, at the longest length,
+        from a fixed seed, with the training RNG streams left as they were (so a resumed run continues exactly);
+        every process answers its share of the rows."""
+        from common.gold import gold_score
+        from common.prompts import format_example
+        from common.reward import score_texts
+
+        acc, hp = self.accelerator, self.config
+        mine = rows[acc.process_index :: acc.num_processes]
+        responses = []
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), dist.unwrap_for_generation(self.model, acc) as unwrapped:
+            torch.manual_seed(seed)
+            lm = unwrapped.lm()
+            was_training = lm.training
+            lm.eval()
+            for start in range(0, len(mine), hp.gen_batch_size):
+                chunk = [row["input_ids"] for row in mine[start : start + hp.gen_batch_size]]
+                responses += sample_responses(lm, chunk, hp.output_max_length, hp.temperature, self.eos_ids,
+                                              self.tokenizer.pad_token_id)
+            lm.train(was_training)
+        answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        texts = [format_example(row["question"], a) for row, a in zip(mine, answers)]
+        rm = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size) if texts else None
+        keyed = [(row, a) for row, a in zip(mine, answers) if row.get("answer_key")]
+        gold = [gold_score(row["question"], a, row["answer_key"]) for row, a in keyed]
+        sums = torch.tensor([float(rm.sum()) if rm is not None else 0.0, float(sum(gold)), float(len(gold)),
+                             float(sum(map(len, responses))), float(len(responses))], device=acc.device)
+        rm_sum, gold_sum, n_gold, length_sum, n = self._sum(sums).tolist()
+        return {"eval/rm_score": rm_sum / max(n, 1),
+                "eval/gold": gold_sum / n_gold if n_gold == n and n > 0 else None,
+                "eval/length": length_sum / max(n, 1), "eval/prompts": int(n)}
+
     # --- one PPO step ----------------------------------------------------------------------------------------
 
     def step(self) -> tuple[dict, list[dict]]:

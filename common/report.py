@@ -1,103 +1,227 @@
 """The pipeline's summary: ``summary.json``, ``report.md`` and plots from the stage folders of one pipeline run.
 
-    python -m common.report runs/pipeline --seconds_per_stage '{"sft": 40.1, ...}'
+    python -m common.report runs/pipeline --seconds_per_stage '{"SFT": 40.1, ...}' --seed 0
 
-Expects the layout ``scripts/run_pipeline.sh`` writes under its output root: ``sft/``, ``sft_merged/``, ``rm/``,
-``rm_merged/``, ``ppo/`` and ``final/``. The side-by-side answers are sampled (temperature 1, fixed seed) from the
-SFT model and the final model for the same held-out questions, and scored by the reward model.
+Expects the layout ``scripts/run_pipeline.sh`` writes under its output root: ``sft/``, ``rm/``, ``ppo/`` and
+``eval/`` (evaluate.py comparing the SFT model with the final model on held-out questions); missing parts are
+reported as n/a.
+
+Every verdict is earned (DESIGN.md, "Evidence that training helped"): a change is "rose" or "fell" only when its 95%
+interval excludes no change, else "no clear change". Held-out comparisons use paired bootstrap intervals over the
+questions (common/stats.py, computed by evaluate.py); the PPO training curve compares its first and last fifth of
+steps with a Welch interval. When the reward-model score rises and the gold score falls, both past the noise, the
+summary says "reward hacking" and shows the final model's most repeated answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
 
-import torch
-
+from common import stats
 from common.outputs import read_metrics
 
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+READABLE_SHARE = 0.9  # the share of corpus words above which answers count as readable
 
 
-def summarize(root: str, seconds_per_stage: dict | None = None) -> dict:
-    """The headline numbers of a pipeline run, read from each stage's metrics.jsonl and reports."""
+def _load_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None = None) -> dict:
+    """The headline numbers of a pipeline run, with their intervals and verdicts."""
     sft = read_metrics(os.path.join(root, "sft"))
     evals = [m["eval_loss"] for m in sft if m.get("eval_loss") is not None]
-    rm_report_path = os.path.join(root, "rm", "eval_report.json")
-    rm_report = json.load(open(rm_report_path, encoding="utf-8")) if os.path.isfile(rm_report_path) else {}
+    rm = _load_json(os.path.join(root, "rm", "eval_report.json"))
     ppo = [m for m in read_metrics(os.path.join(root, "ppo")) if m.get("objective/scores") is not None]
-    fifth = max(1, len(ppo) // 5)
-    return {
+    held_out = [m for m in read_metrics(os.path.join(root, "ppo")) if m.get("eval/rm_score") is not None]
+    ev = _load_json(os.path.join(root, "eval", "eval.json"))
+    names = list(_get(ev, "settings", "models") or {})
+    base, final = (names[0], names[-1]) if len(names) >= 2 else (None, None)
+    m_base, m_final = _get(ev, "models", base), _get(ev, "models", final)
+    vs = _get(m_final, "vs_baseline") or {}
+    sft_rewards = [r["answers"][base]["reward"] for r in ev.get("rows", [])] if base else []
+    reward_std = _std(sft_rewards)
+    rise = _get(vs, "reward_difference", "mean")
+    trend = stats.step_trend([m["objective/scores"] for m in ppo]) if ppo else None
+    summary = {
+        "seed": seed,
         "sft_eval_loss_before": evals[0] if evals else None,
         "sft_eval_loss_after": evals[-1] if evals else None,
-        "rm_eval_accuracy": rm_report.get("accuracy"),
-        "rm_ece": rm_report.get("ece"),
+        "sft_vocabulary_share": _get(m_base, "readable_share", "mean"),
+        "rm_eval_accuracy": rm.get("accuracy"),
+        "rm_accuracy_lookalike": rm.get("accuracy_lookalike"),
+        "rm_pairs": rm.get("n_pairs"),
+        "rm_lookalike_pairs": rm.get("n_lookalike"),
+        "rm_ece": rm.get("ece"),
         "ppo_steps": len(ppo),
-        "ppo_score_first": _mean([m["objective/scores"] for m in ppo[:fifth]]),
-        "ppo_score_last": _mean([m["objective/scores"] for m in ppo[-fifth:]]),
+        "ppo_score_trend": trend,
+        "ppo_score_first": trend["first"] if trend else None,
+        "ppo_score_last": trend["last"] if trend else None,
         "ppo_kl_last": ppo[-1]["objective/kl"] if ppo else None,
         "ppo_kl_max": max((m["objective/kl"] for m in ppo), default=None),
         "ppo_kl_coef_last": ppo[-1]["objective/kl_coef"] if ppo else None,
+        "ppo_explained_variance_last": ppo[-1].get("val/explained_variance") if ppo else None,
+        "ppo_held_out": [{k: m.get(k) for k in ("step", "eval/rm_score", "eval/gold", "eval/length")}
+                         for m in held_out],
+        "eval_prompts": _get(ev, "prompts", "n"),
+        "eval_baseline": base,
+        "eval_final": final,
+        "rm_score_sft": _get(m_base, "reward", "mean"),
+        "rm_score_final": _get(m_final, "reward", "mean"),
+        "rm_score_difference": vs.get("reward_difference"),
+        "rm_score_rise_in_sft_std": rise / reward_std if rise is not None and reward_std else None,
+        "gold_score_sft": _get(m_base, "gold", "mean"),
+        "gold_score_final": _get(m_final, "gold", "mean"),
+        "gold_difference": vs.get("gold_difference"),
+        "gold_win_rate_vs_sft": _get(vs, "win_rate_gold", "mean"),
+        "gold_win_rate_interval": vs.get("win_rate_gold"),
+        "rm_win_rate_vs_sft": _get(vs, "win_rate_reward", "mean"),
+        "ppo_kl_to_sft": _get(m_final, "kl", "mean"),
+        "length_sft": _get(m_base, "length", "mean"),
+        "length_final": _get(m_final, "length", "mean"),
+        "best_of_n": {k: ev["best_of_n"].get(k) for k in ("model", "curve", "reward_change", "gold_change")}
+        if ev.get("best_of_n") else None,
         "seconds_per_stage": seconds_per_stage or {},
     }
+    summary["reward_hacking"] = (_verdict(summary["rm_score_difference"]) == stats.ROSE
+                                 and _verdict(summary["gold_difference"]) == stats.FELL)
+    summary["most_repeated_final_answers"] = most_repeated(ev, final) if final else []
+    return summary
 
 
-@torch.no_grad()
-def side_by_side(root: str, questions: list[str], max_new_tokens: int = 48, seed: int = 0) -> list[dict]:
-    """Answers of the SFT model and of the final model to the same questions, with reward-model scores."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from common.prompts import format_example, format_prompt
-    from common.reward import score_texts
-
-    rm_tok = AutoTokenizer.from_pretrained(os.path.join(root, "rm_merged"))
-    rm_tok.pad_token = rm_tok.pad_token or rm_tok.eos_token
-    rm = AutoModelForSequenceClassification.from_pretrained(os.path.join(root, "rm_merged")).eval()
-    rows = [{"question": q} for q in questions]
-    for name in ("sft_merged", "final"):
-        tok = AutoTokenizer.from_pretrained(os.path.join(root, name), padding_side="left")
-        tok.pad_token = tok.pad_token or tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(root, name)).eval()
-        torch.manual_seed(seed)
-        batch = tok([format_prompt(q) for q in questions], return_tensors="pt", padding=True)
-        out = model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        scores = score_texts(rm, rm_tok, [format_example(q, a) for q, a in zip(questions, answers)]).tolist()
-        for row, answer, score in zip(rows, answers, scores):
-            row[name] = {"answer": answer, "score": score}
-    return rows
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+def _verdict(d: dict | None) -> str:
+    return d.get("verdict", stats.NO_CLEAR_CHANGE) if isinstance(d, dict) else stats.NO_CLEAR_CHANGE
 
 
-def write_report(root: str, summary: dict, answers: list[dict], plots: list[str]) -> str:
-    s = summary
+def most_repeated(ev: dict, name: str, top: int = 3) -> list[dict]:
+    """The answers the model gave most often to different questions (a collapse onto one answer shows here)."""
+    counts = collections.Counter(r["answers"][name]["answer"].strip()
+                                 for r in ev.get("rows", []) if name in r["answers"])
+    return [{"answer": a, "times": n} for a, n in counts.most_common(top) if n > 1]
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _ci(d: dict | None, digits: int = 3) -> str:
+    """A difference and its interval, signed: ``+0.093 [-0.051, +0.244]``."""
+    return _interval(d, digits, sign="+")
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The printed summary: each figure with its interval and verdict."""
+    t = s["ppo_score_trend"] or {}
+    readable = s["sft_vocabulary_share"]
     lines = [
-        "# RLHF pipeline report", "",
-        "| stage | figure | value |", "| --- | --- | --- |",
-        f"| SFT | eval loss before -> after | {_fmt(s['sft_eval_loss_before'])} -> {_fmt(s['sft_eval_loss_after'])} |",
-        f"| reward model | eval accuracy (ECE) | {_fmt(s['rm_eval_accuracy'])} ({_fmt(s['rm_ece'])}) |",
-        f"| PPO | mean score, first -> last fifth of {s['ppo_steps']} steps | {_fmt(s['ppo_score_first'])} -> "
-        f"{_fmt(s['ppo_score_last'])} |",
-        f"| PPO | KL to the SFT model, last step (max) | {_fmt(s['ppo_kl_last'])} ({_fmt(s['ppo_kl_max'])}) |",
-        "", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds_per_stage"].items()), "",
-        "## The same held-out questions, before and after PPO", "",
-        "Sampled at temperature 1 with the same seed; scores are the reward model's.", "",
+        f"================ RLHF pipeline summary (seed {_fmt(s['seed'])}) ================",
+        f"SFT           eval loss {_fmt(s['sft_eval_loss_before'])} -> {_fmt(s['sft_eval_loss_after'])}; answers "
+        f"readable: {_fmt(readable)} of their words are corpus words"
+        + (f" ({'>=' if readable >= READABLE_SHARE else '<'} {READABLE_SHARE})" if readable is not None else ""),
+        f"reward model  accuracy {_fmt(s['rm_eval_accuracy'])} on {_fmt(s['rm_pairs'])} held-out pairs; on the "
+        f"{_fmt(s['rm_lookalike_pairs'])} look-alike pairs {_fmt(s['rm_accuracy_lookalike'])}",
+        f"PPO training  score {_fmt(t.get('first'))} -> {_fmt(t.get('last'))} (first -> last fifth of "
+        f"{s['ppo_steps']} steps): {t.get('verdict', stats.NO_CLEAR_CHANGE)}; KL last {_fmt(s['ppo_kl_last'], 2)}, "
+        f"max {_fmt(s['ppo_kl_max'], 2)}",
     ]
-    for i, row in enumerate(answers, 1):
-        lines += [f"### {i}. {row['question']}", "",
-                  "| SFT model | after PPO |", "| --- | --- |",
-                  f"| {_cell(row['sft_merged']['answer'])} | {_cell(row['final']['answer'])} |",
-                  f"| score {row['sft_merged']['score']:.3f} | score {row['final']['score']:.3f} |", ""]
-    lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    if s["eval_final"]:
+        n = s["eval_prompts"]
+        lines += [
+            f"held out      {n} questions, final model vs SFT model (95% intervals):",
+            f"  RM score    {_fmt(s['rm_score_sft'])} -> {_fmt(s['rm_score_final'])}: "
+            f"{_ci(s['rm_score_difference'])}, {_verdict(s['rm_score_difference'])} "
+            f"({_fmt(s['rm_score_rise_in_sft_std'], 2)} SFT std)",
+            f"  gold score  {_fmt(s['gold_score_sft'])} -> {_fmt(s['gold_score_final'])}: "
+            f"{_ci(s['gold_difference'])}, {_verdict(s['gold_difference'])}",
+            f"  gold wins   final beats SFT in {_interval(s['gold_win_rate_interval'])} of the questions "
+            f"(ties 1/2): {_verdict_win(s['gold_win_rate_interval'])}",
+            f"  KL to SFT   {_fmt(s['ppo_kl_to_sft'], 2)} nats; length {_fmt(s['length_sft'], 1)} -> "
+            f"{_fmt(s['length_final'], 1)} tokens",
+        ]
+        if s["reward_hacking"]:
+            lines.append("verdict       REWARD HACKING: the reward model's score rose and the gold score fell. Most "
+                         "repeated final answers:")
+            lines += [f"  {a['times']}x {a['answer'][:100]!r}" for a in s["most_repeated_final_answers"]]
+        else:
+            lines.append("verdict       " + overall(s))
+    lines.append("time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()))
+    lines.append("=" * len(lines[0]))
+    return lines
+
+
+def _interval(d: dict | None, digits: int = 3, sign: str = "") -> str:
+    """A mean and its interval: ``0.532 [0.497, 0.568]`` (``sign="+"`` shows the signs of a difference)."""
+    if not d or d.get("mean") is None:
+        return "n/a"
+    f = f"{{:{sign}.{digits}f}}".format
+    return f(d["mean"]) if d.get("low") is None else f"{f(d['mean'])} [{f(d['low'])}, {f(d['high'])}]"
+
+
+def _verdict_win(d: dict | None) -> str:
+    v = stats.verdict(d, null=0.5) if d else stats.NO_CLEAR_CHANGE
+    return {stats.ROSE: "better than the SFT model", stats.FELL: "worse than the SFT model"}.get(v, v)
+
+
+def overall(s: dict) -> str:
+    gold, rm = _verdict(s["gold_difference"]), _verdict(s["rm_score_difference"])
+    if s["gold_difference"] is None:
+        return f"RM score {rm} (no gold judge for these questions)"
+    if gold == stats.ROSE:
+        return "RLHF made the answers better: the gold score rose past the noise"
+    if gold == stats.FELL:
+        return "RLHF made the answers worse: the gold score fell past the noise"
+    return f"no clear change in answer quality (gold); RM score {rm}"
+
+
+def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> str:
+    lines = ["# RLHF pipeline report", "", "```", *summary_lines(s), "```", ""]
+    if s["ppo_held_out"]:
+        lines += ["## Held-out questions during PPO (proxy and gold side by side)", "",
+                  "| step | RM score | gold | length |", "| --- | --- | --- | --- |",
+                  *(f"| {h['step']} | {_fmt(h['eval/rm_score'])} | {_fmt(h['eval/gold'])} "
+                    f"| {_fmt(h['eval/length'], 1)} |"
+                    for h in s["ppo_held_out"]), ""]
+    if s["best_of_n"]:
+        b = s["best_of_n"]
+        lines += [f"## Best of n ({b['model']}): the reward model's pick among n answers", "",
+                  "| n | RM score | gold |", "| --- | --- | --- |",
+                  *(f"| {c['n']} | {_fmt(c['reward'])} | {_fmt(c['gold'])} |" for c in b["curve"]), ""]
+    if examples:
+        lines += ["## The same held-out questions, before and after PPO", "",
+                  "One sampled answer each (the same seed for both models); "
+                  "RM = reward model, gold = common/gold.py.", ""]
+        for i, row in enumerate(examples, 1):
+            lines += [f"### {i}. {row['question']}", "",
+                      f"| {s['eval_baseline']} | {s['eval_final']} |", "| --- | --- |"]
+            a, b = row["answers"][s["eval_baseline"]], row["answers"][s["eval_final"]]
+            lines += [f"| {_cell(a['answer'])} | {_cell(b['answer'])} |",
+                      f"| RM {a['reward']:.3f}, gold {_fmt(a['gold'], 2)} "
+                      f"| RM {b['reward']:.3f}, gold {_fmt(b['gold'], 2)} |", ""]
+    lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, root)})" for p in plots]
     path = os.path.join(root, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -108,55 +232,33 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>").strip() or "(empty)"
 
 
-def held_out_questions(data_file: str, n: int = 3) -> list[str]:
-    """The first ``n`` questions of the evaluation split: never trained on by SFT, the reward model or PPO."""
-    with open(data_file, encoding="utf-8") as f:
-        return [json.loads(line)["question"] for line, _ in zip(f, range(n))]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root")
     parser.add_argument("--seconds_per_stage", default="{}", help="JSON object of stage -> seconds")
-    parser.add_argument("--questions_file", default="data/evaluation/train.jsonl")
-    parser.add_argument("--num_questions", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=None, help="The seed the pipeline ran with (recorded).")
+    parser.add_argument("--num_examples", type=int, default=3)
     args = parser.parse_args(argv)
     from common.plots import plot_pipeline
 
-    summary = summarize(args.root, json.loads(args.seconds_per_stage))
+    summary = summarize(args.root, json.loads(args.seconds_per_stage), args.seed)
     with open(os.path.join(args.root, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     plots = plot_pipeline(args.root)
-    answers = side_by_side(args.root, held_out_questions(args.questions_file, args.num_questions))
-    with open(os.path.join(args.root, "answers.json"), "w", encoding="utf-8") as f:
-        json.dump(answers, f, indent=2, ensure_ascii=False)
-    write_report(args.root, summary, answers, plots)
-    print_summary(summary, answers)
-    return summary
-
-
-def print_summary(s: dict, answers: list[dict]) -> None:
-    ok = lambda cond: "yes" if cond else "NO"  # noqa: E731
-    learned_sft = s["sft_eval_loss_after"] is not None and s["sft_eval_loss_after"] < s["sft_eval_loss_before"]
-    learned_ppo = s["ppo_score_last"] is not None and s["ppo_score_last"] > s["ppo_score_first"]
-    print(
-        "\n================ RLHF pipeline summary ================\n"
-        f"SFT           eval loss {_fmt(s['sft_eval_loss_before'])} -> {_fmt(s['sft_eval_loss_after'])}   "
-        f"fell: {ok(learned_sft)}\n"
-        f"reward model  eval accuracy {_fmt(s['rm_eval_accuracy'])}   "
-        f">= 0.9: {ok((s['rm_eval_accuracy'] or 0) >= 0.9)}\n"
-        f"PPO           score {_fmt(s['ppo_score_first'])} -> {_fmt(s['ppo_score_last'])} (first -> last fifth)   "
-        f"rose: {ok(learned_ppo)}\n"
-        f"              KL last {_fmt(s['ppo_kl_last'])}, max {_fmt(s['ppo_kl_max'])}, "
-        f"kl_coef {_fmt(s['ppo_kl_coef_last'])}\n"
-        f"time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()) + "\n"
-        "========================================================", file=sys.stdout,
-    )
-    if answers:
-        row = answers[0]
+    eval_dir = os.path.join(args.root, "eval")
+    plots += [os.path.join(eval_dir, p) for p in ("models.png", "best_of_n.png")
+              if os.path.isfile(os.path.join(eval_dir, p))]
+    ev = _load_json(os.path.join(eval_dir, "eval.json"))
+    examples = [r for r in ev.get("rows", []) if r.get("has_answer_key", True)][: args.num_examples]
+    write_report(args.root, summary, plots, examples)
+    print("\n".join(summary_lines(summary)), file=sys.stdout)
+    if examples and summary["eval_final"]:
+        row = examples[0]
+        a, b = row["answers"][summary["eval_baseline"]], row["answers"][summary["eval_final"]]
         print(f"\nQ: {row['question']}\n"
-              f"SFT   ({row['sft_merged']['score']:+.2f}): {row['sft_merged']['answer'][:160]!r}\n"
-              f"final ({row['final']['score']:+.2f}): {row['final']['answer'][:160]!r}")
+              f"SFT   (RM {a['reward']:+.2f}, gold {_fmt(a['gold'], 2)}): {a['answer'][:200]!r}\n"
+              f"final (RM {b['reward']:+.2f}, gold {_fmt(b['gold'], 2)}): {b['answer'][:200]!r}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -78,8 +78,11 @@ def calibration(p: torch.Tensor, n_bins: int = N_BINS) -> tuple[float, list[dict
 
 
 def pair_report(questions: list[str], chosen: list[str], rejected: list[str], r_j: torch.Tensor,
-                r_k: torch.Tensor) -> dict:
-    """The whole report as a JSON-ready dict (``chosen``/``rejected`` are the answers, without the question)."""
+                r_k: torch.Tensor, kinds: list[str] | None = None) -> dict:
+    """The whole report as a JSON-ready dict (``chosen``/``rejected`` are the answers, without the question).
+
+    ``kinds``: each pair's kind (the sample data's ``pair_kind`` column), for the accuracy per kind, and over the
+    look-alike pairs (kinds ``lookalike_*``: both answers alike in form, the rejected one wrong in substance)."""
     margin = r_j - r_k
     correct = margin > 0  # a tie is wrong: the model expressed no preference
     p = torch.sigmoid(margin)
@@ -116,12 +119,24 @@ def pair_report(questions: list[str], chosen: list[str], rejected: list[str], r_
             "count": int(rejected_longer.sum()),
             "accuracy": float(correct[rejected_longer].float().mean()) if rejected_longer.any() else None,
         },
+        **({} if kinds is None else _by_kind(kinds, correct)),
         "most_confidently_wrong": [
             {"question": cut(questions[i]), "chosen": cut(chosen[i]), "rejected": cut(rejected[i]),
              "chosen_score": float(r_j[i]), "rejected_score": float(r_k[i]), "p_chosen": float(p[i])}
             for i in worst
         ],
     }
+
+
+def _by_kind(kinds: list[str], correct: torch.Tensor) -> dict:
+    by_kind = {}
+    for kind in sorted(set(kinds)):
+        mask = torch.tensor([k == kind for k in kinds])
+        by_kind[kind] = {"count": int(mask.sum()), "accuracy": float(correct[mask].float().mean())}
+    lookalike = torch.tensor([k.startswith("lookalike") for k in kinds])
+    return {"accuracy_by_kind": by_kind,
+            "accuracy_lookalike": float(correct[lookalike].float().mean()) if lookalike.any() else None,
+            "n_lookalike": int(lookalike.sum())}
 
 
 def report_markdown(report: dict) -> str:
@@ -141,6 +156,11 @@ def report_markdown(report: dict) -> str:
         f"- Accuracy on the {longer['count']} pairs whose rejected answer is longer: {f(longer['accuracy'])}"
         + (" (well below the overall accuracy: the model may be rewarding length)"
            if longer["accuracy"] is not None and longer["accuracy"] < report["accuracy"] - 0.1 else ""),
+        *([f"- Accuracy on the {report['n_lookalike']} look-alike pairs (both answers alike in form, the rejected "
+           f"one wrong in substance): **{f(report['accuracy_lookalike'])}**", "", "## Accuracy by kind of pair", "",
+           "| kind | pairs | accuracy |", "| --- | --- | --- |",
+           *(f"| {k} | {v['count']} | {f(v['accuracy'])} |" for k, v in report["accuracy_by_kind"].items())]
+          if "accuracy_by_kind" in report else []),
         "", "## Accuracy by |r_j - r_k|", "", "| abs margin | pairs | accuracy |", "| --- | --- | --- |",
         *(f"| {b['abs_margin']} | {b['count']} | {f(b['accuracy'])} |" for b in report["accuracy_by_abs_margin"]),
         "", "## Calibration", "",

@@ -7,20 +7,26 @@ Run from anywhere (writes next to this file, in place)::
 
 Output: JSONL files ``finetune/train.jsonl``, ``reward/train.jsonl``, ``evaluation/train.jsonl`` and
 ``rl/train.jsonl`` under ``data/``. Every row has the fields ``qid`` (int), ``question``, ``date``,
-``metadata`` (list of str), ``response_j`` (preferred answer) and ``response_k`` (rejected answer).
+``metadata`` (list of str), ``response_j`` (preferred answer) and ``response_k`` (rejected answer), plus
+``pair_kind`` (how the rejected answer is bad) and ``answer_key`` (what a right answer to the question must and
+must not contain; ``common/gold.py`` judges answers with it). Also ``pretrain/train.jsonl``, a corpus of
+``{"text": "Question: ...\n\nAnswer: ...", "source": ...}`` documents for pretraining a tiny base model.
 
 The generator is offline and deterministic: stdlib only, one ``random.Random(seed)``, no iteration over sets,
 so re-running it with the same seed writes byte-identical files. The content is synthetic and only meant for
 offline demos and tests of the training stages, not for training a useful model.
 
 Preferred answers are specific: they restate the fix, contain a fenced code block that uses the names from the
-question, and explain why. Rejected answers are vague, wrong, off-topic or dismissive and never contain a
-fenced code block. About a sixth of the pairs have a rejected answer that is longer than the preferred one
-(rambling bad answer, short good answer), so length alone is not a perfect predictor.
+question, and explain why. In 60% of the pairs the rejected answer looks like the preferred one (a fenced code
+block, within 25% of its length) but is wrong in substance: the right fix with names that are not the question's,
+the fix of another problem with the question's names, or a subtly broken variant of the fix. The other rejected
+answers are vague, wrong, off-topic or dismissive and contain no code block; about a sixth of those are longer
+than the preferred answer (rambling bad answer, short good answer).
 
 The four splits share no question and no qid; beyond that, no split reuses another split's question template
 filled with the same values (only the greeting and closing sentences would differ), so ``evaluation`` is held out
-from ``reward`` and ``finetune``. ``main`` checks all of this, before and after writing, and raises if violated.
+from ``reward`` and ``finetune``. The pretraining corpus holds no question of ``evaluation`` or ``rl``, and only
+preferred answers. ``main`` checks all of this, before and after writing, and raises if violated.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.prompts import format_example  # noqa: E402  (stdlib only; the one prompt template of the project)
+
 SEED = 20240501
 SPLITS = {  # split folder -> number of rows (one row per distinct question)
     "finetune": 2000,
@@ -44,6 +53,17 @@ SPLITS = {  # split folder -> number of rows (one row per distinct question)
 LONG_REJECTED_SHARE = 0.17  # target share of pairs whose rejected answer is longer than the preferred one
 SHORT_GOOD_SHARE = 0.20  # share of (other) pairs whose preferred answer is the short form
 MAX_PAIR_CHARS = 700  # question + answer, in characters
+LOOKALIKE_SHARES = {  # share of each split's pairs whose rejected answer looks like the preferred one
+    "lookalike_wrong_names": 0.20,  # the right fix with names that are not the question's
+    "lookalike_wrong_fix": 0.20,    # another question's preferred answer, with this question's names
+    "lookalike_broken": 0.20,       # the preferred answer with a subtly broken variant of its code
+}
+MIN_LOOKALIKE_SHARE = 0.5  # checked for reward and evaluation
+MAX_WRONG_FIX_COVERAGE = 0.5  # a wrong-fix answer's code holds at most half of the terms of any right fix
+LENGTH_TOLERANCE = 0.25  # look-alike rejected answers are within +-25% of the preferred answer's length
+PRETRAIN_SPLITS = ("finetune", "reward")  # whose questions and preferred answers go into the pretraining corpus
+HELD_OUT = ("evaluation", "rl")  # no question (or question core) of these is in the pretraining corpus
+PRETRAIN_EXTRA = 4000  # new questions (with preferred answers) added to the pretraining corpus
 QID_FIRST, QID_LAST = 1_000_000, 77_000_000  # qids are drawn from this range
 DATE_FIRST = datetime.date(2009, 1, 1)
 DATE_LAST = datetime.date(2023, 12, 31)
@@ -1838,6 +1858,454 @@ topic(
 )
 
 # --------------------------------------------------------------------------------------------------------
+# Answer keys and subtly broken variants, one entry per topic (checked: same names as TOPICS).
+#   fix:    one list per code variant of the topic, in the order of its ``codes``: the terms the code of that
+#           fix must contain (what makes it this fix). Slot-free: the question's names are checked apart.
+#   broken: B(fence language, code, *markers): a variant of the fix that is wrong in substance (a classic
+#           mistake, a wrong flag, an inverted test ...). The markers are the wrong part; they may use
+#           ``[[slots]]`` and must never occur in a preferred answer of the topic (``check`` verifies it).
+# Terms, markers and names are matched with ``contains``: case-sensitive, any run of whitespace equals one
+# space, and a term that starts or ends with a letter or digit must not continue a longer word there.
+# --------------------------------------------------------------------------------------------------------
+
+
+def B(lang: str, code: str, *markers: str) -> dict:
+    return {"lang": lang, "code": code, "markers": list(markers)}
+
+
+KEYS: dict[str, dict] = {
+    "python-list-dedup": dict(
+        fix=[["dict.fromkeys("], ["seen = set()", "not in seen", "seen.add(", ".append("]],
+        broken=[
+            B("python", "[[var]] = list(set([[var]]))  # drops the duplicates", "= list(set("),
+            B("python", "[[var]] = sorted(set([[var]]), key=str)", "sorted(set("),
+            B("python", "seen = set()\nunique = []\nfor x in [[var]]:\n    if x in seen:\n        seen.add(x)\n"
+                        "        unique.append(x)", "if x in seen:"),
+        ]),
+    "python-dict-sort": dict(
+        fix=[["sorted(", ".items()", "kv[1]", "reverse=True"],
+             ["sorted(", ".items()", "itemgetter(1)", "reverse=True"]],
+        broken=[
+            B("python", "ranking = sorted([[var]].items(), key=lambda kv: kv[0], reverse=True)\n"
+                        "for key, value in ranking[:[[nsmall]]]:\n    print(key, value)", "kv[0]"),
+            B("python", "from operator import itemgetter\n\n"
+                        "by_value = dict(sorted([[var]].items(), key=itemgetter(0), reverse=True))", "itemgetter(0)"),
+            B("python", "ranking = sorted([[var]].values(), reverse=True)\nfor value in ranking[:[[nsmall]]]:\n"
+                        "    print(value)", ".values(), reverse=True)"),
+        ]),
+    "python-file-lines": dict(
+        fix=[["with open(", "for line in f"], ["with open(", "enumerate(f"]],
+        broken=[
+            B("python", "with open(\"[[file]]\", encoding=\"utf-8\") as f:\n    for line in f.readlines():\n"
+                        "        [[func]](line.rstrip(\"\\n\"))", "f.readlines()"),
+            B("python", "with open(\"[[file]]\", encoding=\"utf-8\") as f:\n    for line in f.read():\n"
+                        "        line = line.rstrip(\"\\n\")\n        [[func]](line)", "in f.read()"),
+        ]),
+    "python-exceptions": dict(
+        fix=[["except (ValueError, KeyError)"], ["for item in", "except (ValueError, KeyError)"]],
+        broken=[
+            B("python", "try:\n    result = [[func]]([[var]])\nexcept ValueError or KeyError as exc:\n"
+                        "    logger.warning(\"[[func]] failed: %s\", exc)\n    result = None",
+              "except ValueError or KeyError"),
+            B("python", "try:\n    result = [[func]]([[var]])\nexcept ValueError, KeyError:\n"
+                        "    logger.warning(\"[[func]] failed\")\n    result = None", "except ValueError, KeyError"),
+            B("python", "for item in [[var]]:\n    try:\n        [[func]](item)\n"
+                        "    except ValueError and KeyError as exc:\n        print(f\"skipping {item!r}: {exc}\")\n"
+                        "        continue", "except ValueError and KeyError"),
+        ]),
+    "python-venv": dict(
+        fix=[["-m venv", "activate", "pip install"], ["-m venv", "activate", "pip install"]],
+        broken=[
+            B("bash", "cd [[dir]]\npython3 -m venv .venv\nsource .venv/bin/activate\nsudo pip install [[pkg]]\n"
+                      "pip freeze > requirements.txt", "sudo pip install"),
+            B("bash", "python3 -m venv .venv\npython -m pip install --upgrade pip\n"
+                      "python -m pip install --user [[pkg]]", "install --user"),
+        ]),
+    "python-mutable-default": dict(
+        fix=[["=None", "is None"], ["=None", "is None"]],
+        broken=[
+            B("python", "def add_item(item, [[var]]=[]):\n    if [[var]] is None:\n        [[var]] = []\n"
+                        "    [[var]].append(item)\n    return [[var]]", "=[]):"),
+            B("python", "def [[func]](value, [[var]]=list()):\n    [[var]].append(value)\n    return [[var]]",
+              "=list()):"),
+            B("python", "def [[func]](value, [[var]]=None):\n    [[var]] = [] if [[var]] is not None else [[var]]\n"
+                        "    [[var]].append(value)\n    return [[var]]", "is not None else"),
+        ]),
+    "python-json": dict(
+        fix=[["json.load(f)", "json.dump(", "indent=", "ensure_ascii=False"],
+             ["json.loads(", "json.dumps(", "indent=", "ensure_ascii=False"]],
+        broken=[
+            B("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n"
+                        "    [[var]] = json.loads(f)\n\n[[var]][\"[[key]]\"] = \"updated\"\n\n"
+                        "with open(\"[[jsonfile]]\", \"w\", encoding=\"utf-8\") as f:\n"
+                        "    json.dump([[var]], f, indent=2, ensure_ascii=False)", "json.loads(f)"),
+            B("python", "import json\n\nwith open(\"[[jsonfile]]\", encoding=\"utf-8\") as f:\n"
+                        "    [[var]] = json.load(f)\n\n[[var]][\"[[key]]\"] = \"updated\"\n\n"
+                        "with open(\"[[jsonfile]]\", \"a\", encoding=\"utf-8\") as f:\n"
+                        "    json.dump([[var]], f, indent=2, ensure_ascii=False)", "\"a\", encoding"),
+            B("python", "import json\nfrom pathlib import Path\n\npath = Path(\"[[jsonfile]]\")\n"
+                        "data = json.load(path.read_text(encoding=\"utf-8\"))\ndata[\"[[key]]\"] = \"updated\"\n"
+                        "path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding=\"utf-8\")",
+              "json.load(path.read_text("),
+        ]),
+    "git-squash-rebase": dict(
+        fix=[["rebase -i", "squash", "--force-with-lease"], ["reset --soft", "git commit", "--force-with-lease"]],
+        broken=[
+            B("bash", "git checkout [[branch]]\ngit reset --hard HEAD~[[nsmall]]\n"
+                      "git commit -m \"Add [[branch]] feature\"\ngit push --force-with-lease", "reset --hard"),
+            B("bash", "git checkout [[branch]]\ngit rebase -i HEAD~[[nsmall]]\n"
+                      "# in the editor change \"pick\" to \"drop\" for every commit except the first\n"
+                      "git push --force-with-lease origin [[branch]]", "to \"drop\""),
+            B("bash", "git checkout [[branch]]\ngit merge --squash [[branch]]\n"
+                      "git commit -m \"Add [[branch]] feature\"\ngit push origin [[branch]]", "merge --squash"),
+        ]),
+    "git-undo-commit": dict(
+        fix=[["reset --soft HEAD~1"], ["git reset HEAD~1"]],
+        broken=[
+            B("bash", "git reset --hard HEAD~1\ngit status   # [[file]] is still there", "reset --hard HEAD~1"),
+            B("bash", "git checkout HEAD~1\ngit status   # [[file]] is back to the old version", "checkout HEAD~1"),
+            B("bash", "git reset --soft HEAD~2\ngit status   # [[file]] is still staged", "HEAD~2"),
+        ]),
+    "git-merge-conflict": dict(
+        fix=[["<<<<<<<", ">>>>>>>", "git add", "git commit"], ["--theirs", "git add", "git commit"]],
+        broken=[
+            B("bash", "git status                 # lists conflicted files\n"
+                      "# edit [[file]]: delete everything between <<<<<<< and >>>>>>>, markers included\n"
+                      "git add [[file]]\ngit commit                 # concludes the merge",
+              "delete everything between"),
+            B("bash", "git status                 # lists conflicted files\ngit reset --hard origin/[[branch]]\n"
+                      "git add [[file]]\ngit commit                 # concludes the merge", "reset --hard"),
+            B("bash", "git status\ngit add [[file]]   # the <<<<<<< markers can stay in the file\ngit commit\n"
+                      "git push --force", "markers can stay", "push --force"),
+        ]),
+    "sql-left-join": dict(
+        fix=[["LEFT JOIN", "ON"], ["LEFT JOIN", "COUNT(o.id)", "GROUP BY"]],
+        broken=[
+            B("sql", "SELECT t.id, t.[[col]], o.id AS match_id\nFROM [[table]] AS t\nINNER JOIN [[table2]] AS o\n"
+                     "  ON o.[[fk]] = t.id;", "INNER JOIN [[table2]]"),
+            B("sql", "SELECT t.id, t.[[col]], o.id AS match_id\nFROM [[table]] AS t\nLEFT JOIN [[table2]] AS o\n"
+                     "  ON o.[[fk]] = t.id\nWHERE o.id IS NOT NULL;", "WHERE o.id IS NOT NULL"),
+            B("sql", "SELECT t.id, COUNT(*) AS n_[[table2]]\nFROM [[table]] t\n"
+                     "LEFT JOIN [[table2]] o ON o.[[fk]] = t.id\nGROUP BY t.id;", "COUNT(*)"),
+            B("sql", "SELECT t.id, t.[[col]], o.id AS match_id\nFROM [[table]] AS t\nRIGHT JOIN [[table2]] AS o\n"
+                     "  ON o.[[fk]] = t.id;", "RIGHT JOIN [[table2]]"),
+        ]),
+    "sql-group-having": dict(
+        fix=[["GROUP BY", "HAVING COUNT(*) >"], ["GROUP BY", "HAVING COUNT(*) >"]],
+        broken=[
+            B("sql", "SELECT [[fk]], COUNT(*) AS n\nFROM [[table2]]\nWHERE COUNT(*) > [[nsmall]]\nGROUP BY [[fk]];",
+              "WHERE COUNT(*)"),
+            B("sql", "SELECT [[fk]], COUNT(*) AS n\nFROM [[table2]]\nGROUP BY [[fk]]\nHAVING COUNT(*) >= [[nsmall]];",
+              "COUNT(*) >="),
+            B("sql", "SELECT [[fk]], COUNT(*) AS n\nFROM [[table2]]\nWHERE [[col]] IS NOT NULL\nGROUP BY [[fk]]\n"
+                     "HAVING COUNT(*) < [[nsmall]]\nORDER BY n DESC;", "COUNT(*) <"),
+        ]),
+    "sql-parameterized": dict(
+        fix=[["= ?", "(value,"], ["= ?", "(value,"]],
+        broken=[
+            B("python", "cur.execute(\n    f\"SELECT * FROM [[table]] WHERE [[col]] = '{value}'\"\n)\n"
+                        "rows = cur.fetchall()", "'{value}'"),
+            B("python", "cur.execute(\n    \"SELECT * FROM [[table]] WHERE [[col]] = '%s'\" % value\n)\n"
+                        "rows = cur.fetchall()", "'%s'\" % value"),
+            B("python", "import sqlite3\n\nconn = sqlite3.connect(\"app.db\")\nrows = conn.execute(\n"
+                        "    \"SELECT id, [[col]] FROM [[table]] WHERE [[col]] = '?' LIMIT ?\",\n"
+                        "    (value, [[num]]),\n).fetchall()", "= '?'"),
+            B("python", "cur.execute(\n    \"SELECT * FROM [[table]] WHERE [[col]] = '\" + value + \"'\"\n)\n"
+                        "rows = cur.fetchall()", "+ value +"),
+        ]),
+    "regex-findall-numbers": dict(
+        fix=[["re.findall(", "\\d+"], ["re.compile(", ".findall(", "\\d+"]],
+        broken=[
+            B("python", "import re\n\ntext = \"[[word]] [[num]] at line [[num2]]\"\n"
+                        "numbers = [int(n) for n in re.findall(r\"\\d\", text)]\nprint(numbers)", "r\"\\d\""),
+            B("python", "import re\n\ntext = \"[[word]] [[num]] at line [[num2]]\"\n"
+                        "numbers = [int(n) for n in re.match(r\"\\d+\", text)]\nprint(numbers)", "re.match(r\""),
+            B("python", "import re\n\nNUM = re.compile(r\"-?d+\")\nwith open(\"[[file]]\") as f:\n"
+                        "    for line in f:\n        print([int(n) for n in NUM.findall(line)])", "r\"-?d+\""),
+        ]),
+    "regex-greedy-lazy": dict(
+        fix=[["re.findall(", "<.*?>"], ["re.findall(", "[^\\]]"], ["re.findall(", "(.*?)"]],
+        broken=[
+            B("python", "import re\n\nre.findall(r\"<.*>\", \"<[[tag]]>[[word]]</[[tag]]>\")\n"
+                        "# ['<[[tag]]>', '</[[tag]]>']", "r\"<.*>\""),
+            B("python", "import re\n\ntext = '[[[word]]] and [[[key]]]'\nprint(re.findall(r\"\\[(.*)\\]\", text))\n"
+                        "# ['[[word]]', '[[key]]']", "\\[(.*)\\]"),
+            B("python", "import re\n\nline = 'key=\"[[word]]\" other=\"[[key]]\"'\n"
+                        "print(re.findall(r'\"(.*)\"', line))\n# ['[[word]]', '[[key]]']", "'\"(.*)\"'"),
+        ]),
+    "bash-loop-files": dict(
+        fix=[["for f in", "\"$f\""], ["for f in", "\"$f\""]],
+        broken=[
+            B("bash", "for f in $(ls [[dir]]/*.[[ext]]); do\n    [ -e \"$f\" ] || continue\n"
+                      "    echo \"processing $f\"\n    wc -l \"$f\"\ndone", "$(ls [[dir]]"),
+            B("bash", "for f in [[dir]]/*.[[ext]]; do\n    [ -e $f ] || continue\n    echo \"processing $f\"\n"
+                      "    wc -l $f\ndone", "wc -l $f"),
+            B("bash", "shopt -s nullglob\nfor f in \"[[dir]]/*.[[ext]]\"; do\n    cp -- \"$f\" \"$f.bak\"\ndone",
+              "in \"[[dir]]/*"),
+        ]),
+    "bash-quoting-test": dict(
+        fix=[["[ \"$"], ["[ -z \"$", "[ \"$"]],
+        broken=[
+            B("bash", "if [ $[[strvar]] = \"[[word]]\" ]; then\n    echo \"match\"\nfi", "[ $[[strvar]] ="),
+            B("bash", "if [ \"$[[strvar]]\" -eq \"[[word]]\" ]; then\n    echo \"match\"\nfi", "\" -eq \""),
+            B("bash", "if [ -z $[[strvar]] ]; then\n    echo \"empty\"\nelif [ \"$[[strvar]]\"=\"[[word]]\" ]; then\n"
+                      "    echo \"match\"\nfi", "[ -z $[[strvar]]", "\"=\""),
+        ]),
+    "grep-recursive": dict(
+        fix=[["grep -rl"], ["grep -rli"]],
+        broken=[
+            B("bash", "grep -l \"[[word]]\" [[dir]]/\n# only .[[ext]] files:\n"
+                      "grep -l --include=\"*.[[ext]]\" \"[[word]]\" [[dir]]/", "grep -l \""),
+            B("bash", "grep -rL \"[[word]]\" [[dir]]/\n# only .[[ext]] files:\n"
+                      "grep -rL --include=\"*.[[ext]]\" \"[[word]]\" [[dir]]/", "grep -rL"),
+            B("bash", "grep -rvl \"[[word]]\" [[dir]]/\n# with find, if you need more filters:\n"
+                      "find [[dir]] -name \"[[word]]\" -exec grep -l \"[[word]]\" {} +",
+              "grep -rvl", "-name \"[[word]]\""),
+        ]),
+    "linux-chmod": dict(
+        fix=[["chmod +x"], ["chmod u+x"]],
+        broken=[
+            B("bash", "chmod -x [[script]]\n./[[script]]\nls -l [[script]]   # should show -rwxr-xr-x", "chmod -x"),
+            B("bash", "chmod 644 [[script]]\n./[[script]]\nls -l [[script]]   # should show -rw-r--r--", "chmod 644"),
+            B("bash", "head -1 [[script]]     # should be a shebang, e.g. #!/usr/bin/env bash\nchmod u+r [[script]]\n"
+                      "./[[script]]", "chmod u+r"),
+        ]),
+    "js-async-await": dict(
+        fix=[["async function", "await fetch("], ["async function", "await fetch(", "await res.json()"]],
+        broken=[
+            B("javascript", "function load[[cls]]() {\n  const res = fetch('[[url]]');\n"
+                            "  if (!res.ok) throw new Error(`HTTP ${res.status}`);\n  return res.json();\n}\n\n"
+                            "console.log(load[[cls]]());", "const res = fetch("),
+            B("javascript", "async function main() {\n  try {\n    const res = await fetch('[[url]]');\n"
+                            "    const data = res.json();\n    console.log(data);\n  } catch (err) {\n"
+                            "    console.error('request failed', err);\n  }\n}\nmain();", "const data = res.json()"),
+            B("javascript", "async function load[[cls]]() {\n  const res = await fetch('[[url]]');\n"
+                            "  return res.json();\n}\n\nconst data = load[[cls]]();\nconsole.log(data.length);",
+              "const data = load"),
+        ]),
+    "js-reduce-sum": dict(
+        fix=[[".reduce(", ", 0)"], [".map(", ".reduce(", ", 0)"]],
+        broken=[
+            B("javascript", "const total = [[var]].reduce((a, b) => a.[[numkey]] + b.[[numkey]]);",
+              "a.[[numkey]] + b.[[numkey]]"),
+            B("javascript", "const total = [[var]].reduce((sum, item) => sum + item.[[numkey]]);",
+              "sum + item.[[numkey]])"),
+            B("javascript", "const total = [[var]]\n  .map(item => Number(item.[[numkey]]) || 0)\n"
+                            "  .reduce((sum, n) => sum + n, '');\nconsole.log(total);", ", '')"),
+        ]),
+    "js-equality": dict(
+        fix=[["==="], ["=== ''"]],
+        broken=[
+            B("javascript", "console.log([[num]] == '[[num]]');   // false (number vs string)\n"
+                            "console.log([[num]] === '[[num]]');  // true  (same value)\n"
+                            "console.log(null == undefined);      // false", " == '[[num]]'); // false"),
+            B("javascript", "console.log('' == 0);    // false, '' is not a number\nconsole.log('' === 0);   // true\n"
+                            "if ([[strvar]] == '') {\n  // explicit check for the empty string\n}", "[[strvar]] == ''"),
+        ]),
+    "css-flexbox-center": dict(
+        fix=[["display: flex", "justify-content: center", "align-items: center"],
+             ["display: grid", "place-items: center"]],
+        broken=[
+            B("css", ".[[cssclass]] {\n  display: flex;\n  justify-content: center;  /* horizontal */\n"
+                     "  vertical-align: middle;   /* vertical */\n  min-height: 100vh;\n}", "vertical-align: middle"),
+            B("css", ".[[cssclass]] {\n  display: block;\n  justify-content: center;  /* horizontal */\n"
+                     "  align-items: center;      /* vertical */\n  min-height: 100vh;\n}", "display: block"),
+            B("css", ".[[cssclass]] {\n  display: grid;\n  place-items: start;\n  min-height: 400px;\n}",
+              "place-items: start"),
+        ]),
+    "css-position-absolute": dict(
+        fix=[["position: relative", "position: absolute"], ["position: relative", "position: absolute"]],
+        broken=[
+            B("css", ".[[cssclass]] {\n  position: static;     /* creates the containing block */\n}\n"
+                     ".[[cssclass]] .[[absclass]] {\n  position: absolute;\n  top: 0;\n  right: 0;\n}",
+              "position: static"),
+            B("css", ".[[cssclass]] { position: absolute; }\n.[[absclass]] {\n  position: relative;\n  top: 8px;\n"
+                     "  right: 8px;\n  z-index: 1;\n}", ".[[absclass]] { position: relative"),
+            B("css", ".[[cssclass]] { position: relative; }\n.[[absclass]] {\n  position: fixed;\n  top: 8px;\n"
+                     "  right: 8px;\n  z-index: 1;\n}", "position: fixed"),
+        ]),
+    "docker-layer-cache": dict(
+        fix=[["COPY requirements.txt", "-r requirements.txt", "COPY . ."],
+             ["COPY requirements.txt", "-r requirements.txt", "COPY . ."]],
+        broken=[
+            B("dockerfile", "FROM [[pyimage]]\nWORKDIR /app\nCOPY . .\n"
+                            "RUN pip install --no-cache-dir -r requirements.txt\nCMD [\"python\", \"[[pyfile]]\"]",
+              "COPY . . RUN pip install"),
+            B("dockerfile", "FROM [[pyimage]]\nWORKDIR /app\nRUN pip install --no-cache-dir -r requirements.txt\n"
+                            "COPY requirements.txt .\nCOPY . .\nCMD [\"python\", \"[[pyfile]]\"]",
+              "WORKDIR /app RUN pip install"),
+            B("dockerfile", "FROM [[pyimage]]\nWORKDIR /app\nCOPY . ./\n"
+                            "RUN --mount=type=cache,target=/root/.cache/pip pip install -r requirements.txt\n"
+                            "CMD [\"python\", \"[[pyfile]]\"]", "COPY . ./ RUN"),
+        ]),
+    "docker-port-publish": dict(
+        fix=[["docker run", "-p"], ["host=\"0.0.0.0\""]],
+        broken=[
+            B("bash", "docker build -t myapp .\ndocker run --rm --expose [[port]] myapp\ncurl http://localhost:[[port]]/",
+              "--expose"),
+            B("bash", "docker build -t myapp .\ndocker run --rm -p [[port]] myapp\ncurl http://localhost:[[port]]/",
+              "-p [[port]] myapp"),
+            B("python", "# [[pyfile]]\nif __name__ == \"__main__\":\n    app.run(host=\"127.0.0.1\", port=[[port]])",
+              "host=\"127.0.0.1\""),
+        ]),
+    "pandas-groupby": dict(
+        fix=[["groupby(", ".agg(", "reset_index()"], ["groupby(", "as_index=False", ".agg("]],
+        broken=[
+            B("python", "summary = (\n    df.groupby(\"[[ncol]]\")[\"[[gcol]]\"]\n      .agg([\"mean\", \"count\"])\n"
+                        "      .reset_index()\n)", "groupby(\"[[ncol]]\")"),
+            B("python", "summary = (\n    df.sort_values(\"[[gcol]]\")[\"[[ncol]]\"]\n"
+                        "      .agg([\"mean\", \"count\"])\n      .reset_index()\n)", "sort_values("),
+            B("python", "summary = df.groupby(\"[[gcol]]\", as_index=False).agg(\n"
+                        "    total_[[ncol]]=(\"[[ncol]]\", \"count\"),\n    avg_[[ncol]]=(\"[[ncol]]\", \"max\"),\n)",
+              "(\"[[ncol]]\", \"max\")"),
+        ]),
+    "pandas-boolean-filter": dict(
+        fix=[[") & (", ".loc["], ["df.query("]],
+        broken=[
+            B("python", "subset = df[(df[\"[[ncol]]\"] > [[num]]) and (df[\"[[gcol]]\"] == \"[[val]]\")]",
+              ") and (df["),
+            B("python", "mask = df[\"[[ncol]]\"] > [[num]] & df[\"[[gcol]]\"] == \"[[val]]\"\nsubset = df.loc[mask]",
+              "> [[num]] & df["),
+            B("python", "mask = (df[\"[[ncol]]\"] > [[num]]) | (df[\"[[gcol]]\"] == \"[[val]]\")\n"
+                        "subset = df.loc[mask]", ") | (df["),
+        ]),
+    "numpy-broadcasting": dict(
+        fix=[["mean(axis=0", "std(axis=0"], ["mean(axis=0", "std(axis=0"]],
+        broken=[
+            B("python", "import numpy as np\n\nX = np.random.rand([[nrows]], [[ncols]])\n"
+                        "X_norm = (X - X.mean(axis=1)) / X.std(axis=1)\nprint(X_norm.mean(axis=1).round(6))",
+              "mean(axis=1"),
+            B("python", "import numpy as np\n\nX = np.random.rand([[nrows]], [[ncols]])\n"
+                        "X_norm = (X - X.mean()) / X.std()\nprint(X_norm.mean().round(6))", "X.mean())"),
+            B("python", "mu = X.mean(axis=1, keepdims=True)      # shape ([[nrows]], 1)\n"
+                        "sigma = X.std(axis=1, keepdims=True) + 1e-8\nX_norm = (X - mu) / sigma", "mean(axis=1"),
+        ]),
+    "c-pointer-swap": dict(
+        fix=[["int *", "swap(&"], ["int *", "swap(&"]],
+        broken=[
+            B("c", "void swap(int *a, int *b) {\n    int *tmp = a;\n    a = b;\n    b = tmp;\n}\n\n"
+                   "/* in main */\nswap(&[[cvar]], &[[cvar2]]);", "int *tmp = a;"),
+            B("c", "void swap(int *a, int *b) {\n    int tmp = *a;\n    *a = *b;\n    *b = tmp;\n}\n\n"
+                   "/* in main */\nswap([[cvar]], [[cvar2]]);", "swap([[cvar]], [[cvar2]])"),
+            B("c", "#include <stdio.h>\n\nstatic void swap(int p, int q) { int t = p; p = q; q = t; }\n\n"
+                   "int main(void) {\n    int [[cvar]] = [[num]], [[cvar2]] = [[num2]];\n"
+                   "    swap([[cvar]], [[cvar2]]);\n"
+                   "    printf(\"%d %d\\n\", [[cvar]], [[cvar2]]);   /* [[num2]] [[num]] */\n    return 0;\n}",
+              "swap(int p, int q)"),
+        ]),
+    "c-string-literal": dict(
+        fix=[["[] = \""], ["strdup(", "free("]],
+        broken=[
+            B("c", "char *[[strvar]] = \"[[word]]\";   /* pointer to the literal */\n[[strvar]][0] = 'X';\n"
+                   "printf(\"%s\\n\", [[strvar]]);", "char *[[strvar]] = \""),
+            B("c", "#include <stdlib.h>\n#include <string.h>\n\nchar *[[strvar]] = malloc(strlen(\"[[word]]\"));\n"
+                   "strcpy([[strvar]], \"[[word]]\");\n[[strvar]][0] = 'X';\nfree([[strvar]]);",
+              "malloc(strlen(\"[[word]]\"))"),
+            B("c", "const char *[[strvar]] = \"[[word]]\";   /* const pointer: writable */\n[[strvar]][0] = 'X';\n"
+                   "printf(\"%s\\n\", [[strvar]]);", "const char *"),
+        ]),
+    "rust-borrow-checker": dict(
+        fix=[["let first =", "[0];", ".push("], [".clone()", ".push("]],
+        broken=[
+            B("rust", "let mut [[var]] = vec![1, 2, 3];\nlet first = &[[var]][0];     // keep a reference\n"
+                      "[[var]].push(*first * 10);\nprintln!(\"{:?} {}\", [[var]], first);", "let first = &"),
+            B("rust", "let first = &mut [[var]][0];  // borrow it mutably instead\n[[var]].push(first.clone());\n"
+                      "println!(\"{:?} {}\", first, [[var]].len());", "&mut [[var]][0]"),
+            B("rust", "let first = &[[var]][0];\nunsafe {\n    [[var]].push(first.clone());\n}\n"
+                      "println!(\"{:?} {}\", first, [[var]].len());", "unsafe {"),
+        ]),
+    "rust-string-str": dict(
+        fix=[["name: &str"], ["impl Into<String>"]],
+        broken=[
+            B("rust", "fn greet(name: String) {\n    println!(\"Hello, {}!\", name);\n}\n\n"
+                      "let owned = String::from(\"[[word]]\");\ngreet(\"[[word]]\");   // &'static str\n"
+                      "greet(&owned);       // &String coerces to String", "name: String)"),
+            B("rust", "fn greet(name: &String) {\n    println!(\"Hello, {}!\", name);\n}\n\n"
+                      "let owned = String::from(\"[[word]]\");\ngreet(\"[[word]]\");   // &'static str\n"
+                      "greet(&owned);", "name: &String"),
+            B("rust", "struct Person { name: &str }\n\nimpl Person {\n"
+                      "    fn new(name: &str) -> Self { Person { name } }\n}\n\n"
+                      "let p = Person::new(\"[[word]]\");", "{ name: &str }"),
+        ]),
+    "java-streams": dict(
+        fix=[[".stream()", ".filter(", ".map(", ".sorted(", ".collect("],
+             [".stream()", ".filter(", ".map(", ".sorted(", ".toList()"]],
+        broken=[
+            B("java", "Stream<String> names = [[var]].stream()\n    .filter(x -> x.get[[NumKey]]() > [[num]])\n"
+                      "    .map([[cls]]::getName)\n    .sorted();", "Stream<String> names"),
+            B("java", "List<String> names = [[var]].stream()\n    .filter(x -> x.get[[NumKey]]() < [[num]])\n"
+                      "    .map([[cls]]::getName)\n    .sorted()\n    .collect(Collectors.toList());", "() < [[num]]"),
+            B("java", "List<String> names = [[var]].stream()\n    .map([[cls]]::getName)\n"
+                      "    .filter(x -> x.get[[NumKey]]() > [[num]])\n    .sorted(Comparator.naturalOrder())\n"
+                      "    .toList();   // Java 16+", "::getName) .filter("),
+        ]),
+    "java-string-equals": dict(
+        fix=[[".equals("], [".equalsIgnoreCase("]],
+        broken=[
+            B("java", "if (input == \"[[word]]\") {\n    System.out.println(\"match\");\n}", "input == \""),
+            B("java", "Scanner sc = new Scanner(System.in);\nString line = sc.nextLine();\n"
+                      "while (\"[[word]]\".equalsIgnoreCase(line.trim())) {\n    line = sc.nextLine();\n}",
+              "while (\"[[word]]\".equalsIgnoreCase"),
+            B("java", "if (input.compareTo(\"[[word]]\") == 1) {\n    System.out.println(\"match\");\n}",
+              ".compareTo("),
+        ]),
+    "go-waitgroup": dict(
+        fix=[["sync.WaitGroup", "wg.Add(", "wg.Done()", "wg.Wait()"],
+             ["sync.WaitGroup", "wg.Add(", "wg.Done()", "wg.Wait()"]],
+        broken=[
+            B("go", "var wg sync.WaitGroup\nfor i := 0; i < [[nworkers]]; i++ {\n    go func(id int) {\n"
+                    "        wg.Add(1)\n        defer wg.Done()\n        [[gofunc]](id)\n    }(i)\n}\nwg.Wait()",
+              "int) { wg.Add(1)"),
+            B("go", "var wg sync.WaitGroup\nfor i := 0; i < [[nworkers]]; i++ {\n    wg.Add(1)\n    go func(id int) {\n"
+                    "        defer wg.Done()\n        [[gofunc]](id)\n    }(i)\n}\ntime.Sleep(time.Second)",
+              "time.Sleep("),
+            B("go", "var wg sync.WaitGroup\nfor i := 0; i < [[nworkers]]; i++ {\n    wg.Add(1)\n    go func(id int) {\n"
+                    "        defer wg.Wait()\n        [[gofunc]](id)\n    }(i)\n}\nwg.Done()", "defer wg.Wait()"),
+        ]),
+    "http-cache-control": dict(
+        fix=[["max-age=31536000", "no-cache"], ["max-age=31536000", "no-cache"]],
+        broken=[
+            B("nginx", "location /static/ {\n    add_header Cache-Control \"no-store\";\n}\n"
+                       "location / {\n    add_header Cache-Control \"public, max-age=31536000, immutable\";\n}",
+              "Cache-Control \"no-store\""),
+            B("http", "# /static/[[asset]], renamed at build time to include a content hash\n"
+                      "Cache-Control: public, max-age=0, immutable\n\n# index.html\nCache-Control: no-cache",
+              "max-age=0"),
+            B("http", "# /static/[[asset]], same name after every deploy\n"
+                      "Cache-Control: public, max-age=31536000, immutable\n\n# index.html\n"
+                      "Cache-Control: public, max-age=31536000", "# index.html Cache-Control: public"),
+        ]),
+    "http-cors": dict(
+        fix=[["cors(", "origin:"], ["Access-Control-Allow-Origin:"]],
+        broken=[
+            B("javascript", "fetch('[[url]]', { mode: 'no-cors', credentials: 'include' })\n"
+                            "  .then(res => res.json());", "no-cors"),
+            B("javascript", "const cors = require('cors');\n\napp.use(cors({ origin: '*', credentials: true }));",
+              "origin: '*'"),
+            B("javascript", "fetch('[[url]]', {\n"
+                            "  headers: { 'Access-Control-Allow-Origin': 'http://localhost:[[port]]' },\n});",
+              "headers: { 'Access-Control"),
+        ]),
+    "http-401-403": dict(
+        fix=[["403 Forbidden"], ["401 Unauthorized", "403 Forbidden"]],
+        broken=[
+            B("http", "HTTP/1.1 401 Unauthorized\nContent-Type: application/json\n\n"
+                      "{\"error\": \"insufficient permissions\"}", "401 Unauthorized Content-Type"),
+            B("http", "HTTP/1.1 403 Forbidden\nWWW-Authenticate: Bearer realm=\"api\"\n\n"
+                      "HTTP/1.1 401 Unauthorized\nContent-Type: application/json", "403 Forbidden WWW-Authenticate"),
+            B("http", "HTTP/1.1 500 Internal Server Error\nContent-Type: application/json\n\n"
+                      "{\"error\": \"insufficient permissions\"}", "500 Internal"),
+        ]),
+}
+
+
+for _t in TOPICS:  # every topic has an answer key with one fix per code variant, and broken variants
+    if _t["name"] not in KEYS or len(KEYS[_t["name"]]["fix"]) != len(_t["codes"]) or not KEYS[_t["name"]]["broken"]:
+        raise ValueError(f"topic {_t['name']}: KEYS needs one fix per code variant and at least one broken variant")
+if len(KEYS) != len(TOPICS):
+    raise ValueError(f"KEYS has entries for unknown topics: {sorted(set(KEYS) - {t['name'] for t in TOPICS})}")
+
+# --------------------------------------------------------------------------------------------------------
 # Generic parts of questions and of rejected answers.
 # --------------------------------------------------------------------------------------------------------
 
@@ -1943,6 +2411,7 @@ RAMBLE = [
 LANGS = ["Python", "Go", "Rust", "JavaScript", "Java", "C", "SQL", "bash"]
 
 PLACEHOLDER = re.compile(r"\[\[(\w+)\]\]")
+CODE = "\x00code\x00"  # where the code block goes in an answer plan (see ``plan_good``)
 
 
 def fill(text: str, slots: dict[str, str]) -> str:
@@ -1956,6 +2425,68 @@ def join_sentences(parts: list[str]) -> str:
 
 def capitalize(s: str) -> str:
     return s[:1].upper() + s[1:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Term matching: the rule of ``common/gold.py`` (``contains``), repeated here so the generator stays standalone.
+# --------------------------------------------------------------------------------------------------------
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _char_class(c: str) -> str:
+    return "digit" if c.isdigit() else "lower" if c.islower() else "upper" if c.isupper() else ""
+
+
+def _continues(edge: str, neighbour: str) -> bool:
+    """Whether ``neighbour`` continues the word that ends (or starts) with ``edge``: same letter case or digits,
+    or a hyphen after a letter/digit (``--force`` is not ``--force-with-lease``). camelCase and snake_case
+    joints are word boundaries, so ``User`` is found in ``loadUser`` and ``orders`` in ``n_orders``."""
+    kind = _char_class(edge)
+    return bool(kind) and bool(neighbour) and (_char_class(neighbour) == kind or neighbour == "-")
+
+
+def contains(text: str, term: str) -> bool:
+    """Case-sensitive substring test; any run of whitespace equals one space; not inside a longer word."""
+    text, term = _WHITESPACE.sub(" ", text), _WHITESPACE.sub(" ", term)
+    return _contains_normalized(text, term)
+
+
+def _contains_normalized(text: str, term: str) -> bool:
+    if not term.strip():
+        return False
+    start = text.find(term)
+    while start != -1:
+        end = start + len(term)
+        if not _continues(term[0], text[start - 1] if start else "") and \
+                not _continues(term[-1], text[end] if end < len(text) else ""):
+            return True
+        start = text.find(term, start + 1)
+    return False
+
+
+FENCE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+def code_of(answer: str) -> str:
+    """The contents of an answer's fenced code blocks, joined by newlines."""
+    return "\n".join(FENCE_BLOCK.findall(answer))
+
+
+def fix_coverage(answer: str, key: dict) -> float:
+    """The largest share of the terms of a right fix of the answer key that the answer's code holds."""
+    code = code_of(answer)
+    return max(sum(contains(code, term) for term in alt) / len(alt) for alt in key["fix"])
+
+
+def covers_fix(answer: str, key: dict) -> bool:
+    """Whether the answer's code holds every term of at least one right fix of the answer key."""
+    return fix_coverage(answer, key) == 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Questions and answers.
+# --------------------------------------------------------------------------------------------------------
 
 
 def sample_slots(rng: random.Random, t: dict) -> dict[str, str]:
@@ -1991,22 +2522,28 @@ def code_block(lang: str, code: str) -> str:
     return f"```{lang}\n{code}\n```"
 
 
-def make_good(rng: random.Random, t: dict, spec: dict, slots: dict[str, str], short: bool) -> str:
-    """A specific answer: intro, a fenced code block using the question's names, and reasons.
+def allowed_variants(t: dict, spec: dict) -> list[int]:
+    return list(spec["codes"]) if spec["codes"] is not None else list(range(len(t["codes"])))
+
+
+def plan_good(rng: random.Random, t: dict, spec: dict, slots: dict[str, str], short: bool) -> dict:
+    """The layout of a specific answer: intro, a code block (``CODE``), reasons; rendered by ``render``.
 
     The code variant is one that answers the question (``spec["codes"]``); the intro and the reasons are those
-    of the topic that hold for every variant, plus those of the chosen variant and of the question.
+    of the topic that hold for every variant, plus those of the chosen variant and of the question. A plan can be
+    rendered with the right code and names (the preferred answer), with another slot draw (wrong names) or with
+    a broken variant of the code, so look-alike wrong answers share every sentence with the preferred one.
     """
-    variants = spec["codes"] if spec["codes"] is not None else range(len(t["codes"]))
-    variant = t["codes"][rng.choice(list(variants))]
+    index = rng.choice(allowed_variants(t, spec))
+    variant = t["codes"][index]
     intro = rng.choice(GOOD_PREFIXES) + rng.choice(t["intros"] + variant["intros"])
-    block = code_block(variant["lang"], variant["code"])
     reasons = spec["whys"] + variant["whys"] + t["whys"]
+    plan = {"topic": t["name"], "variant": index, "lang": variant["lang"], "code": variant["code"]}
     if short:
-        paras = [intro, block]
+        paras = [intro, CODE]
         if rng.random() < 0.3 or len(fill(intro + " " + variant["code"], slots).split()) < 25:
             paras.append(min(spec["whys"] or variant["whys"] or t["whys"], key=len))
-        return fill("\n\n".join(paras), slots)
+        return dict(plan, paras=paras)
     # Question-specific reasons first when there are any: they answer the "why" the asker had.
     first = spec["whys"][:1]
     rest = [r for r in reasons if r not in first]
@@ -2016,32 +2553,38 @@ def make_good(rng: random.Random, t: dict, spec: dict, slots: dict[str, str], sh
         whys = [rng.choice(reasons)]
     layout = rng.random()
     if layout < 0.6:
-        paras = [intro, block, join_sentences(whys)]
+        paras = [intro, CODE, join_sentences(whys)]
     elif layout < 0.85:
-        paras = [join_sentences([intro, whys[0]]), block] + ([join_sentences(whys[1:])] if len(whys) > 1 else [])
+        paras = [join_sentences([intro, whys[0]]), CODE] + ([join_sentences(whys[1:])] if len(whys) > 1 else [])
     else:
-        paras = [join_sentences([intro] + whys), block]
+        paras = [join_sentences([intro] + whys), CODE]
     closer = rng.choice(GOOD_CLOSERS)
     if closer:
         paras.append(closer)
-    return fill("\n\n".join(paras), slots)
+    return dict(plan, paras=paras)
 
 
-def make_bad(rng: random.Random, t: dict, slots: dict[str, str], shorter_than: str) -> str:
-    """A short code-free answer that is dismissive, blames the environment, is wrong or off-topic.
+def render(plan: dict, slots: dict[str, str], lang: str | None = None, code: str | None = None) -> str:
+    """The answer text of a plan, with its own code or with ``lang``/``code`` in its place."""
+    block = code_block(lang or plan["lang"], plan["code"] if code is None else code)
+    return fill("\n\n".join(plan["paras"]).replace(CODE, block), slots)
+
+
+def make_bad(rng: random.Random, t: dict, slots: dict[str, str], shorter_than: str) -> tuple[str, str]:
+    """A short code-free answer that is dismissive, blames the environment, is wrong or off-topic, and its kind.
 
     Padded with 0-2 filler sentences for variety, but kept shorter than ``shorter_than`` (the preferred answer),
     so that the share of pairs with a longer rejected answer is set by ``LONG_REJECTED_SHARE`` alone.
     """
     kind = rng.random()
     if kind < 0.25:
-        main = rng.choice(BAD_DISMISSIVE)
+        main, kind = rng.choice(BAD_DISMISSIVE), "dismissive"
     elif kind < 0.45:
-        main = rng.choice(BAD_ENVIRONMENT)
+        main, kind = rng.choice(BAD_ENVIRONMENT), "environment"
     elif kind < 0.8:
-        main = "[[wrong_framed]]"
+        main, kind = "[[wrong_framed]]", "wrong_claim"
     else:
-        main = rng.choice(BAD_OFFTOPIC)
+        main, kind = rng.choice(BAD_OFFTOPIC), "off_topic"
     extras = rng.sample(t["vague"] + BAD_FILLER + RAMBLE, k=rng.choice([0, 1, 1, 2]))
     parts = [main] + extras
     rng.shuffle(parts)
@@ -2049,7 +2592,7 @@ def make_bad(rng: random.Random, t: dict, slots: dict[str, str], shorter_than: s
     while len(text) >= len(shorter_than) and extras:
         parts.remove(extras.pop())
         text = fill(join_sentences(parts), slots)
-    return text
+    return text, kind
 
 
 def make_rambling_bad(rng: random.Random, t: dict, slots: dict[str, str], longer_than: str) -> str:
@@ -2072,6 +2615,184 @@ def make_rambling_bad(rng: random.Random, t: dict, slots: dict[str, str], longer
     return text
 
 
+# --------------------------------------------------------------------------------------------------------
+# Answer keys.
+# --------------------------------------------------------------------------------------------------------
+
+NUMERIC_SLOT_NAMES = set(NUMERIC_SLOTS)
+SLOT_GROUP_OF = {name: group for group in SLOT_GROUPS for name in group[0]}
+# Every code template of every topic (good and broken), unfilled: a slot value that occurs in it is a word
+# that code uses anyway (``start``, ``done``, ``names`` ...), so it never counts as a foreign name.
+ALL_CODE_TEXT = _WHITESPACE.sub(" ", "\n".join([c["code"] for t in TOPICS for c in t["codes"]] +
+                                               [b["code"] for k in KEYS.values() for b in k["broken"]]))
+_IN_ALL_CODE: dict[str, bool] = {}
+
+
+def in_any_code(value: str) -> bool:
+    if value not in _IN_ALL_CODE:
+        _IN_ALL_CODE[value] = _contains_normalized(ALL_CODE_TEXT, _WHITESPACE.sub(" ", value))
+    return _IN_ALL_CODE[value]
+
+
+def topic_text(t: dict, spec: dict) -> str:
+    """Every sentence and code template a preferred answer of this question can use, unfilled."""
+    parts = t["intros"] + t["whys"] + spec["whys"] + [spec["text"]]
+    for c in t["codes"]:
+        parts += c["intros"] + c["whys"] + [c["code"]]
+    return "\n".join(parts)
+
+
+def name_slots(t: dict, spec: dict, slots: dict[str, str], question: str) -> list[str]:
+    """Slots of the question that every right code uses: the names an answer must take from the question."""
+    names = []
+    for name in dict.fromkeys(PLACEHOLDER.findall(spec["text"])):
+        value = slots[name]
+        codes = [t["codes"][i]["code"] for i in allowed_variants(t, spec)]
+        if all(f"[[{name}]]" in c and contains(fill(c, slots), value) for c in codes) and contains(question, value):
+            if value not in [slots[n] for n in names]:
+                names.append(name)
+    return names
+
+
+def make_key(t: dict, spec: dict, slots: dict[str, str], question: str) -> dict:
+    """What a right answer to this question must contain and must not contain (see data/README.md)."""
+    names = name_slots(t, spec, slots, question)
+    spec_index = t["questions"].index(spec)
+    known = _WHITESPACE.sub(" ", fill(topic_text(t, spec), slots))
+    asked = _WHITESPACE.sub(" ", question)
+    foreign: list[str] = []
+    for name in names:
+        if name in NUMERIC_SLOT_NAMES:
+            continue
+        for alt in SLOT_GROUP_OF[name]:
+            value = alt[name]
+            if value == slots[name] or value in foreign:
+                continue
+            if in_any_code(value) or _contains_normalized(asked, value) or _contains_normalized(known, value):
+                continue
+            foreign.append(value)
+    forbidden = []
+    for broken in KEYS[t["name"]]["broken"]:
+        for marker in broken["markers"]:
+            if fill(marker, slots) not in forbidden:
+                forbidden.append(fill(marker, slots))
+    variants = allowed_variants(t, spec)
+    return {
+        "topic": t["name"],
+        "template": spec_index,
+        "fix": [list(KEYS[t["name"]]["fix"][i]) for i in variants],
+        "names": [slots[n] for n in names],
+        "name_slots": names,
+        "foreign_names": foreign,
+        "forbidden": forbidden,
+        "code_langs": list(dict.fromkeys(t["codes"][i]["lang"] for i in variants)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Look-alike rejected answers: a fenced code block and about the length of the preferred answer, wrong in
+# substance.
+# --------------------------------------------------------------------------------------------------------
+
+
+def similar_length(good: str, bad: str) -> bool:
+    return abs(len(bad) - len(good)) <= LENGTH_TOLERANCE * len(good)
+
+
+def redraw_names(rng: random.Random, slots: dict[str, str], names: list[str]) -> dict[str, str]:
+    """A copy of ``slots`` where every name slot (and the slots linked to it) has another value."""
+    other = dict(slots)
+    for name in names:
+        if name in NUMERIC_SLOT_NAMES:
+            lo, hi = NUMERIC_SLOTS[name]
+            value = slots[name]
+            while value == slots[name] or value in (slots["num"], slots["num2"]):
+                value = str(rng.randint(lo, hi))
+            other[name] = value
+        else:
+            group = SLOT_GROUP_OF[name]
+            other.update(rng.choice([alt for alt in group if all(alt[k] != slots[k] for k in alt)]))
+    return other
+
+
+def wrong_names_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
+    """(i) The right fix, with the names of another slot draw (none of the question's names)."""
+    for _attempt in range(30):
+        other = redraw_names(rng, slots, key["name_slots"])
+        bad = render(plan, other)
+        if (not any(contains(bad, n) for n in key["names"]) and similar_length(good, bad)
+                and len(question) + len(bad) <= MAX_PAIR_CHARS):
+            return bad
+    return None
+
+
+def broken_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
+    """(iii) The preferred answer with its code replaced by a subtly broken variant of the fix."""
+    options = KEYS[t["name"]]["broken"][:]
+    rng.shuffle(options)
+    for broken in options:
+        bad = render(plan, slots, broken["lang"], broken["code"])
+        if (any(contains(bad, fill(m, slots)) for m in broken["markers"]) and bad != good
+                and similar_length(good, bad) and len(question) + len(bad) <= MAX_PAIR_CHARS):
+            return bad
+    return None
+
+
+_DONORS: dict[tuple, list[list[tuple[dict, dict]]]] = {}
+
+
+def donors(t: dict, spec: dict, key: dict) -> list[list[tuple[dict, dict]]]:
+    """Other topics' questions whose answers can be the wrong fix, best first: in tiers by how many of this
+    question's name slots their code uses (so the wrong fix carries the question's names), then same language."""
+    cache_key = (t["name"], key["template"], tuple(key["name_slots"]))
+    if cache_key not in _DONORS:
+        _DONORS[cache_key] = _donors(t, spec, key)
+    return _DONORS[cache_key]
+
+
+def _donors(t: dict, spec: dict, key: dict) -> list[list[tuple[dict, dict]]]:
+    fence = {t["codes"][i]["lang"] for i in allowed_variants(t, spec)}
+    tiers: dict[tuple[int, bool], list[tuple[dict, dict]]] = {}
+    for t2 in TOPICS:
+        if t2 is t:
+            continue
+        for spec2 in t2["questions"]:
+            codes2 = [t2["codes"][i] for i in allowed_variants(t2, spec2)]
+            overlap = sum(all(f"[[{n}]]" in c["code"] for c in codes2) for n in key["name_slots"])
+            same_lang = any(c["lang"] in fence for c in codes2)
+            tiers.setdefault((overlap, same_lang), []).append((t2, spec2))
+    return [tiers[k] for k in sorted(tiers, reverse=True)]
+
+
+def wrong_fix_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
+    """(ii) The preferred answer of another topic's question, filled with this question's names; its code holds
+    at most half of the terms of any right fix (both may use ``git add`` or ``re.findall``, not more)."""
+    attempts = 0
+    for tier in donors(t, spec, key):
+        tier = tier[:]
+        rng.shuffle(tier)
+        for t2, spec2 in tier[:12]:
+            attempts += 1
+            if attempts > 40:
+                return None
+            slots2 = dict(slots, tool=t2["tool"], lang=t2["lang"], thing=t2["thing"])
+            for short in (len(good) < 300, len(good) >= 300):
+                bad = render(plan_good(rng, t2, spec2, slots2, short=short), slots2)
+                if (similar_length(good, bad) and len(question) + len(bad) <= MAX_PAIR_CHARS
+                        and fix_coverage(bad, key) <= MAX_WRONG_FIX_COVERAGE):
+                    return bad
+    return None
+
+
+LOOKALIKE_MAKERS = {
+    "lookalike_wrong_names": wrong_names_answer,
+    "lookalike_wrong_fix": wrong_fix_answer,
+    "lookalike_broken": broken_answer,
+}
+CLASSIC_KINDS = ["dismissive", "environment", "wrong_claim", "off_topic", "rambling"]
+PAIR_KINDS = list(LOOKALIKE_MAKERS) + CLASSIC_KINDS
+
+
 def qid_date(qid: int) -> str:
     """A posting date that grows with the qid, as on Stack Exchange (qids are assigned in order)."""
     span = DATE_LAST.toordinal() - DATE_FIRST.toordinal()
@@ -2079,22 +2800,46 @@ def qid_date(qid: int) -> str:
     return datetime.date.fromordinal(day).strftime("%Y/%m/%d")
 
 
-def make_row(rng: random.Random, t: dict, question: str, spec: dict, slots: dict[str, str], qid: int) -> dict:
-    long_rejected = rng.random() < LONG_REJECTED_SHARE
-    short_good = rng.random() < (0.6 if long_rejected else SHORT_GOOD_SHARE)
-    # Keep question + answer within MAX_PAIR_CHARS (about 256 byte-level BPE tokens); redraw if longer.
+def make_good_fitting(rng: random.Random, t: dict, spec: dict, slots: dict[str, str], question: str,
+                      short: bool) -> tuple[dict, str]:
+    """A preferred answer (plan and text) that keeps question + answer within MAX_PAIR_CHARS (about 256
+    byte-level BPE tokens); redrawn if longer, short form as the last resort."""
     for _attempt in range(20):
-        good = make_good(rng, t, spec, slots, short=short_good)
+        plan = plan_good(rng, t, spec, slots, short=short)
+        good = render(plan, slots)
         if len(question) + len(good) <= MAX_PAIR_CHARS:
-            break
-    else:
-        good = make_good(rng, t, spec, slots, short=True)
-    for _attempt in range(20):
-        bad = make_rambling_bad(rng, t, slots, good) if long_rejected else make_bad(rng, t, slots, good)
-        if len(question) + len(bad) <= MAX_PAIR_CHARS:
-            break
-    else:
-        bad = make_bad(rng, t, slots, good)
+            return plan, good
+    plan = plan_good(rng, t, spec, slots, short=True)
+    return plan, render(plan, slots)
+
+
+def make_row(rng: random.Random, t: dict, question: str, spec: dict, slots: dict[str, str], qid: int,
+             kind: str) -> dict:
+    """One row. ``kind`` is ``lookalike_*`` (falls back to another look-alike kind, then a classic one, if no
+    wrong answer of that kind fits) or ``classic`` (a code-free bad answer; its kind is drawn)."""
+    key = make_key(t, spec, slots, question)
+    long_rejected = kind == "classic" and rng.random() < LONG_REJECTED_SHARE
+    short_good = rng.random() < (0.6 if long_rejected else SHORT_GOOD_SHARE)
+    plan, good = make_good_fitting(rng, t, spec, slots, question, short_good)
+    bad = None
+    if kind != "classic":
+        order = [kind] + [k for k in LOOKALIKE_MAKERS if k != kind]
+        if not key["names"]:
+            order.remove("lookalike_wrong_names")
+        for kind in order:
+            bad = LOOKALIKE_MAKERS[kind](rng, t, spec, slots, question, plan, good, key)
+            if bad is not None:
+                break
+    if bad is None:
+        for _attempt in range(20):
+            if long_rejected:
+                bad, kind = make_rambling_bad(rng, t, slots, good), "rambling"
+            else:
+                bad, kind = make_bad(rng, t, slots, good)
+            if len(question) + len(bad) <= MAX_PAIR_CHARS:
+                break
+        else:
+            bad, kind = make_bad(rng, t, slots, good)
     site = t["site"]
     return {
         "qid": qid,
@@ -2104,7 +2849,27 @@ def make_row(rng: random.Random, t: dict, question: str, spec: dict, slots: dict
                      f"https://{site}/users/{rng.randint(1000, 9_999_999)}/"],
         "response_j": good,
         "response_k": bad,
+        "pair_kind": kind,
+        "answer_key": key,
     }
+
+
+def planned_kinds(rng: random.Random, size: int) -> list[str]:
+    """The kinds asked for in a split: exact shares of each look-alike kind, the rest classic, shuffled."""
+    kinds = [k for k, share in LOOKALIKE_SHARES.items() for _ in range(round(share * size))]
+    kinds += ["classic"] * (size - len(kinds))
+    rng.shuffle(kinds)
+    return kinds
+
+
+def new_question(rng: random.Random, t: dict, seen_questions: set[str], ok_core) -> tuple[str, dict, dict, str]:
+    for _attempt in range(1000):
+        slots = sample_slots(rng, t)
+        question, spec = make_question(rng, t, slots)
+        core = fill(spec["text"], slots)
+        if question not in seen_questions and ok_core(core):
+            return question, spec, slots, core
+    raise RuntimeError(f"could not find a new question for topic {t['name']}")
 
 
 def generate(seed: int = SEED) -> dict[str, list[dict]]:
@@ -2122,23 +2887,18 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     offset = 0
     for split, size in SPLITS.items():
         rows = []
+        kinds = planned_kinds(rng, size)
         for i in range(size):
             t = TOPICS[(offset + i) % len(TOPICS)]
-            for _attempt in range(1000):
-                slots = sample_slots(rng, t)
-                question, spec = make_question(rng, t, slots)
-                core = fill(spec["text"], slots)
-                if question not in seen_questions and core_split.get(core, split) == split:
-                    break
-            else:
-                raise RuntimeError(f"could not find a new question for topic {t['name']}")
+            question, spec, slots, core = new_question(
+                rng, t, seen_questions, lambda c, split=split: core_split.get(c, split) == split)
             seen_questions.add(question)
             core_split[core] = split
             qid = rng.randint(QID_FIRST, QID_LAST)
             while qid in seen_qids:
                 qid = rng.randint(QID_FIRST, QID_LAST)
             seen_qids.add(qid)
-            row = make_row(rng, t, question, spec, slots, qid)
+            row = make_row(rng, t, question, spec, slots, qid, kinds[i])
             row["_topic"], row["_core"] = t["name"], core
             rows.append(row)
         offset += size
@@ -2147,30 +2907,79 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     return splits
 
 
+def pretrain_corpus(splits: dict[str, list[dict]], seed: int = SEED, extra: int = PRETRAIN_EXTRA) -> list[dict]:
+    """Documents ``Question: ...\\n\\nAnswer: ...`` (common/prompts.py) for pretraining a tiny base model.
+
+    The questions and preferred answers of ``finetune`` and ``reward``, plus ``extra`` new questions (new slot
+    draws of the same templates, so the model sees the same fix with many different names and learns to copy
+    them from the question) with their preferred answers. Never a rejected answer, and no question or question
+    core of ``evaluation`` or ``rl``. Shuffled.
+    """
+    rng = random.Random(seed + 1)
+    held_out_cores = {r["_core"] for s in HELD_OUT for r in splits[s]}
+    seen = {r["question"] for rows in splits.values() for r in rows}
+    docs = [{"text": format_example(r["question"], r["response_j"]), "source": split, "_core": r["_core"]}
+            for split in PRETRAIN_SPLITS for r in splits[split]]
+    for i in range(extra):
+        t = TOPICS[i % len(TOPICS)]
+        question, spec, slots, core = new_question(rng, t, seen, lambda c: c not in held_out_cores)
+        seen.add(question)
+        _plan, good = make_good_fitting(rng, t, spec, slots, question, rng.random() < SHORT_GOOD_SHARE)
+        docs.append({"text": format_example(question, good), "source": "extra", "_core": core})
+    rng.shuffle(docs)
+    return docs
+
+
+def corpus_question(text: str) -> str:
+    """The question of a pretraining document (inverse of ``format_example``)."""
+    head, sep, _answer = text.partition("\n\nAnswer: ")
+    if not sep or not head.startswith("Question: "):
+        raise AssertionError(f"pretraining document not in the prompt format: {text[:80]!r}")
+    return head[len("Question: "):]
+
+
+KEY_FIELDS = {"topic": str, "template": int, "fix": list, "names": list, "name_slots": list,
+              "foreign_names": list, "forbidden": list, "code_langs": list}
+
+
+def check_key(where: str, key) -> None:
+    if not isinstance(key, dict) or list(key) != list(KEY_FIELDS):
+        raise AssertionError(f"{where}: answer_key must be a dict with the fields {list(KEY_FIELDS)}: {key!r}")
+    for name, typ in KEY_FIELDS.items():
+        if not isinstance(key[name], typ):
+            raise AssertionError(f"{where}: answer_key.{name} must be a {typ.__name__}")
+    lists = [key[f] for f in ("names", "name_slots", "foreign_names", "forbidden", "code_langs")] + key["fix"]
+    if not key["fix"] or not all(isinstance(x, list) and x for x in key["fix"]) or \
+            not all(isinstance(s, str) and s for lst in lists for s in lst):
+        raise AssertionError(f"{where}: answer_key lists must hold non-empty strings (fix: non-empty lists)")
+
+
 def check(splits: dict[str, list[dict]]) -> None:
-    """Raise if a split is too small, a field is missing or empty, or questions/qids overlap across splits."""
+    """Raise if a split is too small, a field is missing or empty, a pair is not of its kind, or questions/qids
+    overlap across splits."""
     minimum = {"finetune": 2000, "reward": 2000, "evaluation": 300, "rl": 500}
-    fields = {"qid": int, "question": str, "date": str, "metadata": list, "response_j": str, "response_k": str}
+    fields = {"qid": int, "question": str, "date": str, "metadata": list, "response_j": str, "response_k": str,
+              "pair_kind": str, "answer_key": dict}
     question_split: dict[str, str] = {}
     qid_split: dict[int, str] = {}
     for split, rows in splits.items():
         if len(rows) < minimum[split]:
             raise AssertionError(f"{split}: {len(rows)} rows, need at least {minimum[split]}")
         for row in rows:
+            where = f"{split} qid {row.get('qid')}"
             for name, typ in fields.items():
                 value = row.get(name)
                 if not isinstance(value, typ) or (typ is str and not value.strip()) or (typ is list and not value):
-                    raise AssertionError(f"{split} qid {row.get('qid')}: bad field {name!r}: {value!r}")
+                    raise AssertionError(f"{where}: bad field {name!r}: {value!r}")
             if not all(isinstance(m, str) and m for m in row["metadata"]):
-                raise AssertionError(f"{split} qid {row['qid']}: metadata must be non-empty strings")
-            if "```" not in row["response_j"] or "```" in row["response_k"]:
-                raise AssertionError(f"{split} qid {row['qid']}: code block expected only in response_j")
+                raise AssertionError(f"{where}: metadata must be non-empty strings")
+            check_key(where, row["answer_key"])
+            check_pair(where, row)
             if max(len(row["response_j"]), len(row["response_k"])) + len(row["question"]) > MAX_PAIR_CHARS:
-                raise AssertionError(f"{split} qid {row['qid']}: question + answer longer than {MAX_PAIR_CHARS} chars")
-            if row["response_j"] == row["response_k"]:
-                raise AssertionError(f"{split} qid {row['qid']}: identical responses")
-            if PLACEHOLDER.search(row["question"] + row["response_j"] + row["response_k"]):
-                raise AssertionError(f"{split} qid {row['qid']}: unfilled placeholder")
+                raise AssertionError(f"{where}: question + answer longer than {MAX_PAIR_CHARS} chars")
+            if PLACEHOLDER.search(row["question"] + row["response_j"] + row["response_k"]) or \
+                    CODE in row["response_j"] + row["response_k"]:
+                raise AssertionError(f"{where}: unfilled placeholder")
             if row["question"] in question_split:
                 raise AssertionError(f"question of qid {row['qid']} appears twice ({question_split[row['question']]} "
                                      f"and {split}): {row['question'][:80]!r}")
@@ -2178,23 +2987,79 @@ def check(splits: dict[str, list[dict]]) -> None:
                 raise AssertionError(f"qid {row['qid']} appears twice ({qid_split[row['qid']]} and {split})")
             question_split[row["question"]] = split
             qid_split[row["qid"]] = split
+        lookalike = sum(r["pair_kind"].startswith("lookalike_") for r in rows) / len(rows)
+        if split in ("reward", "evaluation") and lookalike < MIN_LOOKALIKE_SHARE:
+            raise AssertionError(f"{split}: only {lookalike:.1%} look-alike pairs, need {MIN_LOOKALIKE_SHARE:.0%}")
     # The property the reward-model stage relies on, stated explicitly.
     eval_questions = {r["question"] for r in splits["evaluation"]}
     if any(r["question"] in eval_questions for r in splits["reward"]):
         raise AssertionError("an evaluation question appears in the reward split")
 
 
+def check_pair(where: str, row: dict) -> None:
+    """The preferred answer satisfies its answer key; the rejected one is of its kind, and wrong in substance."""
+    good, bad, key, kind = row["response_j"], row["response_k"], row["answer_key"], row["pair_kind"]
+    if kind not in PAIR_KINDS:
+        raise AssertionError(f"{where}: unknown pair_kind {kind!r}")
+    if good == bad:
+        raise AssertionError(f"{where}: identical responses")
+    if "```" not in good or not covers_fix(good, key):
+        raise AssertionError(f"{where}: the preferred answer's code holds none of the key's fixes")
+    if not all(contains(good, n) for n in key["names"]):
+        raise AssertionError(f"{where}: the preferred answer lacks a name of the question")
+    if not all(contains(row["question"], n) for n in key["names"]):
+        raise AssertionError(f"{where}: a name of the key is not in the question")
+    found = [m for m in key["forbidden"] if contains(good, m)]
+    found += [n for n in key["foreign_names"] if contains(code_of(good), n)]
+    if found:
+        raise AssertionError(f"{where}: the preferred answer contains forbidden content {found}")
+    if not kind.startswith("lookalike_"):
+        if "```" in bad:
+            raise AssertionError(f"{where}: a {kind} rejected answer must have no code block")
+        return
+    if bad.count("```") != 2 or not code_of(bad).strip():
+        raise AssertionError(f"{where}: a look-alike rejected answer has exactly one code block")
+    if not similar_length(good, bad):
+        raise AssertionError(f"{where}: look-alike answers differ by more than {LENGTH_TOLERANCE:.0%} in length")
+    if kind == "lookalike_wrong_names" and (not key["names"] or any(contains(bad, n) for n in key["names"])
+                                            or not covers_fix(bad, key)):
+        raise AssertionError(f"{where}: a wrong-names answer has the right fix and none of the question's names")
+    if kind == "lookalike_wrong_fix" and fix_coverage(bad, key) > MAX_WRONG_FIX_COVERAGE:
+        raise AssertionError(f"{where}: a wrong-fix answer holds more than half of a right fix's terms")
+    if kind == "lookalike_broken" and not any(contains(bad, m) for m in key["forbidden"]):
+        raise AssertionError(f"{where}: a broken answer contains none of the key's forbidden markers")
+
+
+def check_corpus(docs: list[dict], splits: dict[str, list[dict]]) -> None:
+    """The pretraining corpus holds no question of a held-out split, and a question of the splits only with its
+    preferred answer (a wrong-fix rejected answer is some other question's right answer, so its text may occur,
+    but never as the answer to the question it was rejected for)."""
+    held_out = {r["question"] for s in HELD_OUT for r in splits[s]}
+    preferred = {r["question"]: r["response_j"] for rows in splits.values() for r in rows}
+    for doc in docs:
+        if set(doc) - {"_core"} != {"text", "source"} or doc["source"] not in PRETRAIN_SPLITS + ("extra",):
+            raise AssertionError(f"bad pretraining document {doc!r}")
+        question = corpus_question(doc["text"])
+        if question in held_out:
+            raise AssertionError(f"pretraining corpus holds a held-out question: {question[:80]!r}")
+        if question in preferred and doc["text"] != format_example(question, preferred[question]):
+            raise AssertionError(f"pretraining corpus: not the preferred answer of {question[:80]!r}")
+    held_out_cores = {r["_core"] for s in HELD_OUT for r in splits[s] if "_core" in r}
+    if any(doc.get("_core") in held_out_cores for doc in docs):
+        raise AssertionError("pretraining corpus reuses a held-out question core")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            public = {k: v for k, v in row.items() if not k.startswith("_")}
+            f.write(json.dumps(public, ensure_ascii=False) + "\n")
+    return path
+
+
 def write(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, Path]:
-    paths = {}
-    for split, rows in splits.items():
-        path = out_dir / split / "train.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                public = {k: v for k, v in row.items() if not k.startswith("_")}
-                f.write(json.dumps(public, ensure_ascii=False) + "\n")
-        paths[split] = path
-    return paths
+    return {split: write_jsonl(out_dir / split / "train.jsonl", rows) for split, rows in splits.items()}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -2202,11 +3067,48 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def quantiles(values: list[float], qs=(0.0, 0.05, 0.5, 0.95, 1.0)) -> list[float]:
+    values = sorted(values)
+    return [values[min(len(values) - 1, int(q * len(values)))] for q in qs]
+
+
+def report(splits: dict[str, list[dict]], docs: list[dict]) -> list[str]:
+    """The printed summary: pair kinds per split, length figures, the pretraining corpus."""
+    lines = [f"{'pair_kind':<22}" + "".join(f"{s:>17}" for s in splits)]
+    for kind in PAIR_KINDS + ["(look-alike, all)"]:
+        cells = []
+        for rows in splits.values():
+            n = sum(r["pair_kind"] == kind or (kind.startswith("(") and r["pair_kind"].startswith("lookalike_"))
+                    for r in rows)
+            cells.append(f"{n:>6} ({n / len(rows):6.1%})")
+        lines.append(f"{kind:<22}" + "".join(f"{c:>17}" for c in cells))
+    pairs = [r for rows in splits.values() for r in rows]
+    look = [r for r in pairs if r["pair_kind"].startswith("lookalike_")]
+    ratios = [len(r["response_k"]) / len(r["response_j"]) for r in look]
+    q = quantiles(ratios)
+    lines.append(f"look-alike pairs: len(rejected)/len(preferred) min {q[0]:.2f}, p5 {q[1]:.2f}, median {q[2]:.2f}, "
+                 f"p95 {q[3]:.2f}, max {q[4]:.2f}; "
+                 f"within 10%: {sum(abs(x - 1) <= 0.1 for x in ratios) / len(ratios):.1%}; "
+                 f"rejected longer: {sum(x > 1 for x in ratios) / len(ratios):.1%}")
+    wrong_fix = [r for r in look if r["pair_kind"] == "lookalike_wrong_fix"]
+    with_names = sum(all(contains(r["response_k"], n) for n in r["answer_key"]["names"]) for r in wrong_fix)
+    lines.append(f"wrong-fix answers holding every name of the question: {with_names / len(wrong_fix):.1%}")
+    longer = sum(len(r["response_k"]) > len(r["response_j"]) for r in pairs)
+    lines.append(f"rejected answer longer than preferred: {longer / len(pairs):.1%} of {len(pairs)} pairs")
+    sources = {s: sum(d["source"] == s for d in docs) for s in PRETRAIN_SPLITS + ("extra",)}
+    lines.append(f"pretraining corpus: {len(docs)} documents ({', '.join(f'{k} {v}' for k, v in sources.items())}), "
+                 f"{sum(len(d['text']) for d in docs) / 1e6:.2f}M characters")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder to write finetune/, reward/, evaluation/, rl/ into (default: this folder)")
+                        help="folder to write finetune/, reward/, evaluation/, rl/, pretrain/ into "
+                             "(default: this folder)")
+    parser.add_argument("--pretrain_extra", type=int, default=PRETRAIN_EXTRA,
+                        help=f"new questions added to the pretraining corpus (default {PRETRAIN_EXTRA})")
     args = parser.parse_args(argv)
 
     if len(TOPICS) < 30:
@@ -2223,17 +3125,22 @@ def main(argv: list[str] | None = None) -> int:
     if any(len(v) > 1 for v in core_splits.values()):
         raise AssertionError("a question template filled with the same values appears in two splits")
     check(splits)
+    docs = pretrain_corpus(splits, args.seed, args.pretrain_extra)
+    check_corpus(docs, splits)
     paths = write(splits, args.out_dir)
+    paths["pretrain"] = write_jsonl(args.out_dir / "pretrain" / "train.jsonl", docs)
     # Check again what actually landed on disk, as the training stages will read it.
-    check({split: read_jsonl(path) for split, path in paths.items()})
+    on_disk = {split: read_jsonl(paths[split]) for split in splits}
+    check(on_disk)
+    check_corpus(read_jsonl(paths["pretrain"]), on_disk)
 
-    all_rows = [r for rows in splits.values() for r in rows]
-    longer = sum(len(r["response_k"]) > len(r["response_j"]) for r in all_rows)
-    for split, rows in splits.items():
-        digest = hashlib.sha256(paths[split].read_bytes()).hexdigest()[:12]
-        print(f"{split:<11} {len(rows):>5} rows  {paths[split]}  sha256 {digest}")
+    for split, path in paths.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        n = len(docs) if split == "pretrain" else len(splits[split])
+        print(f"{split:<11} {n:>5} rows  {path}  sha256 {digest}")
     print(f"topics: {len(TOPICS)}")
-    print(f"rejected answer longer than preferred: {longer / len(all_rows):.1%} of {len(all_rows)} pairs")
+    for line in report(splits, docs):
+        print(line)
     return 0
 
 

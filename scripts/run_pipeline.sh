@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole RLHF chain: SFT -> merge -> reward model -> merge -> PPO -> merge, then a summary with plots.
+# The whole RLHF chain: SFT -> merge -> reward model -> merge -> PPO -> merge -> evaluation of the final model
+# against the SFT model on held-out questions, then a summary with plots.
 #
-#   bash scripts/run_pipeline.sh                      # offline demo: tiny model, sample data, CPU, minutes
+#   bash scripts/run_pipeline.sh                      # offline demo: pretrained tiny model, sample data, CPU
+#   SEED=3 OUT=runs/seed3 bash scripts/run_pipeline.sh   # the same with every stage seeded with 3
 #
 #   # a real run: your base model and data, each stage under accelerate with a config from configs/
 #   BASE_MODEL=meta-llama/Llama-2-7b-hf DATASET=lvwerra/stack-exchange-paired OUT=runs/llama \
@@ -11,9 +13,9 @@
 #   PPO_ARGS="--load_in_4bit --steps 20000 --batch_size 8 --gradient_accumulation_steps 8 --early_stopping true" \
 #   bash scripts/run_pipeline.sh
 #
-# Environment: BASE_MODEL (default: build the offline tiny model), DATASET (default: . = the sample data in
-# data/), OUT (default runs/pipeline), LAUNCHER (default python), PYTHON, and SFT_ARGS, RM_ARGS, PPO_ARGS,
-# MERGE_ARGS appended to a stage's command (later flags win). Each stage whose output folder already holds a
+# Environment: BASE_MODEL (default: the committed pretrained tiny model), DATASET (default: . = the sample data in
+# data/), OUT (default runs/pipeline), SEED (default 0, passed to every stage), LAUNCHER (default python), PYTHON,
+# and SFT_ARGS, RM_ARGS, PPO_ARGS, MERGE_ARGS, EVAL_ARGS appended to a stage's command (later flags win). Each stage whose output folder already holds a
 # final model is skipped, so re-running continues from the first unfinished stage; the first failing stage
 # stops the run with a message naming it.
 set -euo pipefail
@@ -22,6 +24,7 @@ OUT=${OUT:-runs/pipeline}
 PY=${PYTHON:-python}
 LAUNCH=${LAUNCHER:-$PY}
 DATASET=${DATASET:-.}
+SEED=${SEED:-0}
 export TOKENIZERS_PARALLELISM=false
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads made steps
 # several times slower (benchmarks/README.md).
@@ -30,7 +33,7 @@ mkdir -p "$OUT"
 TIMES="$OUT/seconds_per_stage.json"
 [ -f "$TIMES" ] || echo "{}" > "$TIMES"
 
-done_stage() { [ -f "$1/adapter_config.json" ] || [ -f "$1/config.json" ]; }
+done_stage() { [ -f "$1/adapter_config.json" ] || [ -f "$1/config.json" ] || [ -f "$1/eval.json" ]; }
 
 # stage NAME OUTPUT_DIR COMMAND...: run COMMAND unless OUTPUT_DIR holds a final model; record its seconds.
 stage() {
@@ -50,36 +53,43 @@ PYEOF
 }
 
 if [ -z "${BASE_MODEL:-}" ]; then
-  # Offline demo. The tiny model is random: its frozen head caps what plain LoRA learns in a minute, so SFT
-  # also trains the head (modules_to_save); a pretrained model does not need that.
+  # Offline demo: the tiny Llama pretrained on the sample data's domain (assets/tiny-pretrained), plain LoRA SFT,
+  # a fully fine-tuned reward model, PPO with the held-out gold evaluation every few steps.
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
-  BASE_MODEL="$OUT/tiny"
-  stage "tiny model" "$BASE_MODEL" $PY -m common.tiny_model --output_dir "$BASE_MODEL"
-  DEMO_SFT="--size_valid_set 200 --seq_length 128 --batch_size 8 --max_steps 120 --learning_rate 5e-3
-    --num_warmup_steps 10 --lora_modules_to_save lm_head --eval_first_step true --eval_freq 40 --save_freq 60
-    --log_freq 5"
-  DEMO_RM="--per_device_train_batch_size 8 --learning_rate 1e-3 --max_steps 60 --max_length 256
-    --eval_first_step true --eval_steps 20 --save_steps 60 --logging_steps 5"
-  DEMO_PPO="--steps 640 --batch_size 16 --mini_batch_size 4 --gradient_accumulation_steps 1 --ppo_epochs 2
-    --learning_rate 3e-4 --output_min_length 16 --output_max_length 32 --init_kl_coef 0.1 --target 4
-    --horizon 500 --save_freq 20"
+  BASE_MODEL="$OUT/base"
+  stage "pretrained tiny model" "$BASE_MODEL" $PY -m common.tiny_model --pretrained --output_dir "$BASE_MODEL"
+  DEMO_SFT="--size_valid_set 200 --seq_length 256 --batch_size 8 --learning_rate 1e-3 --num_warmup_steps 10
+    --max_steps 100 --eval_first_step true --eval_freq 50 --save_freq 100 --log_freq 10"
+  DEMO_RM="--use_peft false --per_device_train_batch_size 8 --learning_rate 3e-4 --lr_scheduler_type constant
+    --max_steps 250 --max_length 256 --eval_steps 250 --save_steps 250 --logging_steps 25"
+  DEMO_PPO="--steps 640 --batch_size 16 --mini_batch_size 4 --ppo_epochs 2 --learning_rate 3e-4
+    --output_min_length 32 --output_max_length 64 --init_kl_coef 0.1 --target 4 --horizon 500 --eval_freq 10
+    --eval_prompts 64"
+  DEMO_EVAL="--num_prompts 200 --max_new_tokens 64 --best_of_n 16 --best_of_n_prompts 32"
 else
-  DEMO_SFT="" DEMO_RM="" DEMO_PPO=""
+  DEMO_SFT="" DEMO_RM="" DEMO_PPO="" DEMO_EVAL=""
 fi
 
 stage "SFT" "$OUT/sft" $LAUNCH training_sft.py --model_name_or_path "$BASE_MODEL" --dataset_name "$DATASET" \
-  --subset data/finetune --output_dir "$OUT/sft" $DEMO_SFT ${SFT_ARGS:-}
+  --subset data/finetune --output_dir "$OUT/sft" --seed "$SEED" $DEMO_SFT ${SFT_ARGS:-}
 stage "merge SFT" "$OUT/sft_merged" $PY merge_with_lora.py --adapter_model_name "$OUT/sft" \
   --output_name "$OUT/sft_merged" ${MERGE_ARGS:-}
 stage "reward model" "$OUT/rm" $LAUNCH training_reward_model.py --model_name_or_path "$OUT/sft_merged" \
-  --dataset_name "$DATASET" --output_dir "$OUT/rm" $DEMO_RM ${RM_ARGS:-}
-stage "merge reward model" "$OUT/rm_merged" $PY merge_with_lora.py --adapter_model_name "$OUT/rm" \
-  --output_name "$OUT/rm_merged" ${MERGE_ARGS:-}
-stage "PPO" "$OUT/ppo" $LAUNCH training_rl.py --model_name "$OUT/sft_merged" --reward_model_name "$OUT/rm_merged" \
-  --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/ppo" $DEMO_PPO ${PPO_ARGS:-}
+  --dataset_name "$DATASET" --output_dir "$OUT/rm" --seed "$SEED" $DEMO_RM ${RM_ARGS:-}
+RM="$OUT/rm"  # a fully fine-tuned reward model is a model already; a LoRA one is merged first
+if [ -f "$OUT/rm/adapter_config.json" ]; then
+  RM="$OUT/rm_merged"
+  stage "merge reward model" "$RM" $PY merge_with_lora.py --adapter_model_name "$OUT/rm" --output_name "$RM" \
+    ${MERGE_ARGS:-}
+fi
+stage "PPO" "$OUT/ppo" $LAUNCH training_rl.py --model_name "$OUT/sft_merged" --reward_model_name "$RM" \
+  --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/ppo" --seed "$SEED" $DEMO_PPO ${PPO_ARGS:-}
 stage "merge PPO" "$OUT/final" $PY merge_with_lora.py --adapter_model_name "$OUT/ppo" \
   --output_name "$OUT/final" ${MERGE_ARGS:-}
+stage "evaluate" "$OUT/eval" $PY evaluate.py --models sft="$OUT/sft_merged" final="$OUT/final" \
+  --reward_model_name "$RM" --dataset_name "$DATASET" --subset data/evaluation --seed "$SEED" \
+  --output_dir "$OUT/eval" $DEMO_EVAL ${EVAL_ARGS:-}
 
 echo; echo "=== summary ==="
-$PY -m common.report "$OUT" --seconds_per_stage "$(cat "$TIMES")"
+$PY -m common.report "$OUT" --seconds_per_stage "$(cat "$TIMES")" --seed "$SEED"
 echo; echo "report: $OUT/report.md   summary: $OUT/summary.json   plots: $OUT/*.png"

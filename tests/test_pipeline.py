@@ -1,5 +1,10 @@
-"""The whole chain on the sample data with the tiny model (scripts/run_pipeline.sh), as the README runs it,
-with fewer steps; and the example run configs in configs/ parse."""
+"""The whole chain on the sample data from the committed pretrained tiny model (scripts/run_pipeline.sh), as the
+README runs it with fewer steps; and the example run configs in configs/ parse.
+
+The default command's figures (12 minutes, gold win rate, five seeds) are measured by running it, not here: see the
+README's table. This run checks that every stage connects, that each reports what the summary needs, and that the
+reduced run still learns: SFT loss falls, the reward model beats chance on the look-alike pairs, and PPO's held-out
+evaluation and the final evaluation are written with the gold judge beside the reward model."""
 
 import glob
 import json
@@ -12,91 +17,108 @@ import yaml
 from common.outputs import read_metrics
 from conftest import OFFLINE_ENV, ROOT, TORCHRUN, run_script
 
+PPO_STEPS = 20  # 320 episodes of 16 prompts
+
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline") / "run")
-    env = {**os.environ, **OFFLINE_ENV, "OUT": out, "SFT_ARGS": "--max_steps 100 --disable_tqdm true",
-           "RM_ARGS": "--max_steps 40 --disable_tqdm true",
-           "PPO_ARGS": "--steps 480 --save_freq 1000 --disable_tqdm true"}
+    env = {**os.environ, **OFFLINE_ENV, "OUT": out, "SEED": "3",
+           "SFT_ARGS": "--max_steps 60 --eval_freq 30 --save_freq 60 --disable_tqdm true",
+           "RM_ARGS": "--max_steps 100 --eval_steps 100 --save_steps 100 --disable_tqdm true",
+           "PPO_ARGS": f"--steps {16 * PPO_STEPS} --eval_freq 10 --eval_prompts 32 --save_freq 1000 "
+                       "--disable_tqdm true",
+           "EVAL_ARGS": "--num_prompts 48 --best_of_n 4 --best_of_n_prompts 12 --bootstrap_resamples 500"}
     proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
 
 @pytest.mark.slow
-def test_pipeline_shows_that_rlhf_worked(pipeline):
+def test_pipeline_learns_and_summarises_with_the_gold_judge(pipeline):
     out, stdout = pipeline
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    for key in ("sft_eval_loss_before", "sft_eval_loss_after", "rm_eval_accuracy", "ppo_score_first", "ppo_score_last",
-                "ppo_kl_last", "seconds_per_stage"):
-        assert summary[key] is not None, key
-    assert summary["sft_eval_loss_after"] < summary["sft_eval_loss_before"]
-    assert summary["rm_eval_accuracy"] >= 0.9
-    assert summary["ppo_score_last"] > summary["ppo_score_first"] + 0.5, summary
-    assert 0 <= summary["ppo_kl_last"] < 20 and summary["ppo_kl_max"] < 30  # bounded by the KL penalty
-    assert ({"SFT", "reward model", "PPO", "merge SFT", "merge reward model", "merge PPO"}
-            <= set(summary["seconds_per_stage"]))
-    assert "RLHF pipeline summary" in stdout and "rose: yes" in stdout
+    s = json.load(open(os.path.join(out, "summary.json")))
+    for key in ("gold_win_rate_vs_sft", "gold_score_sft", "gold_score_final", "rm_score_rise_in_sft_std",
+                "ppo_kl_to_sft", "rm_accuracy_lookalike", "sft_vocabulary_share", "sft_eval_loss_before",
+                "sft_eval_loss_after", "rm_eval_accuracy", "ppo_score_first", "ppo_score_last", "ppo_kl_last"):
+        assert s[key] is not None, key
+    assert s["seed"] == 3
+    assert s["sft_eval_loss_after"] < 0.9 * s["sft_eval_loss_before"]  # LoRA SFT on the pretrained base learns
+    assert s["sft_vocabulary_share"] >= 0.9  # the pretrained base writes words of the corpus
+    assert s["rm_lookalike_pairs"] >= 0.4 * s["rm_pairs"] and s["rm_eval_accuracy"] >= 0.65
+    assert s["rm_accuracy_lookalike"] > 0.5
+    assert 0 <= s["ppo_kl_to_sft"] < 10 and s["ppo_kl_max"] < 30  # held near the SFT model by the KL penalty
+    assert 0.0 <= s["gold_score_sft"] <= 1.0 and 0.0 <= s["gold_win_rate_vs_sft"] <= 1.0
+    assert s["eval_prompts"] == 48 and [c["n"] for c in s["best_of_n"]["curve"]] == [1, 2, 4]
+    # PPO's held-out evaluation ran at steps 0, 10 and 20, with the gold judge beside the reward model.
+    held_out = [h for h in s["ppo_held_out"] if h["eval/gold"] is not None]
+    assert [h["step"] for h in held_out] == [0, 10, 20], s["ppo_held_out"]
+    assert {"SFT", "merge SFT", "reward model", "PPO", "merge PPO", "evaluate"} <= set(s["seconds_per_stage"])
+    assert "RLHF pipeline summary (seed 3)" in stdout and "gold wins" in stdout and "verdict" in stdout
 
 
 @pytest.mark.slow
-def test_ppo_on_two_processes_learns_like_one_with_the_same_global_batch(pipeline):
-    """The pipeline's PPO stage again under torchrun: 2 processes x 8 prompts (minibatches of 2) against the
-    pipeline's 1 process x 16 (minibatches of 4), from the same SFT policy and reward model."""
-    out, _ = pipeline
-    two = os.path.join(os.path.dirname(out), "ppo_two_processes")
-    same = ["--gradient_accumulation_steps", "1", "--ppo_epochs", "2", "--learning_rate", "3e-4",
-            "--output_min_length", "16", "--output_max_length", "32", "--init_kl_coef", "0.1", "--target", "4",
-            "--horizon", "500"]
-    one_args = yaml.safe_load(open(os.path.join(out, "ppo", "run_args.yaml")))["PPOConfig"]
-    for flag, value in zip(same[::2], same[1::2]):  # the one-process run used these too (scripts/run_pipeline.sh)
-        assert float(one_args[flag[2:]]) == float(value), flag
-    assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 480)
-    run_script(*TORCHRUN, "--master_port", "29573", "training_rl.py",
-               "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm_merged"),
-               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", "240", "--batch_size", "8",
-               "--mini_batch_size", "2", "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two,
-               timeout=900)
-    runs = {name: read_metrics(path) for name, path in (("one", os.path.join(out, "ppo")), ("two", two))}
-    assert ([m["episodes"] for m in runs["two"]] == [m["episodes"] for m in runs["one"]]
-            == [16 * (i + 1) for i in range(30)])
-    fifth = {}
-    for name, metrics in runs.items():
-        scores = [m["objective/scores"] for m in metrics]
-        fifth[name] = (sum(scores[:6]) / 6, sum(scores[-6:]) / 6)
-        assert fifth[name][1] > fifth[name][0] + 1.0, (name, fifth)  # both learn (measured: +2.9 and +3.1)
-        assert max(m["objective/kl"] for m in metrics) < 30, name  # both held by the KL penalty (measured: 7.1)
-    assert abs(fifth["one"][1] - fifth["two"][1]) < 0.75, fifth  # and end in the same place (measured: 1.39 vs 1.24)
-
-
-@pytest.mark.slow
-def test_the_reward_model_merges_with_another_cpus_kernels(pipeline, tmp_path):
-    """On CI's machine the merge moved one probe score of the demo reward model by 4e-2 (its massive activations
-    amplify rounding) and the logit-only check refused it. MKL and oneDNN capped at AVX2 give such a machine's
-    kernels here (on this AVX-512 machine: 8.6e-4, above the 1.9e-4 logit bound). The layer check decides."""
-    out, _ = pipeline
-    merged = tmp_path / "rm_merged"
-    run_script("merge_with_lora.py", "--adapter_model_name", os.path.join(out, "rm"), "--output_name", merged,
-               env={"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, timeout=300)
-    metrics = json.loads(open(merged / "metrics.jsonl").readline())
-    assert metrics["verify_layers_checked"] == 4 * 7 + 1 and metrics["verify_worst_layer_share"] < 0.2, metrics
-
-
-@pytest.mark.slow
-def test_pipeline_writes_report_plots_and_plain_models(pipeline):
+def test_pipeline_writes_report_evaluation_plots_and_plain_models(pipeline):
     out, _ = pipeline
     report = open(os.path.join(out, "report.md")).read()
-    assert "eval accuracy" in report and report.count("| score ") == 6  # three questions, each scored before and after
-    answers = json.load(open(os.path.join(out, "answers.json")))
-    assert len(answers) == 3 and all({"sft_merged", "final"} <= set(a) for a in answers)
-    for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png"):
+    assert "Held-out questions during PPO" in report and "Best of n" in report and report.count("\n### ") == 3
+    ev = json.load(open(os.path.join(out, "eval", "eval.json")))
+    assert set(ev["models"]) == {"sft", "final"} and len(ev["rows"]) == 48
+    for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png", "eval/models.png", "eval/best_of_n.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(4) == b"\x89PNG", png
-    for merged in ("sft_merged", "rm_merged", "final"):
+    for merged in ("sft_merged", "final"):
         assert os.path.isfile(os.path.join(out, merged, "model.safetensors")), merged
         assert not os.path.isfile(os.path.join(out, merged, "adapter_config.json"))
+    # The demo's reward model is fully fine-tuned: a model already, so no reward-model merge.
+    assert os.path.isfile(os.path.join(out, "rm", "model.safetensors")) and not os.path.exists(
+        os.path.join(out, "rm_merged"))
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_matches_one_with_the_same_global_batch(pipeline):
+    """The pipeline's PPO stage again under torchrun for a few steps: 2 processes x 8 prompts (minibatches of 2)
+    against the pipeline's 1 process x 16 (minibatches of 4), from the same SFT policy and reward model. The two
+    see the same prompts in another order of sampling, so they agree in distribution, not exactly (the exact
+    agreement of one update is tests/test_processes.py's)."""
+    out, _ = pipeline
+    two = os.path.join(os.path.dirname(out), "ppo_two_processes")
+    one_args = yaml.safe_load(open(os.path.join(out, "ppo", "run_args.yaml")))["PPOConfig"]
+    assert (one_args["batch_size"], one_args["mini_batch_size"], one_args["steps"]) == (16, 4, 16 * PPO_STEPS)
+    same = [f"--{k}={one_args[k]}" for k in ("ppo_epochs", "learning_rate", "output_min_length", "output_max_length",
+                                             "init_kl_coef", "target", "horizon", "seed")]
+    steps = 10  # --steps counts episodes per process (as TRL's did): 8 x 10
+    run_script(*TORCHRUN, "--master_port", "29573", "training_rl.py",
+               "--model_name", os.path.join(out, "sft_merged"), "--reward_model_name", os.path.join(out, "rm"),
+               "--dataset_name", ".", "--subset", "data/rl", *same, "--steps", str(8 * steps), "--batch_size", "8",
+               "--mini_batch_size", "2", "--save_freq", "1000", "--disable_tqdm", "true", "--output_dir", two,
+               timeout=900)
+    # The held-out evaluations (--eval_freq) are lines of their own in the pipeline's metrics: keep the PPO steps.
+    one = [m for m in read_metrics(os.path.join(out, "ppo")) if "objective/scores" in m][:steps]
+    two_metrics = read_metrics(two)
+    assert [m["episodes"] for m in two_metrics] == [m["episodes"] for m in one] == [16 * (i + 1) for i in range(steps)]
+    # Means over the 10 steps: the score within half its batch standard deviation (about 4 standard errors of the
+    # difference of two 160-sample means), KL and entropy (per token) within 0.1.
+    score_std = sum(m["objective/scores_std"] for m in one) / steps
+    for key, bound in (("objective/scores", 0.5 * score_std), ("objective/kl", 0.1), ("objective/entropy", 0.1)):
+        a = sum(m[key] for m in one) / steps
+        b = sum(m[key] for m in two_metrics) / steps
+        assert abs(a - b) < bound, (key, a, b, bound)
+    assert max(m["objective/kl"] for m in two_metrics) < 30
+
+
+@pytest.mark.slow
+def test_a_lora_merge_passes_on_another_cpus_kernels(pipeline, tmp_path):
+    """MKL and oneDNN capped at AVX2 give another machine's float kernels here; the merge's layer-by-layer check
+    must still accept the pipeline's SFT adapter (rounding that depends on kernels is not a merge error:
+    docs/merge.md)."""
+    out, _ = pipeline
+    merged = tmp_path / "sft_merged"
+    run_script("merge_with_lora.py", "--adapter_model_name", os.path.join(out, "sft"), "--output_name", merged,
+               env={"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, timeout=300)
+    metrics = json.loads(open(merged / "metrics.jsonl").readline())
+    assert metrics["verify_layers_checked"] > 0 and metrics["verify_worst_layer_share"] < 0.2, metrics
 
 
 @pytest.mark.slow
@@ -115,8 +137,11 @@ def test_a_failing_stage_is_named(tmp_path):
     assert proc.returncode != 0 and "pipeline stage 'SFT' failed" in proc.stderr
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "runs", "*.yaml"))))
-def test_example_run_configs_parse(path):
+RUN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "runs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS)
+def test_example_run_configs_parse_to_their_values(path):
     import training_reward_model
     import training_rl
     import training_sft
@@ -125,8 +150,17 @@ def test_example_run_configs_parse(path):
               "ppo": training_rl}[os.path.basename(path).split("_")[0]]
     parsed = script.parse(["--config", path])
     values = {k: v for obj in parsed for k, v in vars(obj).items()}
-    for key, _value in yaml.safe_load(open(path)).items():
-        assert key in values or key in ("seq_length", "batch_size", "num_warmup_steps", "eval_freq", "save_freq"), key
+    # A StackLLaMA flag name in a config sets the field it is an alias of (the script's ALIASES).
+    aliases = {flag.lstrip("-"): field for flag, field in getattr(script, "ALIASES", {}).items()}
+    for key, value in yaml.safe_load(open(path)).items():
+        name = key if key in values else aliases[key]
+        got = values[name]
+        got = getattr(got, "value", got)  # enums (schedulers, strategies) compare by their value
+        assert got == value or (isinstance(value, list) and list(got) == value), (key, got, value)
+
+
+def test_every_config_folder_has_configs():
+    assert len(RUN_CONFIGS) >= 3 and glob.glob(os.path.join(ROOT, "configs", "accelerate", "*.yaml"))
 
 
 def test_accelerate_configs_are_valid_yaml():

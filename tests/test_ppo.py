@@ -201,3 +201,21 @@ def test_a_causal_lm_is_not_a_reward_model(tiny_model, tmp_path, capsys):
     assert exit_info.value.code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
     message = err.split("error: ", 1)[1]
     assert "--reward_model_name" in message and "not a reward model" in message, err
+
+
+@pytest.mark.slow
+def test_held_out_evaluation_is_logged_and_leaves_training_unchanged(tiny_model, reward_model, tmp_path):
+    """--eval_freq answers held-out questions at step 0, every N steps and at the last step (eval/* in
+    metrics.jsonl, with the gold judge on the sample data); it samples from its own seed with the training RNG
+    streams saved and restored, so the run's weights are exactly those of the same run without it."""
+    plain, evaluated = str(tmp_path / "plain"), str(tmp_path / "evaluated")
+    ppo(tiny_model, reward_model, plain, "--steps", "24")
+    ppo(tiny_model, reward_model, evaluated, "--steps", "24", "--eval_freq", "2", "--eval_prompts", "6")
+    metrics = read_metrics(evaluated)
+    held_out = [m for m in metrics if "eval/rm_score" in m]
+    assert [m["step"] for m in held_out] == [0, 2, 3]
+    for m in held_out:
+        assert m["eval/prompts"] == 6 and 1 <= m["eval/length"] <= 12
+        assert m["eval/gold"] is not None and 0.0 <= m["eval/gold"] <= 1.0  # data/evaluation has answer keys
+    assert max_weight_diff(plain, evaluated, "adapter_model.safetensors") == 0.0
+    assert [m["objective/scores"] for m in read_metrics(plain)] == [m["objective/scores"] for m in metrics if m["step"]]

@@ -91,15 +91,15 @@ def test_score_texts_gives_each_text_the_score_of_a_forward_of_it_alone(tiny_mod
 @pytest.mark.slow
 def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, tmp_path):
     out = str(tmp_path / "rm")
-    # The score head and LoRA (r 8, all linear layers) learn the sample data well within 30 steps of 8 pairs (an
-    # eighth of the data), even on a random base; evaluation costs several training steps, so it runs only before
-    # training and at the end.
+    # The score head and LoRA (r 8, all linear layers) on a random base learn the classic pairs (surface cues)
+    # within 30 steps of 8 pairs, not the look-alike ones that need content (data/README.md): well above chance
+    # overall, not near 1. Evaluation costs several training steps, so it runs only before training and at the end.
     proc = rm(tiny_model, out, "--max_steps", "30", "--eval_steps", "30", "--save_steps", "15",
               "--eval_first_step", "true")
     assert "eval: 400 pairs; " in proc.stdout and "longer than --max_length 256 tokens dropped" in proc.stdout
     metrics = read_metrics(out)
     evals = {m["step"]: m["eval_accuracy"] for m in metrics if "eval_accuracy" in m}
-    assert set(evals) == {0, 30} and evals[30] >= 0.9 and evals[0] < 0.75, evals  # learned, not luck of the head
+    assert set(evals) == {0, 30} and evals[30] >= 0.65 and evals[0] < 0.6, evals  # learned, not luck of the head
 
     files = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run_args.yaml", "metrics.jsonl",
@@ -110,14 +110,14 @@ def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, t
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (8, 32, 0.1)
     report = json.load(open(os.path.join(out, "eval_report.json")))
-    assert report["accuracy"] >= 0.9
+    assert report["accuracy"] >= 0.65 and report["accuracy_lookalike"] is not None
 
     # Read back with plain peft: the same accuracy, the same scores, a preferred answer above its rejected one.
     model, tokenizer = load_reward_model(tiny_model, out)
     r_j, r_k = score_rows(model, tokenizer, eval_pairs(), max_tokens=256)
     assert len(r_j) == report["n_pairs"] and f"eval: 400 pairs; {400 - len(r_j)} longer" in proc.stdout
     accuracy = (r_j > r_k).float().mean().item()
-    assert accuracy >= 0.9 and abs(accuracy - report["accuracy"]) < 1e-9
+    assert accuracy >= 0.65 and abs(accuracy - report["accuracy"]) < 1e-9
     assert abs(accuracy - evals[30]) < 0.02  # RewardTrainer averages per-batch accuracies; the last batch is smaller
     assert abs(r_j.mean().item() - report["chosen_scores"]["mean"]) < 1e-5
     assert abs(r_k.mean().item() - report["rejected_scores"]["mean"]) < 1e-5
@@ -250,6 +250,21 @@ def test_pair_report_math_on_a_hand_computed_case():
     assert ece == pytest.approx(0.25) and table[7]["count"] == 4 and table[2]["observed"] == 0.0
     ece, _ = calibration(torch.tensor([0.9] * 9 + [0.1]))  # 9 of 10 right at p = 0.9 (or 0.1 reversed): calibrated
     assert ece == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pair_report_accuracy_by_kind_and_on_the_look_alike_pairs():
+    from common.rm_eval import pair_report, report_markdown
+
+    r_j, r_k = torch.tensor([2.0, 0.0, 1.0, 3.0, 1.0]), torch.tensor([0.0, 1.0, 0.5, -2.0, 1.0])
+    kinds = ["lookalike_wrong_names", "lookalike_wrong_names", "lookalike_broken", "dismissive", "lookalike_broken"]
+    report = pair_report(["q"] * 5, ["a"] * 5, ["b"] * 5, r_j, r_k, kinds)
+    # right: pairs 0, 2, 3; wrong: 1 (lower), 4 (a tie)
+    assert report["accuracy_by_kind"] == {"dismissive": {"count": 1, "accuracy": 1.0},
+                                          "lookalike_broken": {"count": 2, "accuracy": 0.5},
+                                          "lookalike_wrong_names": {"count": 2, "accuracy": 0.5}}
+    assert report["n_lookalike"] == 4 and report["accuracy_lookalike"] == 0.5
+    assert "4 look-alike pairs" in report_markdown(report)
+    assert "accuracy_lookalike" not in pair_report(["q"], ["a"], ["b"], r_j[:1], r_k[:1])  # no kinds: not reported
 
 
 def test_bad_data_names_the_missing_field(tmp_path, capsys):

@@ -1,0 +1,90 @@
+"""The pipeline summary's verdicts on fabricated stage folders: each says "rose"/"fell" only past the noise, and
+"reward hacking" only when the reward-model score rose while the gold score fell."""
+
+import json
+import os
+import random
+
+import pytest
+
+from common import report
+
+
+def _answers(n, reward, gold, text):
+    return {"texts": [text(i) for i in range(n)], "tokens": [20] * n, "ended": [True] * n,
+            "reward": [reward(i) for i in range(n)], "gold": [gold(i) for i in range(n)],
+            "readable": [0.95] * n, "kl": [0.0] * n, "kl_note": None}
+
+
+def _pipeline(root, sft, final, scores=None):
+    """A pipeline folder: SFT and RM results, PPO metrics and an eval.json made by evaluate.py's own summary."""
+    from evaluate import EvalArguments, summarize
+
+    os.makedirs(root / "sft")
+    (root / "sft" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [
+        {"step": 0, "eval_loss": 0.40}, {"step": 50, "eval_loss": 0.33}, {"step": 100, "eval_loss": 0.31}]))
+    os.makedirs(root / "rm")
+    (root / "rm" / "eval_report.json").write_text(json.dumps(
+        {"accuracy": 0.9, "n_pairs": 400, "accuracy_lookalike": 0.86, "n_lookalike": 240, "ece": 0.05}))
+    os.makedirs(root / "ppo")
+    scores = scores or [0.1 * i for i in range(20)]
+    (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": i + 1, "objective/scores": s, "objective/kl": 0.2 * i, "objective/kl_coef": 0.1,
+         "val/explained_variance": 0.6}) + "\n" for i, s in enumerate(scores)))
+    a = EvalArguments(models=["sft=x", "final=y"], reward_model_name="rm", bootstrap_resamples=500)
+    final["kl"] = [3.0] * len(final["kl"])
+    ev = {"settings": {"models": {"sft": "x", "final": "y"}}, "prompts": {"n": len(sft["texts"])},
+          "models": {"sft": summarize(sft, sft, a), "final": summarize(final, sft, a)}, "best_of_n": None,
+          "rows": [{"question": f"q{i}", "has_answer_key": True,
+                    "answers": {name: {"answer": m["texts"][i], "reward": m["reward"][i], "gold": m["gold"][i]}
+                                for name, m in (("sft", sft), ("final", final))}} for i in range(len(sft["texts"]))]}
+    os.makedirs(root / "eval")
+    (root / "eval" / "eval.json").write_text(json.dumps(ev))
+    return report.summarize(str(root), {"SFT": 60.0}, seed=3)
+
+
+def _noise(seed):
+    rng = random.Random(seed)
+    return lambda i: rng.gauss(0, 1)
+
+
+def test_better_answers_give_rose_and_the_summary_keys(tmp_path):
+    n = 200
+    sft = _answers(n, _noise(1), lambda i: 0.3, lambda i: f"sft {i}")
+    final = _answers(n, lambda i: sft["reward"][i] + 1.0, lambda i: 0.3 + (0.4 if i % 4 else 0.0), lambda i: f"fin {i}")
+    s = _pipeline(tmp_path, sft, final)
+    for key in ("gold_win_rate_vs_sft", "gold_score_sft", "gold_score_final", "rm_score_rise_in_sft_std",
+                "ppo_kl_to_sft", "rm_accuracy_lookalike", "sft_vocabulary_share", "seed"):
+        assert s[key] is not None, key
+    assert s["seed"] == 3 and s["rm_accuracy_lookalike"] == 0.86 and s["ppo_kl_to_sft"] == pytest.approx(3.0)
+    assert s["gold_score_final"] == pytest.approx(0.3 + 0.4 * 0.75)
+    assert s["gold_win_rate_vs_sft"] == pytest.approx(0.75 + 0.25 / 2)  # 3 of 4 better, the rest tied
+    assert s["rm_score_rise_in_sft_std"] == pytest.approx(1.0 / report._std(sft["reward"]))
+    assert s["gold_difference"]["verdict"] == "rose" and s["ppo_score_trend"]["verdict"] == "rose"
+    text = "\n".join(report.summary_lines(s))
+    assert "RLHF made the answers better" in text and "REWARD HACKING" not in text and "seed 3" in text
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noise_gives_no_clear_change(tmp_path, seed):
+    n = 200
+    sft = _answers(n, _noise(seed), _noise(seed + 10), lambda i: f"a {i}")
+    final = _answers(n, _noise(seed + 20), _noise(seed + 30), lambda i: f"b {i}")
+    steps = _noise(seed + 40)
+    s = _pipeline(tmp_path, sft, final, scores=[steps(i) for i in range(20)])
+    assert s["rm_score_difference"]["verdict"] == s["gold_difference"]["verdict"] == "no clear change"
+    assert s["ppo_score_trend"]["verdict"] == "no clear change"
+    assert "no clear change in answer quality" in "\n".join(report.summary_lines(s))
+
+
+def test_proxy_up_and_gold_down_is_called_reward_hacking_with_the_repeated_answers(tmp_path):
+    n = 120
+    sft = _answers(n, _noise(5), lambda i: 0.5, lambda i: f"answer {i}")
+    final = _answers(n, lambda i: sft["reward"][i] + 2.0, lambda i: 0.1,
+                     lambda i: "Loop over a glob directly." if i % 3 else f"other {i}")
+    s = _pipeline(tmp_path, sft, final)
+    assert s["reward_hacking"] and s["rm_score_difference"]["verdict"] == "rose"
+    assert s["gold_difference"]["verdict"] == "fell"
+    assert s["most_repeated_final_answers"][0] == {"answer": "Loop over a glob directly.", "times": 80}
+    text = "\n".join(report.summary_lines(s))
+    assert "REWARD HACKING" in text and "80x 'Loop over a glob directly.'" in text
