@@ -42,13 +42,26 @@ def _get(d, *keys):
     return d
 
 
+def _ppo_seed(root: str, default: int | None) -> int | None:
+    """The seed the PPO stage ran with (its run_args.yaml), so a re-run that skips finished stages reports the seed
+    they were trained with, not the re-run's; ``default`` where there is no such file."""
+    import yaml
+
+    path = os.path.join(root, "ppo", "run_args.yaml")
+    if not os.path.isfile(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return (yaml.safe_load(f).get("PPOConfig") or {}).get("seed", default)
+
+
 def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None = None) -> dict:
     """The headline numbers of a pipeline run, with their intervals and verdicts."""
     sft = read_metrics(os.path.join(root, "sft"))
     evals = [m["eval_loss"] for m in sft if m.get("eval_loss") is not None]
     rm = _load_json(os.path.join(root, "rm", "eval_report.json"))
-    ppo = [m for m in read_metrics(os.path.join(root, "ppo")) if m.get("objective/scores") is not None]
-    held_out = [m for m in read_metrics(os.path.join(root, "ppo")) if m.get("eval/rm_score") is not None]
+    ppo_lines = read_metrics(os.path.join(root, "ppo"))
+    ppo = [m for m in ppo_lines if m.get("objective/scores") is not None]
+    held_out = [m for m in ppo_lines if m.get("eval/rm_score") is not None]
     ev = _load_json(os.path.join(root, "eval", "eval.json"))
     names = list(_get(ev, "settings", "models") or {})
     base, final = (names[0], names[-1]) if len(names) >= 2 else (None, None)
@@ -59,7 +72,7 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
     rise = _get(vs, "reward_difference", "mean")
     trend = stats.step_trend([m["objective/scores"] for m in ppo]) if ppo else None
     summary = {
-        "seed": seed,
+        "seed": _ppo_seed(root, seed),
         "sft_eval_loss_before": evals[0] if evals else None,
         "sft_eval_loss_after": evals[-1] if evals else None,
         "sft_vocabulary_share": _get(m_base, "readable_share", "mean"),
