@@ -88,3 +88,34 @@ def test_proxy_up_and_gold_down_is_called_reward_hacking_with_the_repeated_answe
     assert s["most_repeated_final_answers"][0] == {"answer": "Loop over a glob directly.", "times": 80}
     text = "\n".join(report.summary_lines(s))
     assert "REWARD HACKING" in text and "80x 'Loop over a glob directly.'" in text
+
+
+def test_seed_table_takes_the_worst_seed_and_names_a_missing_run(tmp_path, capsys):
+    from common import seeds
+
+    runs = []
+    for seed, (minutes, share, acc, win, rise, kl) in enumerate(
+            [(9.0, 0.99, 0.90, 0.70, 1.5, 3.0), (11.0, 0.95, 0.86, 0.66, 1.1, 8.0),
+             (13.0, 0.97, 0.80, 0.60, 0.2, 12.0)]):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "seed": seed, "seconds_per_stage": {"SFT": minutes * 30, "PPO": minutes * 30},
+            "sft_vocabulary_share": share, "rm_accuracy_lookalike": acc, "gold_win_rate_vs_sft": win,
+            "rm_score_rise_in_sft_std": rise, "ppo_kl_to_sft": kl}))
+        runs.append(str(d))
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in
+            seeds.main(runs[:2]).splitlines()[2:]}
+    # Two good seeds: every target met; the worst is the max for time and KL, the min for the rest.
+    assert rows["whole pipeline, minutes (2-core CPU)"][2:7] == ["9.0", "11.0", "10.0", "11.0", "yes |"]
+    assert rows["gold win rate, final vs SFT"][2:7] == ["0.700", "0.660", "0.680", "0.660", "yes |"]
+    assert rows["KL to the SFT model, nats"][5:7] == ["8.00", "yes |"]
+    # A third seed below the bar fails every row it misses, whatever the mean says.
+    text = seeds.main(runs)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()[2:]}
+    assert rows["reward model accuracy, look-alike pairs"][6:8] == ["0.800", "**no** |"]
+    assert rows["whole pipeline, minutes (2-core CPU)"][6:8] == ["13.0", "**no** |"]
+    assert rows["SFT answers: share of corpus words"][6:8] == ["0.950", "yes |"]
+    assert "| seed 0 | seed 1 | seed 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="seed9.summary.json not found"):
+        seeds.main([str(tmp_path / "seed9")])
