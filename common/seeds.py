@@ -66,9 +66,9 @@ def load(run_dirs: list[str]) -> list[dict]:
     return summaries
 
 
-def table(summaries: list[dict], names: list[str] | None = None) -> str:
+def table(summaries: list[dict]) -> str:
     """A Markdown table: one row per target, one column per run, then mean, worst and whether the worst meets it."""
-    names = names or [f"seed {s.get('seed', '?')}" for s in summaries]
+    names = [f"seed {s.get('seed', '?')}" for s in summaries]
     lines = ["| figure | target | " + " | ".join(names) + " | mean | worst | met |",
              "| --- | --- | " + " | ".join("---" for _ in names) + " | --- | --- | --- |"]
     for t in TARGETS:
