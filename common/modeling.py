@@ -347,3 +347,51 @@ def lora_config(args: ModelArguments, task: str = "CAUSAL_LM"):
         use_dora=args.use_dora,
         bias="none",
     )
+
+
+def plain_lm_head(model) -> bool:
+    """Make `model(..., fused_lm_head=True)` compute what TRL's fused LM head returns, from plain full logits.
+
+    `SFTTrainer` and `DPOTrainer` take their loss or log-probs, entropy, mean logit and token accuracy from
+    `trl.trainer.utils.add_fused_lm_head`, which never holds the `[tokens, vocab]` logits. Without Triton (on CPU)
+    it does so tile by tile in torch and recomputes every tile in the backward, which costs more than the logits it
+    saves (benchmarks/README.md). This gives the same loss, log-probs, entropy, mean logits and top-1 flags
+    (tests/test_sft.py compares both heads, values and gradients).
+    Calls it does not cover -- generation, pre-shifted labels, MoE router losses -- go to TRL's head; models with
+    logit soft-capping or scaling are left alone.
+    Returns whether the head was replaced.
+    """
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    if (any(getattr(text_config, k, None) is not None for k in scaled)
+            or getattr(text_config, "output_router_logits", False)):
+        return False
+    fused = model.forward  # TRL's, kept for every call not handled here
+
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None:
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
+                         **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        logits = self.get_output_embeddings()(hidden).float()
+        logp = logits.log_softmax(-1)
+        log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        with torch.no_grad():  # metrics only
+            entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0.0)
+            mean_logits = logits.mean(-1).masked_fill(~mask, 0.0)
+            is_top1 = (logits.argmax(-1) == labels) & mask
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / count
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
+                                   is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return True

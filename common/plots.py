@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from common.cli import ArgumentParser, UserError, run  # noqa: E402
 from common.outputs import METRICS_FILE, read_metrics  # noqa: E402
 
-PIPELINE_STAGES = ("sft", "rm", "ppo")
+PIPELINE_STAGES = ("sft", "rm", "ppo", "dpo")
 PPO_PANELS = [("objective/scores", "score"), ("objective/kl", "KL"), ("objective/kl_coef", "KL coefficient"),
               ("response/length_mean", "response length (tokens)"), ("objective/entropy", "entropy"),
               ("objective/rlhf_reward", "RLHF reward (score - KL penalty)")]
@@ -57,10 +57,12 @@ def moving_average(values: list[float], window: int | None = None) -> list[float
 
 
 def detect_stage(records: list[dict]) -> str:
-    """``ppo``, ``rm``, ``sft`` or ``generic``, from the keys the run logged."""
+    """``ppo``, ``dpo``, ``rm``, ``sft`` or ``generic``, from the keys the run logged."""
     keys = set().union(*records) if records else set()
     if "objective/scores" in keys:
         return "ppo"
+    if keys & {"rewards/margins", "eval_rewards/margins"}:
+        return "dpo"
     if keys & {"accuracy", "eval_accuracy", "margin", "eval_margin"}:
         return "rm"
     if keys & {"loss", "eval_loss"}:
@@ -137,6 +139,22 @@ def plot_rm(records: list[dict], out_dir: str, title: str, with_loss: bool = Tru
     return written
 
 
+def plot_dpo(records: list[dict], out_dir: str, title: str) -> list[str]:
+    """``dpo.png``: the loss, and the implicit reward's pairwise accuracy and margin (train raw and smoothed, eval
+    markers), with the loss of a policy equal to its reference (log 2) and chance (0.5) as dashed lines."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
+    for ax, (key, name, line) in zip(axes, [("loss", "DPO loss", (math.log(2), "policy = reference (log 2)")),
+                                            ("rewards/accuracies", "implicit reward accuracy", (0.5, "chance (0.5)")),
+                                            ("rewards/margins", "implicit reward margin", (0.0, "no margin"))]):
+        has_train = _raw_and_smoothed(ax, records, key, f"train {name.split()[-1]}")
+        ex, ey = series(records, f"eval_{key}")
+        if ex:
+            ax.plot(ex, ey, color="C1", marker="o", linewidth=1.5, label=f"eval {name.split()[-1]}")
+        ax.axhline(line[0], color="gray", linestyle="--", linewidth=1, label=line[1])
+        _finish(ax, name, has_data=has_train or bool(ex))
+    return [_save(fig, out_dir, "dpo.png", title)]
+
+
 def plot_ppo(records: list[dict], out_dir: str, title: str) -> list[str]:
     """``ppo.png``: score (with a ±std band), KL, KL coefficient, length, entropy, RLHF reward; with held-out
     evaluations (``eval/*``, training_rl.py --eval_freq) also the reward-model score and the gold score of the held-out
@@ -204,17 +222,19 @@ def _load(run_dir: str) -> list[dict]:
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Plot one stage's ``metrics.jsonl`` into ``out_dir`` (default ``run_dir``); returns the files written."""
     records = _load(run_dir)
-    plotter = {"sft": plot_sft, "rm": plot_rm, "ppo": plot_ppo, "generic": plot_generic}[detect_stage(records)]
+    plotter = {"sft": plot_sft, "rm": plot_rm, "ppo": plot_ppo, "dpo": plot_dpo,
+               "generic": plot_generic}[detect_stage(records)]
     return plotter(records, out_dir or run_dir, _name(run_dir))
 
 
 def pipeline_runs(root: str) -> list[str]:
-    """The stage folders of a pipeline root (``sft``, ``rm``, ``ppo``) that hold a ``metrics.jsonl``."""
+    """The stage folders of a pipeline root (``sft``, ``rm``, ``ppo``, ``dpo``) that hold a ``metrics.jsonl``."""
     return [s for s in PIPELINE_STAGES if os.path.isfile(os.path.join(root, s, METRICS_FILE))]
 
 
 def plot_pipeline(root: str, out_dir: str | None = None) -> list[str]:
-    """One summary figure per stage of a pipeline root: ``sft_loss.png``, ``rm_accuracy.png``, ``ppo.png``."""
+    """One summary figure per stage of a pipeline root: ``sft_loss.png``, ``rm_accuracy.png``, ``ppo.png`` or
+    ``dpo.png``."""
     out_dir, written = out_dir or root, []
     for stage in pipeline_runs(root):
         records = _load(os.path.join(root, stage))
@@ -222,7 +242,8 @@ def plot_pipeline(root: str, out_dir: str | None = None) -> list[str]:
         if detected == "generic":  # not the metrics this folder name promises: a generic figure, named apart
             written += plot_generic(records, out_dir, title, name=f"{stage}_metrics.png")
         else:
-            plotter = {"sft": plot_sft, "rm": partial(plot_rm, with_loss=False), "ppo": plot_ppo}[detected]
+            plotter = {"sft": plot_sft, "rm": partial(plot_rm, with_loss=False), "ppo": plot_ppo,
+                       "dpo": plot_dpo}[detected]
             written += plotter(records, out_dir, title)
     return written
 

@@ -2,9 +2,10 @@
 
     python -m common.report runs/pipeline --seconds_per_stage '{"SFT": 40.1, ...}' --seed 0
 
-Expects the layout ``scripts/run_pipeline.sh`` writes under its output root: ``sft/``, ``rm/``, ``ppo/`` and
-``eval/`` (evaluate.py comparing the SFT model with the final model on held-out questions); missing parts are
-reported as n/a.
+Expects the layout ``scripts/run_pipeline.sh`` writes under its output root: ``sft/``, ``rm/``, ``ppo/`` (or ``dpo/``
+when the pipeline ran with ``ALGO=dpo``) and ``eval/`` (evaluate.py comparing the SFT model with the final model on
+held-out questions); missing parts are reported as n/a. The summary has the same keys whichever stage 3 ran: those of
+the other algorithm are null.
 
 Every verdict is earned (DESIGN.md, "Evidence that training helped"): a change is "rose" or "fell" only when its 95%
 interval excludes no change, else "no clear change". Held-out comparisons use paired bootstrap intervals over the
@@ -42,16 +43,22 @@ def _get(d, *keys):
     return d
 
 
-def _ppo_seed(root: str, default: int | None) -> int | None:
-    """The seed the PPO stage ran with (its run_args.yaml), so a re-run that skips finished stages reports the seed
-    they were trained with, not the re-run's; ``default`` where there is no such file."""
+def algorithm(root: str) -> str:
+    """Which stage 3 the pipeline ran: ``dpo`` when ``dpo/`` holds metrics and ``ppo/`` does not, else ``ppo``."""
+    has = lambda stage: os.path.isfile(os.path.join(root, stage, "metrics.jsonl"))  # noqa: E731
+    return "dpo" if has("dpo") and not has("ppo") else "ppo"
+
+
+def _stage3_seed(root: str, algo: str, default: int | None) -> int | None:
+    """The seed stage 3 ran with (its run_args.yaml), so a re-run that skips finished stages reports the seed they
+    were trained with, not the re-run's; ``default`` where there is no such file."""
     import yaml
 
-    path = os.path.join(root, "ppo", "run_args.yaml")
+    path = os.path.join(root, algo, "run_args.yaml")
     if not os.path.isfile(path):
         return default
     with open(path, encoding="utf-8") as f:
-        return (yaml.safe_load(f).get("PPOConfig") or {}).get("seed", default)
+        return (yaml.safe_load(f).get("DPOConfig" if algo == "dpo" else "PPOConfig") or {}).get("seed", default)
 
 
 def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None = None) -> dict:
@@ -59,7 +66,11 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
     sft = read_metrics(os.path.join(root, "sft"))
     evals = [m["eval_loss"] for m in sft if m.get("eval_loss") is not None]
     rm = _load_json(os.path.join(root, "rm", "eval_report.json"))
-    ppo_lines = read_metrics(os.path.join(root, "ppo"))
+    algo = algorithm(root)
+    ppo_lines = read_metrics(os.path.join(root, "ppo")) if algo == "ppo" else []
+    dpo_lines = read_metrics(os.path.join(root, "dpo")) if algo == "dpo" else []
+    dpo_evals = [m for m in dpo_lines if m.get("eval_loss") is not None]
+    dpo_report = _load_json(os.path.join(root, "dpo", "eval_report.json")) if algo == "dpo" else {}
     ppo = [m for m in ppo_lines if m.get("objective/scores") is not None]
     held_out = [m for m in ppo_lines if m.get("eval/rm_score") is not None]
     ev = _load_json(os.path.join(root, "eval", "eval.json"))
@@ -72,7 +83,8 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
     rise = _get(vs, "reward_difference", "mean")
     trend = stats.step_trend([m["objective/scores"] for m in ppo]) if ppo else None
     summary = {
-        "seed": _ppo_seed(root, seed),
+        "seed": _stage3_seed(root, algo, seed),
+        "algorithm": algo,
         "sft_eval_loss_before": evals[0] if evals else None,
         "sft_eval_loss_after": evals[-1] if evals else None,
         "sft_vocabulary_share": _get(m_base, "readable_share", "mean"),
@@ -91,6 +103,12 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
         "ppo_explained_variance_last": ppo[-1].get("val/explained_variance") if ppo else None,
         "ppo_held_out": [{k: m.get(k) for k in ("step", "eval/rm_score", "eval/gold", "eval/length")}
                          for m in held_out],
+        "dpo_steps": max((m["step"] for m in dpo_lines if m.get("loss") is not None), default=None),
+        "dpo_eval_loss_first": dpo_evals[0]["eval_loss"] if dpo_evals else None,
+        "dpo_eval_loss_last": dpo_evals[-1]["eval_loss"] if dpo_evals else None,
+        "dpo_eval_accuracy": dpo_report.get("accuracy"),
+        "dpo_eval_accuracy_lookalike": dpo_report.get("accuracy_lookalike"),
+        "dpo_eval_mean_margin": dpo_report.get("mean_margin"),
         "eval_prompts": _get(ev, "prompts", "n"),
         "eval_baseline": base,
         "eval_final": final,
@@ -157,9 +175,7 @@ def summary_lines(s: dict) -> list[str]:
         + (f" ({'>=' if readable >= READABLE_SHARE else '<'} {READABLE_SHARE})" if readable is not None else ""),
         f"reward model  accuracy {_fmt(s['rm_eval_accuracy'])} on {_fmt(s['rm_pairs'])} held-out pairs; on the "
         f"{_fmt(s['rm_lookalike_pairs'])} look-alike pairs {_fmt(s['rm_accuracy_lookalike'])}",
-        f"PPO training  score {_fmt(t.get('first'))} -> {_fmt(t.get('last'))} (first -> last fifth of "
-        f"{s['ppo_steps']} steps): {t.get('verdict', stats.NO_CLEAR_CHANGE)}; KL last {_fmt(s['ppo_kl_last'], 2)}, "
-        f"max {_fmt(s['ppo_kl_max'], 2)}",
+        _stage3_line(s, t),
     ]
     if s["eval_final"]:
         n = s["eval_prompts"]
@@ -184,6 +200,16 @@ def summary_lines(s: dict) -> list[str]:
     lines.append("time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()))
     lines.append("=" * len(lines[0]))
     return lines
+
+
+def _stage3_line(s: dict, t: dict) -> str:
+    if s.get("algorithm") == "dpo":
+        return (f"DPO training  eval loss {_fmt(s['dpo_eval_loss_first'])} -> {_fmt(s['dpo_eval_loss_last'])} in "
+                f"{_fmt(s['dpo_steps'])} steps; implicit reward accuracy {_fmt(s['dpo_eval_accuracy'])} on the "
+                f"held-out pairs, {_fmt(s['dpo_eval_accuracy_lookalike'])} on the look-alike ones")
+    return (f"PPO training  score {_fmt(t.get('first'))} -> {_fmt(t.get('last'))} (first -> last fifth of "
+            f"{s['ppo_steps']} steps): {t.get('verdict', stats.NO_CLEAR_CHANGE)}; KL last {_fmt(s['ppo_kl_last'], 2)}, "
+            f"max {_fmt(s['ppo_kl_max'], 2)}")
 
 
 def _interval(d: dict | None, digits: int = 3, sign: str = "") -> str:
@@ -224,7 +250,7 @@ def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> 
                   "| n | RM score | gold |", "| --- | --- | --- |",
                   *(f"| {c['n']} | {_fmt(c['reward'])} | {_fmt(c['gold'])} |" for c in b["curve"]), ""]
     if examples:
-        lines += ["## The same held-out questions, before and after PPO", "",
+        lines += [f"## The same held-out questions, before and after {s.get('algorithm', 'ppo').upper()}", "",
                   "One sampled answer each (the same seed for both models); "
                   "RM = reward model, gold = common/gold.py.", ""]
         for i, row in enumerate(examples, 1):

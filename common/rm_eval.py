@@ -139,12 +139,13 @@ def _by_kind(kinds: list[str], correct: torch.Tensor) -> dict:
             "n_lookalike": int(lookalike.sum())}
 
 
-def report_markdown(report: dict) -> str:
-    """A short human-readable `eval_report.md` of ``pair_report``'s dict."""
+def report_markdown(report: dict, title: str = "Reward model evaluation") -> str:
+    """A short human-readable `eval_report.md` of ``pair_report``'s dict (a ``what`` key, if set, says what the
+    scores are)."""
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lc, longer = report["length_correlation"], report["accuracy_when_rejected_is_longer"]
     lines = [
-        "# Reward model evaluation", "",
+        f"# {title}", "", *([report["what"], ""] if report.get("what") else []),
         f"- Pairs: {report['n_pairs']}; accuracy (ties count as wrong): **{f(report['accuracy'])}** "
         f"({report['ties']} ties)",
         f"- Mean margin r_j - r_k: {f(report['mean_margin'])}; chosen scores {f(report['chosen_scores']['mean'])} "
@@ -178,11 +179,13 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(output_dir: str, report: dict, reward_stats: dict) -> None:
-    """`eval_report.json`, `eval_report.md` and `reward_stats.json` in ``output_dir``."""
+def write_report(output_dir: str, report: dict, reward_stats: dict | None = None,
+                 title: str = "Reward model evaluation") -> None:
+    """`eval_report.json`, `eval_report.md` and, if given, `reward_stats.json` in ``output_dir``."""
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
     with open(os.path.join(output_dir, "eval_report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report_markdown(report))
-    with open(os.path.join(output_dir, "reward_stats.json"), "w", encoding="utf-8") as fh:
-        json.dump(reward_stats, fh, indent=2)
+        fh.write(report_markdown(report, title))
+    if reward_stats is not None:
+        with open(os.path.join(output_dir, "reward_stats.json"), "w", encoding="utf-8") as fh:
+            json.dump(reward_stats, fh, indent=2)

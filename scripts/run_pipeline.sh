@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole RLHF chain: SFT -> merge -> reward model -> merge -> PPO -> merge -> evaluation of the final model
-# against the SFT model on held-out questions, then a summary with plots.
+# against the SFT model on held-out questions, then a summary with plots. With ALGO=dpo, stage 3 is DPO on the
+# preference pairs (training_dpo.py) instead of PPO; the reward model is still trained, as a judge for the evaluation.
 #
 #   bash scripts/run_pipeline.sh                      # offline demo: pretrained tiny model, sample data, CPU
 #   SEED=3 OUT=runs/seed3 bash scripts/run_pipeline.sh   # the same with every stage seeded with 3
+#   ALGO=dpo OUT=runs/dpo bash scripts/run_pipeline.sh   # DPO instead of PPO
 #
 #   # a real run: your base model and data, each stage under accelerate with a config from configs/
 #   BASE_MODEL=meta-llama/Llama-2-7b-hf DATASET=lvwerra/stack-exchange-paired OUT=runs/llama \
@@ -14,8 +16,9 @@
 #   bash scripts/run_pipeline.sh
 #
 # Environment: BASE_MODEL (default: the committed pretrained tiny model), DATASET (default: . = the sample data in
-# data/), OUT (default runs/pipeline), SEED (default 0, passed to every stage), LAUNCHER (default python), PYTHON,
-# and SFT_ARGS, RM_ARGS, PPO_ARGS, MERGE_ARGS, EVAL_ARGS appended to a stage's command (later flags win). Each stage whose output folder already holds a
+# data/), OUT (default runs/pipeline), SEED (default 0, passed to every stage), ALGO (ppo or dpo, default ppo),
+# LAUNCHER (default python), PYTHON, and SFT_ARGS, RM_ARGS, PPO_ARGS, DPO_ARGS, MERGE_ARGS, EVAL_ARGS appended to a
+# stage's command (later flags win). Each stage whose output folder already holds a
 # final model is skipped, so re-running continues from the first unfinished stage; the first failing stage
 # stops the run with a message naming it.
 set -euo pipefail
@@ -25,6 +28,17 @@ PY=${PYTHON:-python}
 LAUNCH=${LAUNCHER:-$PY}
 DATASET=${DATASET:-.}
 SEED=${SEED:-0}
+ALGO=${ALGO:-ppo}
+case "$ALGO" in
+  ppo|dpo) ;;
+  rloo|grpo) echo "error: ALGO=$ALGO: RLOO and GRPO are not available yet; choose ALGO=ppo or ALGO=dpo" >&2; exit 2 ;;
+  *) echo "error: ALGO=$ALGO: choose ALGO=ppo or ALGO=dpo" >&2; exit 2 ;;
+esac
+OTHER=$([ "$ALGO" = dpo ] && echo ppo || echo dpo)
+if [ -d "$OUT/$OTHER" ]; then
+  # Its final model and evaluation would be taken for this run's (finished stages are skipped).
+  echo "error: OUT=$OUT holds a run with ALGO=$OTHER ($OUT/$OTHER); give this run another OUT" >&2; exit 2
+fi
 export TOKENIZERS_PARALLELISM=false
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads made steps
 # several times slower (benchmarks/README.md).
@@ -65,9 +79,12 @@ if [ -z "${BASE_MODEL:-}" ]; then
   DEMO_PPO="--steps 640 --batch_size 16 --mini_batch_size 4 --ppo_epochs 2 --learning_rate 3e-4
     --output_min_length 32 --output_max_length 64 --init_kl_coef 0.1 --target 4 --horizon 500 --eval_freq 10
     --eval_prompts 64"
+  DEMO_DPO="--train_data_dir data/reward --eval_subset 200 --per_device_train_batch_size 8
+    --gradient_accumulation_steps 1 --learning_rate 1e-3 --warmup_steps 10 --max_steps 100 --max_length 256
+    --eval_first_step true --eval_steps 100 --save_steps 100 --logging_steps 10"
   DEMO_EVAL="--num_prompts 200 --max_new_tokens 64 --best_of_n 16 --best_of_n_prompts 32"
 else
-  DEMO_SFT="" DEMO_RM="" DEMO_PPO="" DEMO_EVAL=""
+  DEMO_SFT="" DEMO_RM="" DEMO_PPO="" DEMO_DPO="" DEMO_EVAL=""
 fi
 
 stage "SFT" "$OUT/sft" $LAUNCH training_sft.py --model_name_or_path "$BASE_MODEL" --dataset_name "$DATASET" \
@@ -82,9 +99,15 @@ if [ -f "$OUT/rm/adapter_config.json" ]; then
   stage "merge reward model" "$RM" $PY merge_with_lora.py --adapter_model_name "$OUT/rm" --output_name "$RM" \
     ${MERGE_ARGS:-}
 fi
-stage "PPO" "$OUT/ppo" $LAUNCH training_rl.py --model_name "$OUT/sft_merged" --reward_model_name "$RM" \
-  --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/ppo" --seed "$SEED" $DEMO_PPO ${PPO_ARGS:-}
-stage "merge PPO" "$OUT/final" $PY merge_with_lora.py --adapter_model_name "$OUT/ppo" \
+if [ "$ALGO" = dpo ]; then
+  stage "DPO" "$OUT/dpo" $LAUNCH training_dpo.py --model_name_or_path "$OUT/sft_merged" --dataset_name "$DATASET" \
+    --output_dir "$OUT/dpo" --seed "$SEED" $DEMO_DPO ${DPO_ARGS:-}
+else
+  stage "PPO" "$OUT/ppo" $LAUNCH training_rl.py --model_name "$OUT/sft_merged" --reward_model_name "$RM" \
+    --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/ppo" --seed "$SEED" $DEMO_PPO ${PPO_ARGS:-}
+fi
+STAGE3=$(echo "$ALGO" | tr a-z A-Z)
+stage "merge $STAGE3" "$OUT/final" $PY merge_with_lora.py --adapter_model_name "$OUT/$ALGO" \
   --output_name "$OUT/final" ${MERGE_ARGS:-}
 stage "evaluate" "$OUT/eval" $PY evaluate.py --models sft="$OUT/sft_merged" final="$OUT/final" \
   --reward_model_name "$RM" --dataset_name "$DATASET" --subset data/evaluation --seed "$SEED" \

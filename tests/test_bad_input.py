@@ -42,7 +42,8 @@ GOOD = {"question": "How?", "response_j": "Like this: `x`.", "response_k": "No i
 
 @pytest.mark.parametrize("script, fields", [("training_sft", ["question", "response_j"]),
                                             ("training_reward_model", ["question", "response_j", "response_k"]),
-                                            ("training_rl", ["question"])])
+                                            ("training_rl", ["question"]),
+                                            ("training_dpo", ["question", "response_j", "response_k"])])
 @pytest.mark.parametrize("problem", ["missing", "null", "number", "empty"])
 def test_each_stage_names_the_bad_field_and_row(script, fields, problem, bad_rows, tmp_path, capsys, tiny_model):
     field = fields[-1]
@@ -54,6 +55,7 @@ def test_each_stage_names_the_bad_field_and_row(script, fields, problem, bad_row
     path = bad_rows([GOOD, GOOD, bad])
     data = {"training_sft": ["--dataset_name", path, "--subset", ""],
             "training_reward_model": ["--dataset_name", path, "--train_data_dir", "", "--eval_data_dir", ""],
+            "training_dpo": ["--dataset_name", path, "--train_data_dir", "", "--eval_data_dir", ""],
             "training_rl": ["--dataset_name", path, "--subset", "", "--reward_model_name", tiny_model,
                             "--batch_size", "1", "--mini_batch_size", "1",
                             "--gradient_accumulation_steps", "1"]}[script]
@@ -124,7 +126,7 @@ def test_an_output_folder_holding_a_final_model(tiny_model, tmp_path, capsys):
     assert (out / "adapter_config.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl"])
+@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl", "training_dpo"])
 def test_an_output_dir_that_is_a_file_is_refused_before_any_model_loads(script, tiny_model, tmp_path, capsys,
                                                                         monkeypatch):
     import common.modeling

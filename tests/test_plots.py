@@ -48,6 +48,18 @@ def ppo_records(n: int = 40) -> list[dict]:
              "time/rollout": 1.2} for s in range(1, n + 1)]
 
 
+def dpo_records(n: int = 30) -> list[dict]:
+    """What DPOTrainer logs (keys as in a real run's metrics.jsonl), with an evaluation before training."""
+    recs = [{"step": 0, "eval_loss": 0.693, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0}]
+    for s in range(2, 2 * n + 1, 2):
+        recs.append({"step": s, "loss": 0.69 - s / 200, "rewards/accuracies": min(1.0, 0.4 + s / 80),
+                     "rewards/margins": s / 40, "rewards/chosen": -s / 100, "logps/rejected": -300.0})
+        if s % 20 == 0:
+            recs.append({"step": s, "eval_loss": 0.69 - s / 220, "eval_rewards/accuracies": 0.5 + s / 200,
+                         "eval_rewards/margins": s / 45})
+    return recs
+
+
 def write_run(folder, records: list[dict]) -> str:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as f:
@@ -72,6 +84,8 @@ PANELS = {
     "rm_loss.png": [["loss", "eval_loss"]],
     "ppo.png": [["objective/scores"], ["objective/kl"], ["objective/kl_coef"], ["response/length_mean"],
                 ["objective/entropy"], ["objective/rlhf_reward"]],
+    "dpo.png": [["loss", "eval_loss"], ["rewards/accuracies", "eval_rewards/accuracies"],
+                ["rewards/margins", "eval_rewards/margins"]],
 }
 
 
@@ -111,9 +125,10 @@ def assert_drawn(path: str, figures: dict, records: list[dict]) -> None:
     (sft_records(), ["sft_loss.png"]),
     (rm_records(), ["rm_accuracy.png", "rm_loss.png"]),
     (ppo_records(), ["ppo.png"]),
+    (dpo_records(), ["dpo.png"]),
     ([{"step": s, "foo": s * 2.0, "bar/baz": None if s == 3 else 1.0 / s, "note": "x"} for s in range(1, 20)],
      ["metrics.png"]),
-], ids=["sft", "rm", "ppo", "generic"])
+], ids=["sft", "rm", "ppo", "dpo", "generic"])
 def test_plot_run_each_stage(tmp_path, figures, records, names):
     run_dir = write_run(tmp_path / "run", records)
     written = plot_run(run_dir)

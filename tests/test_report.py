@@ -16,8 +16,9 @@ def _answers(n, reward, gold, text):
             "readable": [0.95] * n, "kl": [0.0] * n, "kl_note": None}
 
 
-def _pipeline(root, sft, final, scores=None):
-    """A pipeline folder: SFT and RM results, PPO metrics and an eval.json made by evaluate.py's own summary."""
+def _pipeline(root, sft, final, scores=None, algo="ppo"):
+    """A pipeline folder: SFT and RM results, PPO (or DPO) metrics and an eval.json made by evaluate.py's own
+    summary."""
     from evaluate import EvalArguments, summarize
 
     os.makedirs(root / "sft")
@@ -26,11 +27,20 @@ def _pipeline(root, sft, final, scores=None):
     os.makedirs(root / "rm")
     (root / "rm" / "eval_report.json").write_text(json.dumps(
         {"accuracy": 0.9, "n_pairs": 400, "accuracy_lookalike": 0.86, "n_lookalike": 240, "ece": 0.05}))
-    os.makedirs(root / "ppo")
-    scores = scores or [0.1 * i for i in range(20)]
-    (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(
-        {"step": i + 1, "objective/scores": s, "objective/kl": 0.2 * i, "objective/kl_coef": 0.1,
-         "val/explained_variance": 0.6}) + "\n" for i, s in enumerate(scores)))
+    if algo == "dpo":
+        os.makedirs(root / "dpo")
+        (root / "dpo" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [
+            {"step": 0, "eval_loss": 0.693, "eval_rewards/margins": 0.0}, {"step": 10, "loss": 0.6},
+            {"step": 20, "loss": 0.5}, {"step": 20, "eval_loss": 0.55, "eval_rewards/margins": 0.4}]))
+        (root / "dpo" / "eval_report.json").write_text(json.dumps(
+            {"accuracy": 0.8, "n_pairs": 200, "accuracy_lookalike": 0.7, "mean_margin": 0.4}))
+        (root / "dpo" / "run_args.yaml").write_text("DPOConfig:\n  seed: 4\n")
+    else:
+        os.makedirs(root / "ppo")
+        scores = scores or [0.1 * i for i in range(20)]
+        (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i + 1, "objective/scores": s, "objective/kl": 0.2 * i, "objective/kl_coef": 0.1,
+             "val/explained_variance": 0.6}) + "\n" for i, s in enumerate(scores)))
     a = EvalArguments(models=["sft=x", "final=y"], reward_model_name="rm", bootstrap_resamples=500)
     final["kl"] = [3.0] * len(final["kl"])
     ev = {"settings": {"models": {"sft": "x", "final": "y"}}, "prompts": {"n": len(sft["texts"])},
@@ -63,6 +73,23 @@ def test_better_answers_give_rose_and_the_summary_keys(tmp_path):
     assert s["gold_difference"]["verdict"] == "rose" and s["ppo_score_trend"]["verdict"] == "rose"
     text = "\n".join(report.summary_lines(s))
     assert "RLHF made the answers better" in text and "REWARD HACKING" not in text and "seed 3" in text
+
+
+def test_a_dpo_pipeline_gives_a_summary_of_the_same_shape(tmp_path):
+    n = 120
+    sft = _answers(n, _noise(1), lambda i: 0.3, lambda i: f"sft {i}")
+    final = _answers(n, lambda i: sft["reward"][i] + 1.0, lambda i: 0.3 + (0.4 if i % 4 else 0.0), lambda i: f"d {i}")
+    s = _pipeline(tmp_path / "dpo_run", sft, final, algo="dpo")
+    ppo = _pipeline(tmp_path / "ppo_run", sft, final)
+    assert set(s) == set(ppo)  # the same keys whichever stage 3 ran
+    assert s["algorithm"] == "dpo" and ppo["algorithm"] == "ppo" and s["seed"] == 4  # DPO's own run_args
+    assert (s["dpo_steps"], s["dpo_eval_loss_first"], s["dpo_eval_loss_last"], s["dpo_eval_accuracy"],
+            s["dpo_eval_accuracy_lookalike"]) == (20, 0.693, 0.55, 0.8, 0.7)
+    assert s["ppo_steps"] == 0 and s["ppo_score_first"] is None and ppo["dpo_eval_accuracy"] is None
+    assert s["gold_win_rate_vs_sft"] == ppo["gold_win_rate_vs_sft"]
+    lines = "\n".join(report.summary_lines(s))
+    assert "DPO training  eval loss 0.693 -> 0.550 in 20 steps" in lines and "PPO training" not in lines
+    assert "look-alike ones" in lines and "gold wins" in lines
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -151,7 +151,7 @@ def test_a_bad_flag_exits_without_traceback(tmp_path):
 
 def test_plain_lm_head_matches_trls_fused_head(tiny_model):
     """The CPU head (`--lm_head plain`, the default on CPU) returns what TRL's fused head does: the same loss,
-    per-token log-probs, entropy and top-1 flags, and the same LoRA gradients."""
+    per-token log-probs, entropy, mean logits and top-1 flags, and the same LoRA gradients."""
     import copy
 
     import torch
@@ -159,14 +159,14 @@ def test_plain_lm_head_matches_trls_fused_head(tiny_model):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from training_sft import plain_lm_head
+    from common.modeling import plain_lm_head
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     models = []
     for plain in (False, True):
         m = copy.deepcopy(base)
-        add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+        add_fused_lm_head(m, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
         if plain:
             assert plain_lm_head(m)
         peft = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -189,6 +189,7 @@ def test_plain_lm_head_matches_trls_fused_head(tiny_model):
     assert torch.equal(fused.label_mask, plain.label_mask)
     assert torch.allclose(fused.log_probs, plain.log_probs, atol=1e-5)
     assert torch.allclose(fused.entropy, plain.entropy, atol=1e-4)
+    assert torch.allclose(fused.mean_logits, plain.mean_logits, atol=1e-5) and fused.mean_logits.abs().sum() > 0
     assert torch.equal(fused.is_top1, plain.is_top1)
     assert len(g_fused) == 2 * 2 * base.config.num_hidden_layers
     for name, g in g_fused.items():

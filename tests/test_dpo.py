@@ -1,0 +1,218 @@
+"""training_dpo.py: DPO through TRL's DPOTrainer in this project's contracts. The loss against a by-hand
+log-sigmoid, the tokenization against SFT's, StackLLaMA-2's flags, learning on the pretrained tiny base with the
+implicit reward read back from the saved adapter, resume after a kill, and two processes."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from common.outputs import read_metrics
+from conftest import TORCHRUN, kill_after_checkpoint, mark_checkpoint, max_weight_diff, run_script
+
+PAIRS = [
+    {"question": "How do I list files in bash?", "response_j": "Use `ls -la` in the folder.",
+     "response_k": "You cannot."},
+    {"question": "How do I undo my last git commit?", "response_j": "Run `git reset --soft HEAD~1`; the changes stay.",
+     "response_k": "Delete the repository and clone it again, then redo the work by hand."},
+]
+
+
+def _rows(pairs):
+    from datasets import Dataset
+
+    return Dataset.from_list(pairs)
+
+
+def _answer_logps(model, tokenizer, question, answer):
+    """log pi(answer + EOS | prompt), summed, from a plain forward of the model's own logits."""
+    from common.prompts import tokenize_example
+
+    ex = tokenize_example(tokenizer, question, answer)
+    ids = torch.tensor([ex["input_ids"]])
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    token_logp = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    return token_logp[torch.tensor(ex["completion_mask"][1:]).bool()].sum()
+
+
+def test_dpo_loss_on_two_pairs_is_the_by_hand_log_sigmoid(tiny_model):
+    """Full fine-tuning with a policy moved away from its reference: TRL's loss on our tokenized batch equals
+    mean(-logsigmoid(beta * ((pi_j - ref_j) - (pi_k - ref_k)))) with log-probs summed over the answer and EOS."""
+    import training_dpo
+
+    script, config, model_args = training_dpo.parse([
+        "--model_name_or_path", tiny_model, "--output_dir", "/tmp/unused", "--use_peft", "false", "--beta", "0.5",
+        "--max_length", "128", "--per_device_train_batch_size", "2", "--report_to", "none"])
+    training_dpo.check_args(script, config)
+    from common.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model, padding_side="right")
+    ds, _ = training_dpo.tokenize_pairs(_rows(PAIRS), tokenizer, script, config.max_length, "test", False)
+    # The prompt is exactly what SFT puts before an answer and PPO generates from.
+    from common.prompts import tokenize_example
+
+    for pair, row in zip(PAIRS, ds):
+        for key, answer in (("chosen_ids", "response_j"), ("rejected_ids", "response_k")):
+            assert row["prompt_ids"] + row[key] == tokenize_example(tokenizer, pair["question"], pair[answer])[
+                "input_ids"]
+    trainer = training_dpo.build_trainer(script, config, model_args, tokenizer, ds, ds)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = trainer.data_collator([ds[0], ds[1]])
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    by_hand = []
+    with torch.no_grad():
+        for pair in PAIRS:
+            pol = [_answer_logps(trainer.model, tokenizer, pair["question"], pair[a])
+                   for a in ("response_j", "response_k")]
+            ref = [_answer_logps(trainer.ref_model, tokenizer, pair["question"], pair[a])
+                   for a in ("response_j", "response_k")]
+            by_hand.append(-torch.nn.functional.logsigmoid(0.5 * ((pol[0] - ref[0]) - (pol[1] - ref[1]))))
+    expected = torch.stack(by_hand).mean()
+    assert abs(expected.item() - math.log(2)) > 0.05  # the policy really moved: not the loss of equal models
+    assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
+
+
+def test_stackllama2_flags_and_defaults():
+    """dpo_llama2.py's flags parse to the same settings (STACKLLAMA.md), and its defaults are the defaults."""
+    import training_dpo
+
+    script, config, model_args = training_dpo.parse(["--model_name_or_path=sft/final_checkpoint",
+                                                     "--output_dir=dpo"])
+    assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps, config.weight_decay) == (
+        0.1, 5e-4, "cosine", 100, 0.05)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.max_length,
+            config.max_steps, config.logging_steps, config.save_steps, config.eval_steps) == (4, 4, 1024, 1000, 10,
+                                                                                              100, 100)
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.use_peft) == (8, 16, 0.05,
+                                                                                                       True)
+    assert script.train_data_dir == "data/rl" and script.eval_data_dir == "data/evaluation"
+    assert config.optim == ("paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch")
+    argv = ["--model_name_or_path", "m", "--beta", "0.2", "--learning_rate", "1e-4", "--lr_scheduler_type", "linear",
+            "--warmup_steps", "5", "--weight_decay", "0.01", "--optimizer_type", "adamw_torch",
+            "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
+            "--gradient_accumulation_steps", "8", "--gradient_checkpointing", "true", "--lora_alpha", "32",
+            "--lora_dropout", "0.1", "--lora_r", "4", "--max_prompt_length", "100", "--max_length", "300",
+            "--max_steps", "7", "--logging_steps", "1", "--save_steps", "3", "--eval_steps", "3",
+            "--output_dir", "out", "--load_in_4bit", "true", "--model_dtype", "float16", "--report_to", "none",
+            "--seed", "5", "--loss_type", "ipo"]
+    script, config, model_args = training_dpo.parse(argv)
+    assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps, config.weight_decay,
+            config.optim) == (0.2, 1e-4, "linear", 5, 0.01, "adamw_torch")
+    assert (config.per_device_train_batch_size, config.per_device_eval_batch_size, config.gradient_accumulation_steps,
+            config.gradient_checkpointing) == (2, 1, 8, True)
+    assert (model_args.lora_alpha, model_args.lora_dropout, model_args.lora_r, model_args.load_in_4bit,
+            model_args.dtype) == (32, 0.1, 4, True, "float16")
+    assert (script.max_prompt_length, config.max_length, config.max_steps, config.save_steps, config.seed,
+            config.loss_type) == (100, 300, 7, 3, 5, ["ipo"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--beta", "0"], "--beta"),
+    (["--max_prompt_length", "300", "--max_length", "256"], "--max_prompt_length"),
+    (["--precompute_ref_log_probs", "true"], "--precompute_ref_log_probs")])
+def test_a_bad_flag_is_one_error_line(args, needle, tmp_path, capsys):
+    from test_bad_input import _expect_error
+
+    _expect_error(capsys, "training_dpo", ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), *args],
+                  needle)
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    from common.tiny_model import main
+
+    return main(["--pretrained", "--output_dir", str(tmp_path_factory.mktemp("pretrained") / "base")])
+
+
+DATA = ["--dataset_name", ".", "--train_data_dir", "data/reward", "--max_length", "256", "--warmup_steps", "0",
+        "--gradient_accumulation_steps", "1", "--disable_tqdm", "true"]
+
+
+@pytest.mark.slow
+def test_dpo_learns_on_the_pretrained_base_and_the_saved_adapter_scores_the_same(pretrained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.modeling import load_tokenizer
+
+    out = str(tmp_path / "dpo")
+    proc = run_script("training_dpo.py", "--model_name_or_path", pretrained, *DATA, "--eval_subset", "60",
+                      "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--max_steps", "12",
+                      "--eval_steps", "12", "--save_steps", "6", "--logging_steps", "2", "--eval_first_step", "true",
+                      "--seed", "1", "--output_dir", out)
+    assert "train: 2000 pairs; " in proc.stdout and "eval: 60 pairs; " in proc.stdout
+    metrics = read_metrics(out)
+    evals = {m["step"]: m for m in metrics if "eval_loss" in m}
+    assert set(evals) == {0, 12}
+    # Step 0: the adapter is zero, policy == reference, every margin 0: the loss is log 2 and no pair is "won".
+    assert abs(evals[0]["eval_loss"] - math.log(2)) < 1e-5 and evals[0]["eval_rewards/accuracies"] == 0
+    assert evals[12]["eval_loss"] < 0.6 and evals[12]["eval_rewards/margins"] > 0.1, evals[12]
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6, 8, 10, 12]
+
+    files = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run_args.yaml", "metrics.jsonl",
+            "README.md", "eval_report.json", "eval_report.md", "checkpoint-6", "checkpoint-12"} <= files
+    assert "training_args.bin" not in files and ".final-tmp" not in files and "reward_stats.json" not in files
+    report = json.load(open(os.path.join(out, "eval_report.json")))
+    assert report["n_pairs"] == 60 and report["accuracy"] > 0.6 and report["accuracy_lookalike"] is not None
+    assert report["mean_margin"] == pytest.approx(evals[12]["eval_rewards/margins"], rel=0.05)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "DPO LoRA adapter" in card and "eval_accuracy_lookalike" in card and "training_dpo.py" in card
+    args = yaml.safe_load(open(os.path.join(out, "run_args.yaml")))
+    assert args["DPOConfig"]["beta"] == 0.1 and args["ScriptArguments"]["max_prompt_length"] == 128
+
+    # The report's implicit rewards, recomputed from the saved adapter with plain peft and plain logits.
+    tokenizer = load_tokenizer(pretrained)
+    base = AutoModelForCausalLM.from_pretrained(pretrained)
+    ref = AutoModelForCausalLM.from_pretrained(pretrained)
+    policy = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        for w in report["most_confidently_wrong"][:2]:
+            for answer, score in ((w["chosen"], w["chosen_score"]), (w["rejected"], w["rejected_score"])):
+                by_hand = 0.1 * (_answer_logps(policy, tokenizer, w["question"], answer)
+                                 - _answer_logps(ref, tokenizer, w["question"], answer))
+                assert abs(by_hand.item() - score) < 1e-4, (by_hand, score)
+
+
+@pytest.mark.slow
+def test_dpo_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model, tmp_path):
+    args = ["training_dpo.py", "--model_name_or_path", tiny_model, *DATA, "--train_subset", "64", "--eval_subset",
+            "8", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_steps", "8",
+            "--save_steps", "4", "--eval_steps", "8", "--logging_steps", "1"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_script(*args, "--output_dir", full)
+    kill_after_checkpoint([*args, "--output_dir", cut], os.path.join(cut, "checkpoint-4"))
+    marker = mark_checkpoint(os.path.join(cut, "checkpoint-4"))
+    run_script(*args, "--output_dir", cut, "--resume_from_checkpoint", "latest")
+    assert os.path.isfile(marker), "checkpoint-4 was saved again: the run started over instead of resuming"
+    assert [m["step"] for m in read_metrics(cut) if "loss" in m] == list(range(1, 9))
+    assert max_weight_diff(full, cut, "adapter_model.safetensors") < 1e-5
+    assert max_weight_diff(full, os.path.join(full, "checkpoint-4"), "adapter_model.safetensors") > 1e-4
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_learns_like_one_with_the_same_global_batch(tiny_model, tmp_path):
+    args = ["--model_name_or_path", tiny_model, *DATA, "--train_subset", "64", "--eval_subset", "9",
+            "--learning_rate", "1e-3", "--max_steps", "6", "--save_steps", "6", "--eval_steps", "6",
+            "--logging_steps", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_script("training_dpo.py", *args, "--per_device_train_batch_size", "4", "--output_dir", one)
+    proc = run_script(*TORCHRUN, "--master_port", "29563", "training_dpo.py", *args,
+                      "--per_device_train_batch_size", "2", "--output_dir", two)
+    assert proc.stdout.count("saved to") == 1  # only the main process prints and saves
+    a = [m["loss"] for m in read_metrics(one) if "loss" in m]
+    b = [m["loss"] for m in read_metrics(two) if "loss" in m]
+    assert len(a) == len(b) == 6 and abs(a[0] - b[0]) < 1e-4, (a, b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
+    # The implicit rewards of all 9 evaluation pairs, gathered from both processes without the padding repeat.
+    reports = [json.load(open(os.path.join(d, "eval_report.json"))) for d in (one, two)]
+    assert reports[0]["n_pairs"] == reports[1]["n_pairs"] == 9
+    assert abs(reports[0]["mean_margin"] - reports[1]["mean_margin"]) < 0.05
