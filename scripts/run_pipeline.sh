@@ -80,8 +80,8 @@ if [ -z "${BASE_MODEL:-}" ]; then
     --output_min_length 32 --output_max_length 64 --init_kl_coef 0.1 --target 4 --horizon 500 --eval_freq 10
     --eval_prompts 64"
   DEMO_DPO="--train_data_dir data/reward --eval_subset 200 --per_device_train_batch_size 8
-    --gradient_accumulation_steps 1 --learning_rate 1e-3 --warmup_steps 10 --max_steps 100 --max_length 256
-    --eval_first_step true --eval_steps 100 --save_steps 100 --logging_steps 10"
+    --gradient_accumulation_steps 1 --learning_rate 2e-4 --loss_type sigmoid sft --warmup_steps 10 --max_steps 100
+    --max_length 256 --eval_first_step true --eval_steps 100 --save_steps 100 --logging_steps 10"
   DEMO_EVAL="--num_prompts 200 --max_new_tokens 64 --best_of_n 16 --best_of_n_prompts 32"
 else
   DEMO_SFT="" DEMO_RM="" DEMO_PPO="" DEMO_DPO="" DEMO_EVAL=""

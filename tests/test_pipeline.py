@@ -24,8 +24,8 @@ PPO_STEPS = 20  # 320 episodes of 16 prompts
 def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline") / "run")
     env = {**os.environ, **OFFLINE_ENV, "OUT": out, "SEED": "3",
-           "SFT_ARGS": "--max_steps 60 --eval_freq 30 --save_freq 60 --disable_tqdm true",
-           "RM_ARGS": "--max_steps 100 --eval_steps 100 --save_steps 100 --disable_tqdm true",
+           "SFT_ARGS": "--max_steps 40 --eval_freq 20 --save_freq 40 --disable_tqdm true",
+           "RM_ARGS": "--max_steps 60 --eval_steps 60 --save_steps 60 --disable_tqdm true",
            "PPO_ARGS": f"--steps {16 * PPO_STEPS} --eval_freq 10 --eval_prompts 32 --save_freq 1000 "
                        "--disable_tqdm true",
            "EVAL_ARGS": "--num_prompts 48 --best_of_n 4 --best_of_n_prompts 12 --bootstrap_resamples 500"}
@@ -106,6 +106,70 @@ def test_ppo_on_two_processes_matches_one_with_the_same_global_batch(pipeline):
         b = sum(m[key] for m in two_metrics) / steps
         assert abs(a - b) < bound, (key, a, b, bound)
     assert max(m["objective/kl"] for m in two_metrics) < 30
+
+
+@pytest.mark.slow
+def test_algo_dpo_runs_the_chain_with_dpo_and_gives_the_same_summary(pipeline, tmp_path):
+    """ALGO=dpo from the pipeline's SFT model and reward model (copied in: their stages are skipped): DPO learns
+    the pairs (held-out DPO loss falls, the implicit reward beats chance), its report's implicit rewards are those
+    of the saved adapter read back with plain peft, and the summary has the PPO run's keys."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from test_dpo import _answer_logps
+    from transformers import AutoModelForCausalLM
+
+    from common.modeling import load_tokenizer
+
+    out, _ = pipeline
+    run = str(tmp_path / "run")
+    for stage in ("base", "sft", "sft_merged", "rm"):
+        shutil.copytree(os.path.join(out, stage), os.path.join(run, stage))
+    env = {**os.environ, **OFFLINE_ENV, "OUT": run, "SEED": "3", "ALGO": "dpo",
+           "DPO_ARGS": "--max_steps 10 --eval_steps 10 --save_steps 10 --eval_subset 48 --learning_rate 1e-3 "
+                       "--warmup_steps 0 --loss_type sigmoid --disable_tqdm true",
+           "EVAL_ARGS": "--num_prompts 24 --best_of_n 2 --best_of_n_prompts 4 --bootstrap_resamples 200"}
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("(done already: skipped)") == 4 and "DPO training  eval loss" in proc.stdout
+    s = json.load(open(os.path.join(run, "summary.json")))
+    assert set(s) == set(json.load(open(os.path.join(out, "summary.json"))))
+    assert s["algorithm"] == "dpo" and s["seed"] == 3 and s["ppo_steps"] == 0 and s["dpo_steps"] == 10
+    assert abs(s["dpo_eval_loss_first"] - 0.6931) < 1e-3 and s["dpo_eval_loss_last"] < 0.62, s
+    assert s["dpo_eval_accuracy"] > 0.6 and s["dpo_eval_accuracy_lookalike"] is not None
+    assert s["eval_prompts"] == 24 and s["gold_win_rate_vs_sft"] is not None and s["ppo_kl_to_sft"] is not None
+    assert {"DPO", "merge DPO", "evaluate"} <= set(s["seconds_per_stage"]) and "PPO" not in s["seconds_per_stage"]
+    assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
+    dpo_args = yaml.safe_load(open(os.path.join(run, "dpo", "run_args.yaml")))
+    assert dpo_args["DPOConfig"]["beta"] == 0.1 and dpo_args["ScriptArguments"]["max_prompt_length"] == 128
+    card = open(os.path.join(run, "dpo", "README.md")).read()
+    assert "DPO LoRA adapter" in card and "eval_accuracy_lookalike" in card and "training_dpo.py" in card
+    with open(os.path.join(run, "dpo.png"), "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+    # The DPO report's implicit rewards, recomputed for every evaluation pair from the saved adapter with plain peft
+    # and plain logits: the same accuracy and mean margin.
+    report = json.load(open(os.path.join(run, "dpo", "eval_report.json")))
+    assert report["n_pairs"] == 48
+    sft = os.path.join(run, "sft_merged")
+    tokenizer = load_tokenizer(sft)
+    ref = AutoModelForCausalLM.from_pretrained(sft)
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), os.path.join(run, "dpo")).eval()
+    with open(os.path.join(ROOT, "data", "evaluation", "train.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:48]
+    with torch.no_grad():
+        margins = torch.stack([0.1 * sum(sign * (_answer_logps(policy, tokenizer, r["question"], r[a])
+                                                 - _answer_logps(ref, tokenizer, r["question"], r[a]))
+                                         for sign, a in ((1, "response_j"), (-1, "response_k"))) for r in rows])
+    assert (margins > 0).float().mean().item() == pytest.approx(report["accuracy"], abs=1e-6)
+    assert margins.mean().item() == pytest.approx(report["mean_margin"], abs=1e-4)
+
+    # This folder holds a DPO run: a PPO run into it would take DPO's final model for its own.
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env={**env, "ALGO": "ppo"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "holds a run with ALGO=dpo" in proc.stderr
 
 
 @pytest.mark.slow

@@ -91,7 +91,9 @@ def test_help_lists_hf_names_and_stackllama_aliases():
 
 
 @pytest.mark.slow
-def test_config_yaml_with_command_line_override_and_refusal_to_overwrite(tiny_model, tmp_path):
+def test_config_yaml_with_command_line_override_and_refusal_to_overwrite(tiny_model, tmp_path, capsys):
+    from test_bad_input import _expect_error
+
     out = str(tmp_path / "sft")
     config = tmp_path / "run.yaml"
     # YAML keys may be Hugging Face names or StackLLaMA aliases.
@@ -105,8 +107,7 @@ def test_config_yaml_with_command_line_override_and_refusal_to_overwrite(tiny_mo
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
 
     before = open(os.path.join(out, "adapter_model.safetensors"), "rb").read()
-    proc = run_script("training_sft.py", "--config", str(config), check=False)
-    assert_user_error(proc, "--output_dir", "--overwrite_output_dir")
+    _expect_error(capsys, "training_sft", ["--config", str(config)], "--output_dir", "--overwrite_output_dir")
     assert open(os.path.join(out, "adapter_model.safetensors"), "rb").read() == before  # nothing lost
     run_script("training_sft.py", "--config", str(config), "--overwrite_output_dir", "--max_steps", "2")
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
