@@ -17,7 +17,7 @@ import yaml
 from common.outputs import read_metrics
 from conftest import OFFLINE_ENV, ROOT, TORCHRUN, run_script
 
-PPO_STEPS = 20  # 320 episodes of 16 prompts
+PPO_STEPS = 16  # 256 episodes of 16 prompts
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def pipeline(tmp_path_factory):
     env = {**os.environ, **OFFLINE_ENV, "OUT": out, "SEED": "3",
            "SFT_ARGS": "--max_steps 40 --eval_freq 20 --save_freq 40 --disable_tqdm true",
            "RM_ARGS": "--max_steps 60 --eval_steps 60 --save_steps 60 --disable_tqdm true",
-           "PPO_ARGS": f"--steps {16 * PPO_STEPS} --eval_freq 10 --eval_prompts 32 --save_freq 1000 "
+           "PPO_ARGS": f"--steps {16 * PPO_STEPS} --eval_freq 8 --eval_prompts 24 --save_freq 1000 "
                        "--disable_tqdm true",
-           "EVAL_ARGS": "--num_prompts 48 --best_of_n 4 --best_of_n_prompts 12 --bootstrap_resamples 500"}
+           "EVAL_ARGS": "--num_prompts 32 --best_of_n 4 --best_of_n_prompts 8 --bootstrap_resamples 500"}
     proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,10 +50,10 @@ def test_pipeline_learns_and_summarises_with_the_gold_judge(pipeline):
     assert s["rm_accuracy_lookalike"] > 0.5
     assert 0 <= s["ppo_kl_to_sft"] < 10 and s["ppo_kl_max"] < 30  # held near the SFT model by the KL penalty
     assert 0.0 <= s["gold_score_sft"] <= 1.0 and 0.0 <= s["gold_win_rate_vs_sft"] <= 1.0
-    assert s["eval_prompts"] == 48 and [c["n"] for c in s["best_of_n"]["curve"]] == [1, 2, 4]
-    # PPO's held-out evaluation ran at steps 0, 10 and 20, with the gold judge beside the reward model.
+    assert s["eval_prompts"] == 32 and [c["n"] for c in s["best_of_n"]["curve"]] == [1, 2, 4]
+    # PPO's held-out evaluation ran at steps 0, 8 and 16, with the gold judge beside the reward model.
     held_out = [h for h in s["ppo_held_out"] if h["eval/gold"] is not None]
-    assert [h["step"] for h in held_out] == [0, 10, 20], s["ppo_held_out"]
+    assert [h["step"] for h in held_out] == [0, 8, 16], s["ppo_held_out"]
     assert {"SFT", "merge SFT", "reward model", "PPO", "merge PPO", "evaluate"} <= set(s["seconds_per_stage"])
     assert "RLHF pipeline summary (seed 3)" in stdout and "gold wins" in stdout and "verdict" in stdout
 
@@ -64,7 +64,7 @@ def test_pipeline_writes_report_evaluation_plots_and_plain_models(pipeline):
     report = open(os.path.join(out, "report.md")).read()
     assert "Held-out questions during PPO" in report and "Best of n" in report and report.count("\n### ") == 3
     ev = json.load(open(os.path.join(out, "eval", "eval.json")))
-    assert set(ev["models"]) == {"sft", "final"} and len(ev["rows"]) == 48
+    assert set(ev["models"]) == {"sft", "final"} and len(ev["rows"]) == 32
     for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png", "eval/models.png", "eval/best_of_n.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(4) == b"\x89PNG", png
@@ -127,9 +127,9 @@ def test_algo_dpo_runs_the_chain_with_dpo_and_gives_the_same_summary(pipeline, t
     for stage in ("base", "sft", "sft_merged", "rm"):
         shutil.copytree(os.path.join(out, stage), os.path.join(run, stage))
     env = {**os.environ, **OFFLINE_ENV, "OUT": run, "SEED": "3", "ALGO": "dpo",
-           "DPO_ARGS": "--max_steps 10 --eval_steps 10 --save_steps 10 --eval_subset 48 --learning_rate 1e-3 "
+           "DPO_ARGS": "--max_steps 10 --eval_steps 10 --save_steps 10 --eval_subset 40 --learning_rate 1e-3 "
                        "--warmup_steps 0 --loss_type sigmoid --disable_tqdm true",
-           "EVAL_ARGS": "--num_prompts 24 --best_of_n 2 --best_of_n_prompts 4 --bootstrap_resamples 200"}
+           "EVAL_ARGS": "--num_prompts 16 --best_of_n 2 --best_of_n_prompts 4 --bootstrap_resamples 200"}
     proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -139,7 +139,7 @@ def test_algo_dpo_runs_the_chain_with_dpo_and_gives_the_same_summary(pipeline, t
     assert s["algorithm"] == "dpo" and s["seed"] == 3 and s["ppo_steps"] == 0 and s["dpo_steps"] == 10
     assert abs(s["dpo_eval_loss_first"] - 0.6931) < 1e-3 and s["dpo_eval_loss_last"] < 0.62, s
     assert s["dpo_eval_accuracy"] > 0.6 and s["dpo_eval_accuracy_lookalike"] is not None
-    assert s["eval_prompts"] == 24 and s["gold_win_rate_vs_sft"] is not None and s["ppo_kl_to_sft"] is not None
+    assert s["eval_prompts"] == 16 and s["gold_win_rate_vs_sft"] is not None and s["ppo_kl_to_sft"] is not None
     assert {"DPO", "merge DPO", "evaluate"} <= set(s["seconds_per_stage"]) and "PPO" not in s["seconds_per_stage"]
     assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
     dpo_args = yaml.safe_load(open(os.path.join(run, "dpo", "run_args.yaml")))
@@ -152,13 +152,13 @@ def test_algo_dpo_runs_the_chain_with_dpo_and_gives_the_same_summary(pipeline, t
     # The DPO report's implicit rewards, recomputed for every evaluation pair from the saved adapter with plain peft
     # and plain logits: the same accuracy and mean margin.
     report = json.load(open(os.path.join(run, "dpo", "eval_report.json")))
-    assert report["n_pairs"] == 48
+    assert report["n_pairs"] == 40
     sft = os.path.join(run, "sft_merged")
     tokenizer = load_tokenizer(sft)
     ref = AutoModelForCausalLM.from_pretrained(sft)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), os.path.join(run, "dpo")).eval()
     with open(os.path.join(ROOT, "data", "evaluation", "train.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f][:48]
+        rows = [json.loads(line) for line in f][:40]
     with torch.no_grad():
         margins = torch.stack([0.1 * sum(sign * (_answer_logps(policy, tokenizer, r["question"], r[a])
                                                  - _answer_logps(ref, tokenizer, r["question"], r[a]))
