@@ -35,7 +35,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from common.cli import collect, parse_args, run
-from common.data import load_and_validate
+from common.data import load_pairs
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -50,8 +50,6 @@ from common.outputs import AtomicCheckpoints
 from common.prompts import tokenize_prompt
 from common.rm_eval import pair_report, write_report
 from common.stage import TrainerStage
-
-FIELDS = ["question", "response_j", "response_k"]
 
 
 @dataclass
@@ -169,11 +167,6 @@ def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, na
     return ds.select(keep).remove_columns("keep"), rows.select(keep)
 
 
-def load_rows(script: ScriptArguments, data_dir: str, subset: int):
-    ds = load_and_validate(script.dataset_name, data_dir, script.split, FIELDS).dataset
-    return ds.select(range(subset)) if 0 < subset < len(ds) else ds
-
-
 class Trainer(AtomicCheckpoints, DPOTrainer):
     """TRL's DPOTrainer, with checkpoints written under a temporary name and renamed, and the pairs tokenized by
     this script (`tokenize_pairs`) rather than by TRL, which would tokenize prompt and answer together and could
@@ -235,8 +228,8 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
         config.per_device_eval_batch_size = config.per_device_train_batch_size
 
     # Data first: a bad row should cost seconds, not a model load.
-    train_rows = load_rows(script, script.train_data_dir, script.train_subset)
-    eval_rows = load_rows(script, script.eval_data_dir, script.eval_subset)
+    train_rows = load_pairs(script.dataset_name, script.train_data_dir, script.split, script.train_subset)
+    eval_rows = load_pairs(script.dataset_name, script.eval_data_dir, script.split, script.eval_subset)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "",
                                config.trust_remote_code, "right")
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)

@@ -29,7 +29,7 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from common.cli import collect, parse_args, run
-from common.data import load_and_validate
+from common.data import PAIR_FIELDS, load_pairs
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -44,7 +44,7 @@ from common.prompts import format_example
 from common.rm_eval import pair_report, score_pairs, write_report
 from common.stage import TrainerStage
 
-FIELDS = ["question", "response_j", "response_k"]
+FIELDS = PAIR_FIELDS
 
 
 @dataclass
@@ -136,8 +136,7 @@ def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, na
 
 
 def load_rows(script: ScriptArguments, data_dir: str, subset: int):
-    ds = load_and_validate(script.dataset_name, data_dir, script.split, FIELDS).dataset
-    return ds.select(range(subset)) if 0 < subset < len(ds) else ds
+    return load_pairs(script.dataset_name, data_dir, script.split, subset)
 
 
 class Trainer(AtomicCheckpoints, RewardTrainer):

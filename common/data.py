@@ -265,3 +265,13 @@ def load_and_validate(dataset_name: str, data_dir: str | None, split: str, field
     if streaming:
         loaded.dataset = checked_stream(loaded, fields)
     return loaded
+
+
+PAIR_FIELDS = ["question", "response_j", "response_k"]
+
+
+def load_pairs(dataset_name: str, data_dir: str | None, split: str, subset: int):
+    """The first ``subset`` preference pairs (``<= 0``: all) of a split, validated: the reward model's and DPO's
+    training and evaluation rows."""
+    ds = load_and_validate(dataset_name, data_dir, split, PAIR_FIELDS).dataset
+    return ds.select(range(subset)) if 0 < subset < len(ds) else ds

@@ -191,13 +191,14 @@ def small_rm(small_model, tmp_path_factory):
 def _stage_args(script, model, tmp_path, *extra):
     data = {"training_sft": ["--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "10"],
             "training_reward_model": ["--dataset_name", ".", "--eval_subset", "10", "--train_subset", "10"],
+            "training_dpo": ["--dataset_name", ".", "--eval_subset", "10", "--train_subset", "10"],
             "training_rl": ["--dataset_name", ".", "--subset", "data/rl", "--batch_size", "2", "--mini_batch_size", "1",
                             "--gradient_accumulation_steps", "1"]}[script]
     return ["--model_name_or_path", model, *data, "--max_steps" if script != "training_rl" else "--steps", "2",
             "--output_dir", str(tmp_path / "out"), *extra]
 
 
-@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl"])
+@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl", "training_dpo"])
 def test_a_tokenizer_larger_than_the_embedding_matrix(script, small_model, tiny_model, tiny_rm, tmp_path, capsys):
     extra = ["--tokenizer_name", tiny_model] + (["--reward_model_name", tiny_rm] if script == "training_rl" else [])
     _expect_error(capsys, script, _stage_args(script, small_model, tmp_path, *extra), "2048 tokens",
@@ -205,7 +206,7 @@ def test_a_tokenizer_larger_than_the_embedding_matrix(script, small_model, tiny_
     assert not os.path.exists(tmp_path / "out" / "adapter_config.json")
 
 
-@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl"])
+@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl", "training_dpo"])
 def test_a_smaller_tokenizer_of_another_model(script, small_model, tiny_model, tiny_rm, tmp_path, capsys):
     extra = ["--tokenizer_name", small_model] + (["--reward_model_name", tiny_rm] if script == "training_rl" else [])
     _expect_error(capsys, script, _stage_args(script, tiny_model, tmp_path, *extra), "1024 tokens", "2048",
@@ -218,7 +219,7 @@ def test_a_reward_tokenizer_that_does_not_fit_the_reward_model(small_rm, tiny_mo
     _expect_error(capsys, "training_rl", args, "2048 tokens", "1024 embedding rows", "--reward_tokenizer_name")
 
 
-@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl"])
+@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_rl", "training_dpo"])
 def test_a_special_token_past_the_embedding_matrix(script, extra_token_model, tiny_rm, tmp_path, capsys):
     extra = ["--reward_model_name", tiny_rm] if script == "training_rl" else []
     _expect_error(capsys, script, _stage_args(script, extra_token_model, tmp_path, *extra), "ids up to 2048",
