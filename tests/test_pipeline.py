@@ -206,12 +206,13 @@ RUN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "runs", "*.yaml")))
 
 @pytest.mark.parametrize("path", RUN_CONFIGS)
 def test_example_run_configs_parse_to_their_values(path):
+    import training_dpo
     import training_reward_model
     import training_rl
     import training_sft
 
-    script = {"sft": training_sft, "rm": training_reward_model,
-              "ppo": training_rl}[os.path.basename(path).split("_")[0]]
+    script = {"sft": training_sft, "rm": training_reward_model, "ppo": training_rl,
+              "dpo": training_dpo}[os.path.basename(path).split("_")[0]]
     parsed = script.parse(["--config", path])
     values = {k: v for obj in parsed for k, v in vars(obj).items()}
     # A StackLLaMA flag name in a config sets the field it is an alias of (the script's ALIASES).
