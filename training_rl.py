@@ -1,4 +1,4 @@
-"""Stage 3: PPO against a reward model, on `accelerate` (the algorithm: common/ppo.py, details: docs/ppo.md).
+"""Stage 3: PPO, RLOO or GRPO against a reward model, on `accelerate` (common/ppo.py; docs/ppo.md, docs/critic_free.md).
 
     # offline demo, after training_sft.py and training_reward_model.py
     python training_rl.py --model_name runs/sft --reward_model_name runs/rm --dataset_name . --subset data/rl \
@@ -17,6 +17,13 @@ the reference is the same network with the adapter disabled. The reward model (a
 classifier: Hub id, folder or adapter folder) scores `Question: …\n\nAnswer: {response}` with its own tokenizer.
 `--steps` counts episodes (responses) per process, as TRL's PPOConfig did for StackLLaMA: the run makes
 ceil(steps / batch_size) PPO steps, each of batch_size responses on every process.
+
+`--algorithm rloo|grpo` keeps every other flag and output, drops the value head, and answers each of
+batch_size / --num_generations prompts --num_generations times: RLOO's advantage is an answer's reward (score minus
+its KL to the reference) minus the mean of its group's other answers'; GRPO's is its score minus the group's mean,
+divided by the group's std (`--scale_rewards none --loss_type dr_grpo`: Dr. GRPO), with the KL in the loss.
+
+    python training_rl.py --algorithm grpo --num_generations 4 ...   # the same flags as above otherwise
 """
 
 from __future__ import annotations
@@ -152,9 +159,10 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
     prompts, dropped, source = load_prompts(a, tokenizer)
-    if len(prompts) < config.batch_size * accelerator.num_processes:
+    if len(prompts) < config.prompts_per_step * accelerator.num_processes:
+        per_prompt = f" / --num_generations {config.group_size}" if config.group_size > 1 else ""
         raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
-                        f"(--batch_size {config.batch_size} x {accelerator.num_processes} processes)")
+                        f"(--batch_size {config.batch_size}{per_prompt} x {accelerator.num_processes} processes)")
     if is_main:
         print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length "
               f"{a.max_prompt_length} dropped")
@@ -192,7 +200,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
         held_out = trainer.evaluate(eval_rows, eval_seed)  # where the policy starts
         if is_main:
             writer.write({"step": 0, "episodes": 0, **held_out})
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc="PPO")
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc=config.algorithm.upper())
     while trainer.progress.step < total_steps:
         metrics, samples = trainer.step()
         if eval_rows and (trainer.progress.step % a.eval_freq == 0 or trainer.progress.step == total_steps):
@@ -223,7 +231,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
         fifth = max(1, len(history) // 5)
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         kind = "LoRA adapter + value head" if model_args.use_peft else "model + value head"
-        write_model_card(a.output_dir, "PPO policy " + kind, model_args.model_name_or_path,
+        write_model_card(a.output_dir, f"{config.algorithm.upper()} policy " + kind, model_args.model_name_or_path,
                          f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}",
                          {"ppo_steps": trainer.progress.step, "episodes": trainer.progress.episodes,
                           "score_first_fifth": mean(history[:fifth], "objective/scores"),
@@ -308,6 +316,8 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
     if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
+    if config.algorithm != "ppo":  # RLOO and GRPO have no critic: the value head is not trained
+        model.value_head.requires_grad_(False)
 
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0,

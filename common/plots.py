@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from common.cli import ArgumentParser, UserError, run  # noqa: E402
 from common.outputs import METRICS_FILE, read_metrics  # noqa: E402
 
-PIPELINE_STAGES = ("sft", "rm", "ppo", "dpo")
+PIPELINE_STAGES = ("sft", "rm", "ppo", "rloo", "grpo", "dpo")
 PPO_PANELS = [("objective/scores", "score"), ("objective/kl", "KL"), ("objective/kl_coef", "KL coefficient"),
               ("response/length_mean", "response length (tokens)"), ("objective/entropy", "entropy"),
               ("objective/rlhf_reward", "RLHF reward (score - KL penalty)")]
@@ -155,7 +155,7 @@ def plot_dpo(records: list[dict], out_dir: str, title: str) -> list[str]:
     return [_save(fig, out_dir, "dpo.png", title)]
 
 
-def plot_ppo(records: list[dict], out_dir: str, title: str) -> list[str]:
+def plot_ppo(records: list[dict], out_dir: str, title: str, name: str = "ppo.png") -> list[str]:
     """``ppo.png``: score (with a ±std band), KL, KL coefficient, length, entropy, RLHF reward; with held-out
     evaluations (``eval/*``, training_rl.py --eval_freq) also the reward-model score and the gold score of the held-out
     answers side by side, on two axes (reward hacking: the first rising while the second stays flat or falls), and
@@ -189,7 +189,7 @@ def plot_ppo(records: list[dict], out_dir: str, title: str) -> list[str]:
         ax = axes.flat[7]
         has = _raw_and_smoothed(ax, records, "val/explained_variance", "value")
         _finish(ax, "value head: explained variance", "val/explained_variance", has_data=has, legend=False)
-    return [_save(fig, out_dir, "ppo.png", title)]
+    return [_save(fig, out_dir, name, title)]
 
 
 def plot_generic(records: list[dict], out_dir: str, title: str, name: str = "metrics.png") -> list[str]:
@@ -228,13 +228,14 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
 
 
 def pipeline_runs(root: str) -> list[str]:
-    """The stage folders of a pipeline root (``sft``, ``rm``, ``ppo``, ``dpo``) that hold a ``metrics.jsonl``."""
+    """The stage folders of a pipeline root (``sft``, ``rm``, ``ppo``/``rloo``/``grpo``, ``dpo``) that hold a
+    ``metrics.jsonl``."""
     return [s for s in PIPELINE_STAGES if os.path.isfile(os.path.join(root, s, METRICS_FILE))]
 
 
 def plot_pipeline(root: str, out_dir: str | None = None) -> list[str]:
-    """One summary figure per stage of a pipeline root: ``sft_loss.png``, ``rm_accuracy.png``, ``ppo.png`` or
-    ``dpo.png``."""
+    """One summary figure per stage of a pipeline root: ``sft_loss.png``, ``rm_accuracy.png``, and ``ppo.png``,
+    ``rloo.png``, ``grpo.png`` (the same panels) or ``dpo.png``."""
     out_dir, written = out_dir or root, []
     for stage in pipeline_runs(root):
         records = _load(os.path.join(root, stage))
@@ -242,8 +243,8 @@ def plot_pipeline(root: str, out_dir: str | None = None) -> list[str]:
         if detected == "generic":  # not the metrics this folder name promises: a generic figure, named apart
             written += plot_generic(records, out_dir, title, name=f"{stage}_metrics.png")
         else:
-            plotter = {"sft": plot_sft, "rm": partial(plot_rm, with_loss=False), "ppo": plot_ppo,
-                       "dpo": plot_dpo}[detected]
+            plotter = {"sft": plot_sft, "rm": partial(plot_rm, with_loss=False),
+                       "ppo": partial(plot_ppo, name=f"{stage}.png"), "dpo": plot_dpo}[detected]
             written += plotter(records, out_dir, title)
     return written
 

@@ -35,12 +35,16 @@ from common.ppo_math import (
     RunningMoments,
     compute_gae,
     compute_rewards,
+    critic_free_losses,
     entropy_from_logits,
     explained_variance,
+    group_advantages,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
     ppo_losses,
+    rloo_advantages,
+    token_weights,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,10 +98,35 @@ class PPOConfig:
         default=None, metadata={"help": "Subtracted from the score of a response that never ended."})
     reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."})
+    algorithm: str = field(
+        default="ppo", metadata={"help": "ppo (a value head and GAE), rloo (k samples per prompt, leave-one-out "
+                                         "baseline, KL in the reward) or grpo (k samples per prompt, group-normalised "
+                                         "advantages, KL in the loss); docs/critic_free.md.",
+                                 "choices": ["ppo", "rloo", "grpo"]})
+    num_generations: int | None = field(
+        default=None, metadata={"help": "rloo/grpo: samples per prompt, k (default 4); --batch_size responses are "
+                                        "batch_size / k prompts x k samples."})
+    scale_rewards: str | None = field(
+        default=None, metadata={"help": "grpo: divide the group-centred scores by the group's std (group, the "
+                                        "default), the batch's (batch), or not at all (none: Dr. GRPO)."})
+    loss_type: str | None = field(
+        default=None, metadata={"help": "rloo/grpo: how token losses add up: token (each token alike over the "
+                                        "optimizer step, as PPO; the default), grpo (mean per answer, then over "
+                                        "answers) or dr_grpo (sum over tokens / (answers x --output_max_length))."})
 
     @property
     def gen_batch_size(self) -> int:
         return (self.generation_batch_size or self.batch_size) if self.batched_gen else 1
+
+    @property
+    def group_size(self) -> int:
+        """Samples per prompt: 1 for PPO, ``--num_generations`` (default 4) for RLOO and GRPO."""
+        return 1 if self.algorithm == "ppo" else (self.num_generations or 4)
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per step and process: each is answered ``group_size`` times."""
+        return self.batch_size // self.group_size
 
     def problems(self) -> list[str]:
         """Every argument problem, each naming its flag (training_rl.check_args raises them together)."""
@@ -116,6 +145,22 @@ class PPOConfig:
                 self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps):
             out.append(f"--batch_size {self.batch_size} must be divisible by --mini_batch_size {self.mini_batch_size} "
                        f"x --gradient_accumulation_steps {self.gradient_accumulation_steps}")
+        if self.algorithm == "ppo":
+            for name in ("num_generations", "scale_rewards", "loss_type"):
+                if getattr(self, name) is not None:
+                    out.append(f"--{name} is a setting of --algorithm rloo or grpo, not of ppo")
+        else:
+            k = self.group_size
+            if k < 2:
+                out.append(f"--num_generations must be >= 2 (the baseline comes from the other samples), got {k}")
+            elif self.batch_size > 0 and self.batch_size % k:
+                out.append(f"--batch_size {self.batch_size} must be divisible by --num_generations {k}")
+            if self.scale_rewards is not None and self.algorithm != "grpo":
+                out.append("--scale_rewards is a setting of --algorithm grpo")
+            if self.scale_rewards not in (None, "group", "batch", "none"):
+                out.append(f"--scale_rewards must be group, batch or none, got {self.scale_rewards}")
+            if self.loss_type not in (None, "token", "grpo", "dr_grpo"):
+                out.append(f"--loss_type must be token, grpo or dr_grpo, got {self.loss_type}")
         if self.output_min_length > self.output_max_length:
             out.append(f"--output_min_length {self.output_min_length} > --output_max_length {self.output_max_length}")
         return out
@@ -261,13 +306,15 @@ class PPOTrainer:
         if plugin is not None:
             dist.configure_deepspeed(plugin.deepspeed_config, config)
         self.eos_ids = eos_token_ids(tokenizer, model.lm())
+        if config.algorithm != "ppo":  # no critic: the value head stays at zero and out of DDP's gradient reduction
+            model.value_head.requires_grad_(False)
         # The scheduler stays outside `prepare`: accelerate would step it once per process per call.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
                        else FixedKLController(config.init_kl_coef))
         self.running = RunningMoments()
-        self.stream = PromptStream(len(prompts), config.batch_size, config.seed)
+        self.stream = PromptStream(len(prompts), config.prompts_per_step, config.seed)
         self.length_sampler = LengthSampler(config.output_min_length, config.output_max_length, config.seed)
         self.progress = Progress()
         for obj in (self.progress, self.kl_ctl, self.running, self.stream, self.length_sampler, scheduler):
@@ -279,9 +326,11 @@ class PPOTrainer:
     # --- rollout ---------------------------------------------------------------------------------------------
 
     def next_prompts(self) -> list[dict]:
-        """This process's share of the next global batch of prompts."""
-        acc = self.accelerator
-        return [self.prompts[i] for i in self.stream.next_indices(acc.num_processes, acc.process_index)]
+        """This process's share of the next global batch of prompts; with RLOO and GRPO each prompt ``group_size``
+        times in a row (a group: its samples are each other's baseline, on the same process)."""
+        acc, k = self.accelerator, self.config.group_size
+        return [self.prompts[i] for i in self.stream.next_indices(acc.num_processes, acc.process_index)
+                for _ in range(k)]
 
     @torch.no_grad()
     def generate(self, batch: list[dict]) -> list[list[int]]:
@@ -439,11 +488,18 @@ class PPOTrainer:
         old_logprobs, old_values, ref_logprobs, entropy = self.reference_and_values(b)
         kl_coef = self.kl_ctl.value  # the coefficient these rewards use (the controller updates after the step)
         rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)
-        advantages, returns = compute_gae(rewards, old_values, mask, hp.gamma, hp.lam)
-        advantages = masked_whiten(advantages, mask, reduce=self._sum)
+        returns = None
+        if hp.algorithm == "ppo":
+            advantages, returns = compute_gae(rewards, old_values, mask, hp.gamma, hp.lam)
+            advantages = masked_whiten(advantages, mask, reduce=self._sum)
+        elif hp.algorithm == "rloo":  # one reward per answer, its KL to the reference included (Ahmadian et al. eq. 3)
+            advantages = rloo_advantages(scores - kl_coef * kl.sum(1), hp.group_size)
+        else:  # grpo: the KL is in the loss instead
+            advantages = group_advantages(scores, hp.group_size, hp.scale_rewards or "group")
 
         finite = torch.isfinite(scores).all() & torch.isfinite(rewards).all() & torch.isfinite(old_logprobs).all()
-        stats = self.update(b, old_logprobs, old_values, advantages, returns) if self._all(finite) else None
+        stats = (self.update(b, old_logprobs, old_values, advantages, returns, ref_logprobs, kl_coef)
+                 if self._all(finite) else None)
         skipped = stats is None
         t3 = time.perf_counter()
 
@@ -469,8 +525,6 @@ class PPOTrainer:
             "objective/kl_coef": kl_coef,
             "objective/rlhf_reward": self._mean((scores - kl_coef * kl.sum(1)).mean()),
             "objective/entropy": self._mean(masked_mean(entropy, mask)),
-            "val/explained_variance": explained_variance(old_values, returns, mask, reduce=self._sum),
-            "val/mean": self._mean(masked_mean(old_values, mask)),
             "response/length_mean": self._mean(mask.sum(1).mean()),
             "response/eos_fraction": self._mean(self.ended(responses).mean()),
             "time/generate": t1 - t0,
@@ -480,7 +534,10 @@ class PPOTrainer:
             "skipped_steps": p.skipped_steps,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
         }
-        for key in ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac"):
+        if hp.algorithm == "ppo":  # the critic's numbers; RLOO and GRPO have none
+            metrics["val/explained_variance"] = explained_variance(old_values, returns, mask, reduce=self._sum)
+            metrics["val/mean"] = self._mean(masked_mean(old_values, mask))
+        for key in self.stat_keys():
             metrics[key] = stats[key] if stats else float("nan")
         metrics["ppo/updates"] = stats["ppo/updates"] if stats else 0
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -488,14 +545,23 @@ class PPOTrainer:
                    for row, a, s in zip(batch, answers, raw_scores.tolist())]
         return metrics, samples
 
-    def update(self, b, old_logprobs, old_values, advantages, returns) -> dict | None:
+    def stat_keys(self) -> tuple[str, ...]:
+        """The update's statistics: PPO's include the critic's; GRPO's the KL term of its loss."""
+        if self.config.algorithm == "ppo":
+            return STAT_KEYS
+        return CRITIC_FREE_STAT_KEYS + (("loss/kl",) if self.config.algorithm == "grpo" else ())
+
+    def update(self, b, old_logprobs, old_values, advantages, returns, ref_logprobs=None, kl_coef=0.0) -> dict | None:
         """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per ``mini x grad_accum`` rows.
 
         Each optimizer step's loss is a sum over its response tokens divided by their number across all its
-        micro-batches and processes (``ppo_losses(n_tokens=...)``), so 2 processes x accumulation take the step
-        one process would take with the whole batch. Returns the token-weighted mean statistics over the
-        optimizer steps taken, or None if a non-finite loss or gradient made the step skip."""
+        micro-batches and processes (``ppo_losses(n_tokens=...)``; RLOO and GRPO: ``token_weights`` of the whole
+        step), so 2 processes x accumulation take the step one process would take with the whole batch. PPO's
+        ``advantages`` are per token, RLOO's and GRPO's per answer (``[B]``; GRPO adds ``kl_coef`` times the KL to
+        ``ref_logprobs`` to its loss). Returns the token-weighted mean statistics over the optimizer steps taken,
+        or None if a non-finite loss or gradient made the step skip."""
         acc, hp, mask = self.accelerator, self.config, b["mask"]
+        keys = self.stat_keys()
         rows_per_step = hp.mini_batch_size * hp.gradient_accumulation_steps
         scale = dist.loss_scale(acc, hp.gradient_accumulation_steps)
         gen = torch.Generator().manual_seed(hp.seed * 100003 + self.progress.step)
@@ -509,24 +575,34 @@ class PPOTrainer:
             for start in range(0, hp.batch_size, rows_per_step):
                 step_inds = b_inds[start : start + rows_per_step].to(mask.device)
                 n_tokens = self._sum(mask[step_inds].sum())  # the whole optimizer step's response tokens
-                step_stats = torch.zeros(5, device=mask.device)
+                n_seqs = self._sum(torch.tensor(float(len(step_inds)), device=mask.device))  # and its answers
+                step_stats = torch.zeros(len(keys), device=mask.device)
                 for k in range(hp.gradient_accumulation_steps):
                     mb_inds = step_inds[k * hp.mini_batch_size : (k + 1) * hp.mini_batch_size]
                     with dist.micro_batch(acc, self.model, last=k == hp.gradient_accumulation_steps - 1):
                         values, logprobs, _ = self.forward(self.model, b, mb_inds)
                         R = logprobs.shape[1]
-                        loss, stats = ppo_losses(
-                            logprobs, old_logprobs[mb_inds, :R], values, old_values[mb_inds, :R],
-                            advantages[mb_inds, :R], returns[mb_inds, :R], mask[mb_inds, :R],
-                            hp.cliprange, hp.cliprange_value, hp.vf_coef, n_tokens=n_tokens,
-                        )
+                        if hp.algorithm == "ppo":
+                            loss, stats = ppo_losses(
+                                logprobs, old_logprobs[mb_inds, :R], values, old_values[mb_inds, :R],
+                                advantages[mb_inds, :R], returns[mb_inds, :R], mask[mb_inds, :R],
+                                hp.cliprange, hp.cliprange_value, hp.vf_coef, n_tokens=n_tokens,
+                            )
+                        else:
+                            mb_mask = mask[mb_inds, :R]
+                            weights = token_weights(mb_mask, hp.loss_type or "token", n_tokens, n_seqs,
+                                                    hp.output_max_length)
+                            loss, stats = critic_free_losses(
+                                logprobs, old_logprobs[mb_inds, :R], ref_logprobs[mb_inds, :R], advantages[mb_inds],
+                                mb_mask, weights, n_tokens, hp.cliprange, kl_coef if hp.algorithm == "grpo" else 0.0,
+                            )
                         finite = self._all(torch.isfinite(loss))
                         if finite:
                             acc.backward(loss * scale)
                     if not finite:
                         self._restore(snapshot)
                         return None
-                    step_stats += torch.stack([stats[key] for key in STAT_KEYS])
+                    step_stats += torch.stack([stats[key] for key in keys])
                 step_stats = self._sum(step_stats)  # token sums / the step's tokens: adds up across processes
                 if hp.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), hp.max_grad_norm)
@@ -536,9 +612,9 @@ class PPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
-                for key, value in zip(STAT_KEYS, step_stats.tolist()):
+                for key, value in zip(keys, step_stats.tolist()):
                     sums[key] = sums.get(key, 0.0) + value
-                if hp.early_stopping and float(step_stats[STAT_KEYS.index("policy/approxkl")]) > 1.5 * hp.target_kl:
+                if hp.early_stopping and float(step_stats[keys.index("policy/approxkl")]) > 1.5 * hp.target_kl:
                     stop = True  # every process sees the same global value, so all stop together
                     break
             if stop:
@@ -611,6 +687,7 @@ class PPOTrainer:
                     f.write(text)
             state = {"global_step": self.progress.step, "episodes": self.progress.episodes,
                      "num_processes": acc.num_processes, "kl_coef": self.kl_ctl.value,
+                     "algorithm": self.config.algorithm, "group_size": self.config.group_size,
                      "distributed_type": dist.distributed_type(acc)}
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:  # written last
                 json.dump(state, f, indent=1)
@@ -624,6 +701,13 @@ class PPOTrainer:
             raise UserError(f"{folder} is not a checkpoint of this version of training_rl.py (no random_states_0.pkl); "
                             "start a new run, or resume with the version that wrote it")
         check_processes(folder, acc.num_processes)  # the prompt stream, RNG states and global batch depend on it
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        saved = (state.get("algorithm", "ppo"), state.get("group_size", 1))
+        if saved != (self.config.algorithm, self.config.group_size):
+            raise UserError(f"{folder} was written by --algorithm {saved[0]} with {saved[1]} sample(s) per prompt; "
+                            f"this run has --algorithm {self.config.algorithm} with {self.config.group_size}: "
+                            "resume with the same settings, or start a new run")
         for name in sorted(os.listdir(folder)):  # accelerate unpickles these in full: check they hold plain data
             if name.startswith("custom_checkpoint_"):
                 try:
@@ -667,6 +751,7 @@ class PPOTrainer:
 
 
 STAT_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac")
+CRITIC_FREE_STAT_KEYS = ("loss/policy", "policy/approxkl", "policy/clipfrac")
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 

@@ -97,6 +97,50 @@ def compute_gae(
     return advantages * mask, returns * mask
 
 
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO's leave-one-out baseline (Ahmadian et al. 2024, eq. 5; Kool et al. 2019): ``[B]`` rewards of ``B / k``
+    groups of ``k`` consecutive samples of the same prompt -> ``A_i = r_i - mean_{j != i} r_j`` over ``i``'s group."""
+    g = rewards.reshape(-1, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def group_advantages(scores: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, sec. 4.1.2): ``[B]`` scores of groups of ``k``
+    consecutive samples -> ``(s_i - mean(group)) / (std(group) + eps)``, std unbiased as TRL computes it.
+
+    ``scale``: ``group`` (GRPO), ``batch`` (one std over the whole batch) or ``none`` (Dr. GRPO, Liu et al. 2025:
+    no division, which biases questions that are too easy or too hard less)."""
+    g = scores.reshape(-1, k)
+    adv = g - g.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (g.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (scores.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    return adv.reshape(-1)
+
+
+def token_weights(mask: torch.Tensor, loss_type: str, n_tokens, n_sequences, max_length: int) -> torch.Tensor:
+    """``[B, R]`` weight of each response token's loss in an optimizer step whose losses are ``sum(weight * loss)``.
+
+    ``n_tokens`` and ``n_sequences`` count the whole optimizer step (all micro-batches and processes), so the
+    weights of a step add up to 1 (``token``, ``grpo``) whatever its split. ``loss_type``:
+    ``token``: every token alike, ``mask / n_tokens`` (PPO's, and DAPO's "token-level" loss);
+    ``grpo``: each sequence's mean over its tokens, then the mean over sequences (the GRPO paper's eq. 3), which
+    weighs a token of a long answer less;
+    ``dr_grpo``: sums over tokens divided by ``n_sequences * max_length`` (Dr. GRPO, Liu et al. 2025), a constant
+    that does not depend on the answers' lengths."""
+    if loss_type == "token":
+        return mask / n_tokens
+    if loss_type == "grpo":
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / n_sequences
+    if loss_type == "dr_grpo":
+        return mask / (n_sequences * max_length)
+    raise ValueError(f"loss_type must be token, grpo or dr_grpo, got {loss_type!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,6 +182,37 @@ def ppo_losses(
             "policy/approxkl": 0.5 * (logratio**2 * mask).sum() / n,
             "policy/clipfrac": ((pg_losses2 > pg_losses).float() * mask).sum() / n,
             "val/clipfrac": ((vf_losses2 > vf_losses).float() * mask).sum() / n,
+        }
+    return loss, stats
+
+
+def critic_free_losses(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, weights: torch.Tensor, n_tokens, cliprange: float, kl_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RLOO's and GRPO's loss: the clipped surrogate with one advantage per sequence (``[B]``, broadcast to its
+    tokens), plus ``kl_coef`` times the per-token KL estimate ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3,
+    unbiased and >= 0; GRPO's eq. 4; RLOO passes 0, its KL is in the reward). Each term is ``sum(weights * term)``
+    with ``weights`` from ``token_weights``. No value loss: these methods have no critic. The statistics are token
+    means (``mask / n_tokens``, as ``ppo_losses`` reports them), whatever the loss's weights."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    adv = advantages[:, None]
+    pg_losses = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = (torch.max(pg_losses, pg_losses2) * weights).sum()
+    loss = pg_loss
+    delta = ref_logprobs - logprobs
+    kl = torch.exp(delta) - delta - 1.0
+    if kl_coef:
+        loss = loss + kl_coef * (kl * weights).sum()
+    with torch.no_grad():
+        per_token = mask / n_tokens
+        stats = {
+            "loss/policy": (torch.max(pg_losses, pg_losses2) * per_token).sum(),
+            "loss/kl": (kl * per_token).sum(),
+            "policy/approxkl": 0.5 * (logratio**2 * per_token).sum(),
+            "policy/clipfrac": ((pg_losses2 > pg_losses).float() * per_token).sum(),
         }
     return loss, stats
 

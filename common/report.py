@@ -43,10 +43,15 @@ def _get(d, *keys):
     return d
 
 
+RL_ALGORITHMS = ("ppo", "rloo", "grpo")  # training_rl.py's, each in a stage folder of its name; their metrics alike
+ALGORITHMS = (*RL_ALGORITHMS, "dpo")
+
+
 def algorithm(root: str) -> str:
-    """Which stage 3 the pipeline ran: ``dpo`` when ``dpo/`` holds metrics and ``ppo/`` does not, else ``ppo``."""
-    has = lambda stage: os.path.isfile(os.path.join(root, stage, "metrics.jsonl"))  # noqa: E731
-    return "dpo" if has("dpo") and not has("ppo") else "ppo"
+    """Which stage 3 the pipeline ran: the one of ``ppo/``, ``rloo/``, ``grpo/`` and ``dpo/`` that holds metrics
+    (``ppo`` when none or several do)."""
+    ran = [a for a in ALGORITHMS if os.path.isfile(os.path.join(root, a, "metrics.jsonl"))]
+    return ran[0] if len(ran) == 1 else "ppo"
 
 
 def _stage3_seed(root: str, algo: str, default: int | None) -> int | None:
@@ -67,7 +72,7 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
     evals = [m["eval_loss"] for m in sft if m.get("eval_loss") is not None]
     rm = _load_json(os.path.join(root, "rm", "eval_report.json"))
     algo = algorithm(root)
-    ppo_lines = read_metrics(os.path.join(root, "ppo")) if algo == "ppo" else []
+    ppo_lines = read_metrics(os.path.join(root, algo)) if algo in RL_ALGORITHMS else []  # ppo_*: the RL stage's
     dpo_lines = read_metrics(os.path.join(root, "dpo")) if algo == "dpo" else []
     dpo_evals = [m for m in dpo_lines if m.get("eval_loss") is not None]
     dpo_report = _load_json(os.path.join(root, "dpo", "eval_report.json")) if algo == "dpo" else {}
@@ -207,7 +212,8 @@ def _stage3_line(s: dict, t: dict) -> str:
         return (f"DPO training  eval loss {_fmt(s['dpo_eval_loss_first'])} -> {_fmt(s['dpo_eval_loss_last'])} in "
                 f"{_fmt(s['dpo_steps'])} steps; implicit reward accuracy {_fmt(s['dpo_eval_accuracy'])} on the "
                 f"held-out pairs, {_fmt(s['dpo_eval_accuracy_lookalike'])} on the look-alike ones")
-    return (f"PPO training  score {_fmt(t.get('first'))} -> {_fmt(t.get('last'))} (first -> last fifth of "
+    label = f"{s.get('algorithm', 'ppo').upper()} training".ljust(14)  # the column of the other lines' labels
+    return (f"{label}score {_fmt(t.get('first'))} -> {_fmt(t.get('last'))} (first -> last fifth of "
             f"{s['ppo_steps']} steps): {t.get('verdict', stats.NO_CLEAR_CHANGE)}; KL last {_fmt(s['ppo_kl_last'], 2)}, "
             f"max {_fmt(s['ppo_kl_max'], 2)}")
 
@@ -239,7 +245,8 @@ def overall(s: dict) -> str:
 def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> str:
     lines = ["# RLHF pipeline report", "", "```", *summary_lines(s), "```", ""]
     if s["ppo_held_out"]:
-        lines += ["## Held-out questions during PPO (proxy and gold side by side)", "",
+        lines += [f"## Held-out questions during {s.get('algorithm', 'ppo').upper()} (proxy and gold side by side)",
+                  "",
                   "| step | RM score | gold | length |", "| --- | --- | --- | --- |",
                   *(f"| {h['step']} | {_fmt(h['eval/rm_score'])} | {_fmt(h['eval/gold'])} "
                     f"| {_fmt(h['eval/length'], 1)} |"

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The whole RLHF chain: SFT -> merge -> reward model -> merge -> PPO -> merge -> evaluation of the final model
-# against the SFT model on held-out questions, then a summary with plots. With ALGO=dpo, stage 3 is DPO on the
-# preference pairs (training_dpo.py) instead of PPO; the reward model is still trained, as a judge for the evaluation.
+# against the SFT model on held-out questions, then a summary with plots. ALGO=rloo or ALGO=grpo runs stage 3 with
+# training_rl.py --algorithm rloo|grpo (critic-free RL against the same reward model, the same flags; its folder is
+# rloo/ or grpo/). With ALGO=dpo, stage 3 is DPO on the preference pairs (training_dpo.py) instead; the reward model
+# is still trained, as a judge for the evaluation.
 #
 #   bash scripts/run_pipeline.sh                      # offline demo: pretrained tiny model, sample data, CPU
 #   SEED=3 OUT=runs/seed3 bash scripts/run_pipeline.sh   # the same with every stage seeded with 3
 #   ALGO=dpo OUT=runs/dpo bash scripts/run_pipeline.sh   # DPO instead of PPO
+#   ALGO=grpo OUT=runs/grpo bash scripts/run_pipeline.sh # GRPO instead of PPO (or ALGO=rloo)
 #
 #   # a real run: your base model and data, each stage under accelerate with a config from configs/
 #   BASE_MODEL=meta-llama/Llama-2-7b-hf DATASET=lvwerra/stack-exchange-paired OUT=runs/llama \
@@ -16,9 +19,9 @@
 #   bash scripts/run_pipeline.sh
 #
 # Environment: BASE_MODEL (default: the committed pretrained tiny model), DATASET (default: . = the sample data in
-# data/), OUT (default runs/pipeline), SEED (default 0, passed to every stage), ALGO (ppo or dpo, default ppo),
-# LAUNCHER (default python), PYTHON, and SFT_ARGS, RM_ARGS, PPO_ARGS, DPO_ARGS, MERGE_ARGS, EVAL_ARGS appended to a
-# stage's command (later flags win). Each stage whose output folder already holds a
+# data/), OUT (default runs/pipeline), SEED (default 0, passed to every stage), ALGO (ppo, rloo, grpo or dpo,
+# default ppo), LAUNCHER (default python), PYTHON, and SFT_ARGS, RM_ARGS, PPO_ARGS (training_rl.py, for ppo, rloo and
+# grpo), DPO_ARGS, MERGE_ARGS, EVAL_ARGS appended to a stage's command (later flags win). Each stage whose output folder already holds a
 # final model is skipped, so re-running continues from the first unfinished stage; the first failing stage
 # stops the run with a message naming it.
 set -euo pipefail
@@ -30,15 +33,15 @@ DATASET=${DATASET:-.}
 SEED=${SEED:-0}
 ALGO=${ALGO:-ppo}
 case "$ALGO" in
-  ppo|dpo) ;;
-  rloo|grpo) echo "error: ALGO=$ALGO: RLOO and GRPO are not available yet; choose ALGO=ppo or ALGO=dpo" >&2; exit 2 ;;
-  *) echo "error: ALGO=$ALGO: choose ALGO=ppo or ALGO=dpo" >&2; exit 2 ;;
+  ppo|rloo|grpo|dpo) ;;
+  *) echo "error: ALGO=$ALGO: choose ALGO=ppo, rloo, grpo or dpo" >&2; exit 2 ;;
 esac
-OTHER=$([ "$ALGO" = dpo ] && echo ppo || echo dpo)
-if [ -d "$OUT/$OTHER" ]; then
-  # Its final model and evaluation would be taken for this run's (finished stages are skipped).
-  echo "error: OUT=$OUT holds a run with ALGO=$OTHER ($OUT/$OTHER); give this run another OUT" >&2; exit 2
-fi
+for OTHER in ppo rloo grpo dpo; do
+  if [ "$OTHER" != "$ALGO" ] && [ -d "$OUT/$OTHER" ]; then
+    # Its final model and evaluation would be taken for this run's (finished stages are skipped).
+    echo "error: OUT=$OUT holds a run with ALGO=$OTHER ($OUT/$OTHER); give this run another OUT" >&2; exit 2
+  fi
+done
 export TOKENIZERS_PARALLELISM=false
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads made steps
 # several times slower (benchmarks/README.md).
@@ -102,9 +105,10 @@ fi
 if [ "$ALGO" = dpo ]; then
   stage "DPO" "$OUT/dpo" $LAUNCH training_dpo.py --model_name_or_path "$OUT/sft_merged" --dataset_name "$DATASET" \
     --output_dir "$OUT/dpo" --seed "$SEED" $DEMO_DPO ${DPO_ARGS:-}
-else
-  stage "PPO" "$OUT/ppo" $LAUNCH training_rl.py --model_name "$OUT/sft_merged" --reward_model_name "$RM" \
-    --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/ppo" --seed "$SEED" $DEMO_PPO ${PPO_ARGS:-}
+else  # ppo, rloo, grpo: the same script and flags; RLOO and GRPO answer each prompt --num_generations (4) times
+  stage "$(echo "$ALGO" | tr a-z A-Z)" "$OUT/$ALGO" $LAUNCH training_rl.py --algorithm "$ALGO" --model_name \
+    "$OUT/sft_merged" --reward_model_name "$RM" --dataset_name "$DATASET" --subset data/rl --output_dir "$OUT/$ALGO" \
+    --seed "$SEED" $DEMO_PPO ${PPO_ARGS:-}
 fi
 STAGE3=$(echo "$ALGO" | tr a-z A-Z)
 stage "merge $STAGE3" "$OUT/final" $PY merge_with_lora.py --adapter_model_name "$OUT/$ALGO" \

@@ -3,6 +3,7 @@ is minus the gradient), for tests/test_ppo_core.py.
 
     python tests/ppo_update_worker.py --mini 4 --accum 1 --out one.pt                         # one process, 4 rows
     python -m torch.distributed.run --nproc_per_node 2 tests/ppo_update_worker.py --mini 1 --accum 2 --out two.pt
+    python tests/ppo_update_worker.py --mini 4 --accum 1 --algorithm grpo --loss_type grpo --out one.pt  # GRPO's loss
 
 With N processes, process r takes rows [r * 4 / N, (r + 1) * 4 / N) of the same four. Process 0 writes the weights
 after the update.
@@ -38,7 +39,10 @@ def tiny_policy():
     return model
 
 
-def run_update(mini: int, accum: int, cliprange_value: float | None = 0.2) -> dict[str, torch.Tensor]:
+def run_update(mini: int, accum: int, cliprange_value: float | None = 0.2, algorithm: str = "ppo",
+               loss_type: str | None = None) -> dict[str, torch.Tensor]:
+    """PPO: per-token advantages and returns; RLOO and GRPO (``algorithm``): one advantage per response, groups of
+    2, the reference log-probs away from the old ones (GRPO's KL term is non-zero), ``loss_type`` as the flag."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -50,8 +54,10 @@ def run_update(mini: int, accum: int, cliprange_value: float | None = 0.2) -> di
     per = len(PROMPTS) // world
     rows = slice(rank * per, (rank + 1) * per)
     model = tiny_policy()
+    critic_free = algorithm != "ppo"
     config = PPOConfig(batch_size=per, mini_batch_size=mini, gradient_accumulation_steps=accum, ppo_epochs=1,
-                       learning_rate=1.0, max_grad_norm=None, cliprange_value=cliprange_value)
+                       learning_rate=1.0, max_grad_norm=None, cliprange_value=cliprange_value, algorithm=algorithm,
+                       num_generations=2 if critic_free else None, loss_type=loss_type, output_max_length=12)
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
     trainer = PPOTrainer(accelerator, model, tokenizer, None, None, [], config,
                          optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
@@ -59,12 +65,19 @@ def run_update(mini: int, accum: int, cliprange_value: float | None = 0.2) -> di
     g = torch.Generator().manual_seed(1)
     advantages = torch.randn(4, b["mask"].shape[1], generator=g) * b["mask"]
     returns = torch.randn(4, b["mask"].shape[1], generator=g) * b["mask"]
+    if critic_free:
+        advantages, returns = torch.tensor([1.0, -1.0, 0.5, -0.5]), None
     with torch.no_grad():
         old_values, old_logprobs, _ = trainer.forward(model, b, slice(None))
     old_logprobs = old_logprobs - 0.05 * torch.arange(old_logprobs.shape[1])  # ratios away from 1: some clipped
     R = old_logprobs.shape[1]
     mine = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-    stats = trainer.update(mine, old_logprobs[rows], old_values[rows], advantages[rows, :R], returns[rows, :R])
+    if critic_free:
+        ref_logprobs = old_logprobs + 0.3 * torch.cos(torch.arange(R, dtype=torch.float32))
+        stats = trainer.update(mine, old_logprobs[rows], old_values[rows], advantages[rows], None, ref_logprobs[rows],
+                               kl_coef=0.5)
+    else:
+        stats = trainer.update(mine, old_logprobs[rows], old_values[rows], advantages[rows, :R], returns[rows, :R])
     assert stats is not None and stats["ppo/updates"] == 1
     weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(trainer.model).state_dict().items()}
     weights["stats"] = torch.tensor([stats[k] for k in sorted(stats) if k != "ppo/updates"])
@@ -76,7 +89,9 @@ if __name__ == "__main__":
     parser.add_argument("--mini", type=int, required=True)
     parser.add_argument("--accum", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--algorithm", default="ppo")
+    parser.add_argument("--loss_type", default=None)
     args = parser.parse_args()
-    result = run_update(args.mini, args.accum)
+    result = run_update(args.mini, args.accum, algorithm=args.algorithm, loss_type=args.loss_type)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, args.out)

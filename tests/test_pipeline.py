@@ -109,6 +109,37 @@ def test_ppo_on_two_processes_matches_one_with_the_same_global_batch(pipeline):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_rloo_and_grpo_raise_the_pipeline_reward_models_score_past_the_noise(pipeline, tmp_path, algorithm):
+    """training_rl.py --algorithm rloo|grpo from the pipeline's SFT model against its reward model, on four fixed
+    questions: every step answers the same four, four times each, so a change of the score is the policy's, not the
+    draw of questions. The reward-model score of the last two steps' 32 answers is above that of the first two
+    steps' past the noise (Welch 95% interval), with the KL to the SFT model bounded."""
+    from common import stats
+
+    out, _ = pipeline
+    data = tmp_path / "data" / "few"
+    data.mkdir(parents=True)
+    with open(os.path.join(ROOT, "data", "rl", "train.jsonl"), encoding="utf-8") as f:
+        (data / "train.jsonl").write_text("".join(f.readlines()[:4]), encoding="utf-8")
+    run = str(tmp_path / algorithm)
+    run_script("training_rl.py", "--algorithm", algorithm, "--model_name", os.path.join(out, "sft_merged"),
+               "--reward_model_name", os.path.join(out, "rm"), "--dataset_name", str(tmp_path), "--subset",
+               "data/few", "--steps", "160", "--batch_size", "16", "--mini_batch_size", "4", "--ppo_epochs", "4",
+               "--learning_rate", "1e-3", "--output_min_length", "24", "--output_max_length", "24",
+               "--init_kl_coef", "0.05", "--seed", "3", "--samples_per_step", "16", "--disable_tqdm", "true",
+               "--output_dir", run, timeout=900)
+    samples = [json.loads(line) for line in open(os.path.join(run, "samples.jsonl"), encoding="utf-8")]
+    score = lambda steps: [s["score"] for s in samples if s["step"] in steps]  # noqa: E731
+    first, last = score({1, 2}), score({9, 10})
+    assert len(first) == len(last) == 32
+    rise = stats.welch_difference(first, last)
+    assert stats.verdict(rise) == stats.ROSE, rise
+    metrics = read_metrics(run)
+    assert len(metrics) == 10 and max(m["objective/kl"] for m in metrics) < 10
+
+
+@pytest.mark.slow
 def test_algo_dpo_runs_the_chain_with_dpo_and_gives_the_same_summary(pipeline, tmp_path):
     """ALGO=dpo from the pipeline's SFT model and reward model (copied in: their stages are skipped): DPO learns
     the pairs (held-out DPO loss falls, the implicit reward beats chance), its report's implicit rewards are those
@@ -192,6 +223,43 @@ def test_pipeline_rerun_skips_finished_stages(pipeline):
     proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.count("(done already: skipped)") == 7, proc.stdout[-2000:]
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Records each command line and makes the folder it would write look finished (a config.json), nothing else.
+echo "$*" >> "$(dirname "$0")/calls.log"
+while [ $# -gt 0 ]; do
+  case "$1" in --output_dir|--output_name) mkdir -p "$2" && echo {} > "$2/config.json" ;; esac
+  shift
+done
+"""
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_algo_rloo_or_grpo_runs_training_rl_with_that_algorithm_into_its_own_folder(tmp_path, algo):
+    """The script's wiring, with a stand-in python that records the commands: ALGO=rloo|grpo runs training_rl.py
+    --algorithm ALGO with PPO_ARGS into OUT/ALGO and merges that folder; a run of another ALGO into the same OUT is
+    refused. (The stages themselves: test_rloo_and_grpo_raise_the_pipeline_reward_models_score_past_the_noise.)"""
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = str(tmp_path / "run")
+    env = {**os.environ, **OFFLINE_ENV, "OUT": out, "ALGO": algo, "PYTHON": str(fake),
+           "PPO_ARGS": "--num_generations 8"}
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    calls = (fake.parent / "calls.log").read_text().splitlines()
+    rl = [c for c in calls if c.startswith("training_rl.py")]
+    assert len(rl) == 1 and rl[0].startswith(f"training_rl.py --algorithm {algo} --model_name {out}/sft_merged")
+    assert f"--output_dir {out}/{algo}" in rl[0] and rl[0].endswith("--num_generations 8")
+    assert any(c.startswith(f"merge_with_lora.py --adapter_model_name {out}/{algo} --output_name {out}/final")
+               for c in calls)
+    assert f"=== {algo.upper()} -> {out}/{algo} ===" in proc.stdout and not os.path.exists(os.path.join(out, "ppo"))
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env={**env, "ALGO": "ppo"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"holds a run with ALGO={algo}" in proc.stderr
 
 
 def test_a_failing_stage_is_named(tmp_path):

@@ -87,6 +87,7 @@ PANELS = {
     "dpo.png": [["loss", "eval_loss"], ["rewards/accuracies", "eval_rewards/accuracies"],
                 ["rewards/margins", "eval_rewards/margins"]],
 }
+PANELS["rloo.png"] = PANELS["grpo.png"] = PANELS["ppo.png"]  # training_rl.py --algorithm rloo|grpo: PPO's panels
 
 
 @pytest.fixture
@@ -177,6 +178,12 @@ def test_plot_pipeline(tmp_path, figures):
     # a missing stage is skipped
     write_run(tmp_path / "partial" / "ppo", ppo_records())
     assert [os.path.basename(p) for p in plot_pipeline(str(tmp_path / "partial"), str(tmp_path / "out"))] == ["ppo.png"]
+    # RLOO and GRPO (training_rl.py --algorithm) log PPO's names without the critic's: PPO's panels, under their name
+    critic_free = [{k: v for k, v in r.items() if not k.startswith("val/")} for r in ppo_records()]
+    write_run(tmp_path / "grpo_run" / "grpo", critic_free)
+    written = plot_pipeline(str(tmp_path / "grpo_run"))
+    assert [os.path.basename(p) for p in written] == ["grpo.png"]
+    assert_drawn(written[0], figures, records["ppo.png"])
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:

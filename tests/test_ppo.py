@@ -137,6 +137,53 @@ def test_two_processes_and_a_resume_with_another_number_of_processes_is_refused(
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]  # nothing written
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_rloo_and_grpo_answer_in_groups_log_ppos_metrics_and_resume_exactly(tiny_model, reward_model, tmp_path,
+                                                                             algorithm):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["--algorithm", algorithm, "--num_generations", "4", "--steps", "24", "--save_freq", "1",
+            "--samples_per_step", "8"]
+    full = str(tmp_path / "full")
+    ppo(tiny_model, reward_model, full, *args)
+    metrics = read_metrics(full)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["episodes"] == 24
+    for key in METRIC_KEYS:  # PPO's names where the meaning is the same; no critic, so no value numbers
+        assert all((key in m) == (key not in ("loss/value", "val/clipfrac", "val/explained_variance")) for m in metrics)
+    assert all(("loss/kl" in m) == (algorithm == "grpo") for m in metrics)  # GRPO's KL term of the loss
+    assert metrics[0]["objective/kl"] == 0.0 and metrics[0]["policy/approxkl"] > 0  # the update moved the policy
+    # Each step answers 8 / 4 = 2 prompts, each 4 times in a row; every step other prompts.
+    samples = [json.loads(line) for line in open(os.path.join(full, "samples.jsonl"))]
+    questions = [[s["question"] for s in samples if s["step"] == step] for step in (1, 2, 3)]
+    for q in questions:
+        assert len(q) == 8 and len(set(q[:4])) == len(set(q[4:])) == 1 and q[0] != q[4]
+    assert len({q[0] for q in questions} | {q[4] for q in questions}) == 6
+    state = json.load(open(os.path.join(full, "checkpoint-1", "trainer_state.json")))
+    assert (state["algorithm"], state["group_size"]) == (algorithm, 4)
+    assert all(v.abs().max() == 0 for v in load_file(os.path.join(full, "value_head.safetensors")).values())
+    adapter = load_file(os.path.join(full, "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0
+
+    # From checkpoint-1 (a crash after it): the uninterrupted run's weights.
+    cut = tmp_path / "cut"
+    shutil.copytree(os.path.join(full, "checkpoint-1"), cut / "checkpoint-1")
+    marker = mark_checkpoint(str(cut / "checkpoint-1"))
+    ppo(tiny_model, reward_model, str(cut), *args, "--resume_from_checkpoint", "latest")
+    assert os.path.isfile(marker), "checkpoint-1 was saved again: the run started over instead of resuming"
+    assert [m["step"] for m in read_metrics(str(cut))] == [2, 3]
+    assert max_weight_diff(full, str(cut), "adapter_model.safetensors") < 1e-5
+
+    # Its checkpoint resumed with the other algorithm: refused, naming both.
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(full, "checkpoint-1"), other / "checkpoint-1")
+    swapped = [{"rloo": "grpo", "grpo": "rloo"}.get(x, x) for x in args]
+    proc = ppo(tiny_model, reward_model, str(other), *swapped, "--resume_from_checkpoint", "latest", check=False)
+    assert_user_error(proc, "checkpoint-1", f"--algorithm {algorithm}", "this run has --algorithm")
+
+
 def test_stackllama_flags_parse_with_their_meaning():
     import training_rl
 
@@ -176,6 +223,12 @@ def test_number_flags_that_may_be_none_take_none_on_the_command_line():
     (["--max_prompt_length", "3"], "--max_prompt_length"),
     (["--load_in_4bit", "--load_in_8bit"], "--load_in_4bit"),
     (["--reward_model_name", "./missing/rm"], "./missing/rm"),
+    (["--algorithm", "grpo", "--num_generations", "3"], "--batch_size 8 must be divisible by --num_generations 3"),
+    (["--algorithm", "rloo", "--num_generations", "1"], "--num_generations must be >= 2"),
+    (["--num_generations", "4"], "--num_generations is a setting of --algorithm rloo or grpo"),
+    (["--algorithm", "rloo", "--scale_rewards", "none"], "--scale_rewards is a setting of --algorithm grpo"),
+    (["--algorithm", "grpo", "--loss_type", "sequence"], "--loss_type must be token, grpo or dr_grpo"),
+    (["--algorithm", "a2c"], "--algorithm"),
 ])
 def test_bad_flags_give_one_clear_message(tiny_model, reward_model, tmp_path, capsys, flags, needle):
     import training_rl

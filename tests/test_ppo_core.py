@@ -317,13 +317,33 @@ def test_responses_of_unequal_length_give_the_same_step_at_any_micro_batch_split
                                    msg=f"mini {mini} x accum {accum}: stats")
 
 
-@pytest.mark.slow
-def test_two_processes_with_accumulation_take_the_step_of_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("algorithm, loss_type", [("grpo", "token"), ("grpo", "grpo"), ("grpo", "dr_grpo"),
+                                                  ("rloo", "grpo")])
+def test_rloo_and_grpo_losses_give_the_same_step_at_any_micro_batch_split(algorithm, loss_type):
     start = tiny_policy().state_dict()
-    one = run_update(mini=4, accum=1)
+    whole = run_update(mini=4, accum=1, algorithm=algorithm, loss_type=loss_type)
+    assert max((whole[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    assert all(torch.equal(whole[k], start[k]) for k in start if k.startswith("value_head"))  # no critic
+    stats = whole["stats"]  # sorted keys: (loss/kl,) loss/policy, policy/approxkl, policy/clipfrac
+    assert (stats.abs() > 1e-3).all(), stats
+    for mini, accum in ((1, 4), (2, 2)):
+        split = run_update(mini=mini, accum=accum, algorithm=algorithm, loss_type=loss_type)
+        for k in start:
+            torch.testing.assert_close(split[k] - start[k], whole[k] - start[k], atol=1e-5, rtol=0,
+                                       msg=f"{algorithm}/{loss_type} mini {mini} x accum {accum}: {k}")
+        torch.testing.assert_close(split["stats"], stats, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, loss_type", [("ppo", None), ("grpo", "grpo")])
+def test_two_processes_with_accumulation_take_the_step_of_one_process_with_the_whole_batch(tmp_path, algorithm,
+                                                                                             loss_type):
+    start = tiny_policy().state_dict()
+    one = run_update(mini=4, accum=1, algorithm=algorithm, loss_type=loss_type)
     out = tmp_path / "two.pt"
+    extra = ["--algorithm", algorithm, *(["--loss_type", loss_type] if loss_type else [])]
     run_script(*TORCHRUN, "--master_port", "29581", "tests/ppo_update_worker.py", "--mini", "1", "--accum", "2",
-               "--out", out, timeout=300)
+               "--out", out, *extra, timeout=300)
     two = torch.load(out, weights_only=True)
     for k in start:
         torch.testing.assert_close(two[k] - start[k], one[k] - start[k], atol=1e-5, rtol=0, msg=k)

@@ -18,11 +18,15 @@ from common.ppo_math import (
     RunningMoments,
     compute_gae,
     compute_rewards,
+    critic_free_losses,
     entropy_from_logits,
     explained_variance,
+    group_advantages,
     logprobs_from_logits,
     masked_whiten,
     ppo_losses,
+    rloo_advantages,
+    token_weights,
 )
 
 D = torch.float64
@@ -475,3 +479,76 @@ def test_checkpointed_helpers_continue_exactly_from_their_state(tmp_path):
     assert (moments.mean, moments.std) == (new_moments.mean, new_moments.std)
     # mean 8/3; unbiased variance ((1 - 8/3)^2 + (5 - 8/3)^2 + (2 - 8/3)^2) / 2 = (25/9 + 49/9 + 4/9) / 2 = 13/3
     assert (moments.mean, moments.std) == (pytest.approx(8 / 3), pytest.approx(math.sqrt(13 / 3)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RLOO and GRPO (training_rl.py --algorithm rloo|grpo)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_rloo_leave_one_out_baseline_hand_case():
+    # one group of 4: r = 1, 2, 3, 6; baselines (2+3+6)/3 = 11/3, (1+3+6)/3 = 10/3, (1+2+6)/3 = 3, (1+2+3)/3 = 2
+    adv = rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=D), 4)
+    torch.testing.assert_close(adv, torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0], dtype=D))
+    # two groups of 2 (consecutive rows): each answer's baseline is the other one
+    adv = rloo_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0], dtype=D), 2)
+    torch.testing.assert_close(adv, torch.tensor([-2.0, 2.0, 0.0, 0.0], dtype=D))
+
+
+def test_grpo_group_advantages_with_and_without_std_hand_case():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=D)
+    # mean 3; deviations -2, -1, 0, 3; unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14 / 3) = 2.16025
+    std = math.sqrt(14 / 3)
+    torch.testing.assert_close(group_advantages(scores, 4, "group"),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0], dtype=D) / (std + 1e-4))
+    # Dr. GRPO: centred, not divided
+    torch.testing.assert_close(group_advantages(scores, 4, "none"), torch.tensor([-2.0, -1.0, 0.0, 3.0], dtype=D))
+    # groups of 2: [1, 3] and [10, 14]; group stds sqrt(2) and sqrt(8): both groups become -0.7071, +0.7071
+    two = torch.tensor([1.0, 3.0, 10.0, 14.0], dtype=D)
+    torch.testing.assert_close(group_advantages(two, 2, "group"),
+                               torch.tensor([-1 / (2**0.5 + 1e-4), 1 / (2**0.5 + 1e-4), -2 / (8**0.5 + 1e-4),
+                                             2 / (8**0.5 + 1e-4)], dtype=D))
+    # one std for the batch: mean 7, squares 36 + 16 + 9 + 49 = 110, unbiased var 110 / 3
+    torch.testing.assert_close(group_advantages(two, 2, "batch"),
+                               torch.tensor([-1.0, 1.0, -2.0, 2.0], dtype=D) / (math.sqrt(110 / 3) + 1e-4))
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(two, 2, "std")
+
+
+def test_token_weights_of_the_three_loss_types_hand_case():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=D)  # answers of 3 and 1 tokens
+    # token: every token 1 / 4
+    torch.testing.assert_close(token_weights(mask, "token", 4, 2, 4), mask / 4)
+    # grpo: each answer's mean (1/3 per token, 1 for the single one), then the mean over 2 answers
+    torch.testing.assert_close(token_weights(mask, "grpo", 4, 2, 4),
+                               torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0.0], [0.5, 0.0, 0.0, 0.0]], dtype=D))
+    # dr_grpo: 1 / (2 answers x max length 4) = 1/8 whatever the lengths
+    torch.testing.assert_close(token_weights(mask, "dr_grpo", 4, 2, 4), mask / 8)
+    with pytest.raises(ValueError, match="loss_type"):
+        token_weights(mask, "seq", 4, 2, 4)
+
+
+def test_critic_free_loss_and_gradient_hand_case():
+    # One answer of 2 tokens, advantage 2, ratio 1 (logp = old), reference 0.5 below on the first token.
+    logp = torch.tensor([[-1.0, -2.0]], dtype=D, requires_grad=True)
+    old, ref = torch.tensor([[-1.0, -2.0]], dtype=D), torch.tensor([[-1.5, -2.0]], dtype=D)
+    mask = torch.ones(1, 2, dtype=D)
+    w = mask / 2
+    loss, stats = critic_free_losses(logp, old, ref, torch.tensor([2.0], dtype=D), mask, w, 2, 0.2, kl_coef=0.1)
+    # policy: -A * ratio = -2 per token, mean -2; k3 KL: exp(-0.5) + 0.5 - 1 = 0.106531 and 0, mean 0.0532653
+    k3 = math.exp(-0.5) + 0.5 - 1
+    assert loss.item() == pytest.approx(-2 + 0.1 * k3 / 2, abs=1e-12)
+    assert stats["loss/policy"].item() == pytest.approx(-2.0)
+    assert stats["loss/kl"].item() == pytest.approx(k3 / 2)
+    assert stats["policy/approxkl"].item() == 0 and stats["policy/clipfrac"].item() == 0
+    loss.backward()
+    # d/dlogp: -A * w = -1; KL: 0.1 * w * (1 - exp(ref - logp)) = 0.05 * (1 - exp(-0.5)) on the first token
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1 + 0.05 * (1 - math.exp(-0.5)), -1.0]], dtype=D))
+    # A ratio past 1 + cliprange with a positive advantage is clipped: no policy gradient, counted in clipfrac
+    logp2 = (old + 0.5).clone().requires_grad_(True)
+    loss, stats = critic_free_losses(logp2, old, old, torch.tensor([1.0], dtype=D), mask, w, 2, 0.2, kl_coef=0.0)
+    assert loss.item() == pytest.approx(-1.2)
+    assert stats["policy/clipfrac"].item() == 1.0
+    assert stats["policy/approxkl"].item() == pytest.approx(0.5 * 0.25)
+    loss.backward()
+    assert torch.all(logp2.grad == 0)

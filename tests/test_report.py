@@ -35,12 +35,15 @@ def _pipeline(root, sft, final, scores=None, algo="ppo"):
         (root / "dpo" / "eval_report.json").write_text(json.dumps(
             {"accuracy": 0.8, "n_pairs": 200, "accuracy_lookalike": 0.7, "mean_margin": 0.4}))
         (root / "dpo" / "run_args.yaml").write_text("DPOConfig:\n  seed: 4\n")
-    else:
-        os.makedirs(root / "ppo")
+    else:  # ppo, rloo, grpo: training_rl.py's metrics (RLOO and GRPO have no value head)
+        os.makedirs(root / algo)
         scores = scores or [0.1 * i for i in range(20)]
-        (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(
-            {"step": i + 1, "objective/scores": s, "objective/kl": 0.2 * i, "objective/kl_coef": 0.1,
-             "val/explained_variance": 0.6}) + "\n" for i, s in enumerate(scores)))
+        critic = {"val/explained_variance": 0.6} if algo == "ppo" else {}
+        (root / algo / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i + 1, "objective/scores": s, "objective/kl": 0.2 * i, "objective/kl_coef": 0.1, **critic})
+            + "\n" for i, s in enumerate(scores)))
+        if algo != "ppo":  # the PPO run here has none: the summary takes the seed it is given
+            (root / algo / "run_args.yaml").write_text("PPOConfig:\n  seed: 5\n")
     a = EvalArguments(models=["sft=x", "final=y"], reward_model_name="rm", bootstrap_resamples=500)
     final["kl"] = [3.0] * len(final["kl"])
     ev = {"settings": {"models": {"sft": "x", "final": "y"}}, "prompts": {"n": len(sft["texts"])},
@@ -90,6 +93,22 @@ def test_a_dpo_pipeline_gives_a_summary_of_the_same_shape(tmp_path):
     lines = "\n".join(report.summary_lines(s))
     assert "DPO training  eval loss 0.693 -> 0.550 in 20 steps" in lines and "PPO training" not in lines
     assert "look-alike ones" in lines and "gold wins" in lines
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_an_rloo_or_grpo_pipeline_gives_a_summary_of_the_same_shape_from_its_folder(tmp_path, algo):
+    n = 120
+    sft = _answers(n, _noise(1), lambda i: 0.3, lambda i: f"sft {i}")
+    final = _answers(n, lambda i: sft["reward"][i] + 1.0, lambda i: 0.3 + (0.4 if i % 4 else 0.0), lambda i: f"r {i}")
+    s = _pipeline(tmp_path / "run", sft, final, algo=algo)
+    ppo = _pipeline(tmp_path / "ppo_run", sft, final)
+    assert set(s) == set(ppo) and s["algorithm"] == algo and s["seed"] == 5  # the stage's own run_args
+    assert s["ppo_steps"] == 20 and s["ppo_score_trend"]["verdict"] == "rose" and s["ppo_kl_last"] == pytest.approx(3.8)
+    assert s["ppo_explained_variance_last"] is None  # no critic
+    lines = "\n".join(report.summary_lines(s))
+    assert f"{algo.upper()} training score 0.150 -> 1.750" in lines.replace("  ", " ") and "PPO" not in lines
+    path = report.write_report(str(tmp_path / "run"), s, [], [])
+    assert f"## Held-out questions during {algo.upper()}" not in open(path).read()  # none logged here
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
