@@ -176,7 +176,9 @@ def test_rloo_and_grpo_answer_in_groups_log_ppos_metrics_and_resume_exactly(tiny
     assert [m["step"] for m in read_metrics(str(cut))] == [2, 3]
     assert max_weight_diff(full, str(cut), "adapter_model.safetensors") < 1e-5
 
-    # Its checkpoint resumed with the other algorithm: refused, naming both.
+    if algorithm == "rloo":
+        return
+    # Its checkpoint resumed with another algorithm: refused, naming both (checked once: it does not depend on which).
     other = tmp_path / "other"
     shutil.copytree(os.path.join(full, "checkpoint-1"), other / "checkpoint-1")
     swapped = [{"rloo": "grpo", "grpo": "rloo"}.get(x, x) for x in args]
