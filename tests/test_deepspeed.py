@@ -1,10 +1,11 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DeepSpeed's CPU accelerator, gloo), launched as a user would
 (`accelerate launch --config_file ...`).
 
-- SFT and the reward model under ZeRO-3, two processes: the same loss curve, gradient norms, evaluation loss and final adapter
-  as a two-process DDP run with the same global batch; one main process prints and saves; every process writes
-  its shard of the optimizer state. SFT: a run resumed from a checkpoint ends on exactly the uninterrupted run's
-  adapter. Reward model: the evaluation report (scored on both processes after training) matches DDP's.
+- SFT and the reward model under ZeRO-3, two processes: the same loss curve, gradient norms, evaluation loss and
+  final adapter as a two-process DDP run with the same global batch; one main process prints and saves; every
+  process writes its shard of the optimizer state. SFT: a run resumed from a checkpoint ends on exactly the
+  uninterrupted run's adapter. Reward model: the evaluation report (scored on both processes after training)
+  matches DDP's.
 - PPO, two processes: the same weights as a two-process DDP run, and exact resume from a checkpoint's DeepSpeed
   state (every process's shard of the optimizer state).
 
