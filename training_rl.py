@@ -57,7 +57,7 @@ from common.outputs import (
     write_model_card,
     write_run_args,
 )
-from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
+from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, check_algorithm
 from common.ppo_distributed import is_zero3, whole_models_under_zero3
 from common.prompts import format_prompt
 
@@ -152,8 +152,9 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
     resume = prepare_output_dir(a.output_dir, a.overwrite_output_dir, a.resume_from_checkpoint)
     trackers = [t for t in a.report_to.split(",") if t and t != "none"]
     accelerator = make_accelerator(a, trackers)
-    if resume:
-        check_processes(resume, accelerator.num_processes)  # before any model loads
+    if resume:  # before any model loads
+        check_processes(resume, accelerator.num_processes)
+        check_algorithm(resume, config)
     is_main = accelerator.is_main_process
     set_seed(config.seed)
 

@@ -108,7 +108,7 @@ class PPOConfig:
                                         "batch_size / k prompts x k samples."})
     scale_rewards: str | None = field(
         default=None, metadata={"help": "grpo: divide the group-centred scores by the group's std (group, the "
-                                        "default), the batch's (batch), or not at all (none: Dr. GRPO)."})
+                                        "default), the process's batch's (batch), or not at all (none: Dr. GRPO)."})
     loss_type: str | None = field(
         default=None, metadata={"help": "rloo/grpo: how token losses add up: token (each token alike over the "
                                         "optimizer step, as PPO; the default), grpo (mean per answer, then over "
@@ -701,13 +701,7 @@ class PPOTrainer:
             raise UserError(f"{folder} is not a checkpoint of this version of training_rl.py (no random_states_0.pkl); "
                             "start a new run, or resume with the version that wrote it")
         check_processes(folder, acc.num_processes)  # the prompt stream, RNG states and global batch depend on it
-        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
-        saved = (state.get("algorithm", "ppo"), state.get("group_size", 1))
-        if saved != (self.config.algorithm, self.config.group_size):
-            raise UserError(f"{folder} was written by --algorithm {saved[0]} with {saved[1]} sample(s) per prompt; "
-                            f"this run has --algorithm {self.config.algorithm} with {self.config.group_size}: "
-                            "resume with the same settings, or start a new run")
+        check_algorithm(folder, self.config)
         for name in sorted(os.listdir(folder)):  # accelerate unpickles these in full: check they hold plain data
             if name.startswith("custom_checkpoint_"):
                 try:
@@ -748,6 +742,21 @@ class PPOTrainer:
         acc.unwrap_model(self.model).policy.save_pretrained(folder, state_dict=part("policy."))
         save_file({k: v.detach().cpu().contiguous() for k, v in part("value_head.").items()},
                   os.path.join(folder, VALUE_HEAD_FILE))
+
+
+def check_algorithm(folder: str, config: PPOConfig) -> None:
+    """Refuse a checkpoint written by another ``--algorithm`` or number of samples per prompt (its prompt stream,
+    batch layout and weights mean something else); one before PPO's ``algorithm`` field counts as PPO's."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return  # not a complete checkpoint: what loads it says so
+    saved = (state.get("algorithm", "ppo"), state.get("group_size", 1))
+    if saved != (config.algorithm, config.group_size):
+        raise UserError(f"{folder} was written by --algorithm {saved[0]} with {saved[1]} sample(s) per prompt; "
+                        f"this run has --algorithm {config.algorithm} with {config.group_size}: "
+                        "resume with the same settings, or start a new run")
 
 
 STAT_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac")

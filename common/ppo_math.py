@@ -109,8 +109,9 @@ def group_advantages(scores: torch.Tensor, k: int, scale: str = "group", eps: fl
     """GRPO's group-relative advantages (Shao et al. 2024, sec. 4.1.2): ``[B]`` scores of groups of ``k``
     consecutive samples -> ``(s_i - mean(group)) / (std(group) + eps)``, std unbiased as TRL computes it.
 
-    ``scale``: ``group`` (GRPO), ``batch`` (one std over the whole batch) or ``none`` (Dr. GRPO, Liu et al. 2025:
-    no division, which biases questions that are too easy or too hard less)."""
+    ``scale``: ``group`` (GRPO), ``batch`` (one std over ``scores``: this process's batch; TRL takes the global
+    batch's) or ``none`` (Dr. GRPO, Liu et al. 2025: no division, which biases questions that are too easy or too
+    hard less)."""
     g = scores.reshape(-1, k)
     adv = g - g.mean(1, keepdim=True)
     if scale == "group":

@@ -95,8 +95,8 @@ def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, t
     # within 30 steps of 8 pairs, not the look-alike ones that need content (data/README.md): well above chance
     # overall, not near 1. Evaluation costs several training steps, so it runs only before training and at the end.
     proc = rm(tiny_model, out, "--max_steps", "30", "--eval_steps", "30", "--save_steps", "15",
-              "--eval_first_step", "true", "--eval_subset", "200")
-    assert "eval: 200 pairs; " in proc.stdout and "longer than --max_length 256 tokens dropped" in proc.stdout
+              "--eval_first_step", "true", "--eval_subset", "120")
+    assert "eval: 120 pairs; " in proc.stdout and "longer than --max_length 256 tokens dropped" in proc.stdout
     metrics = read_metrics(out)
     evals = {m["step"]: m["eval_accuracy"] for m in metrics if "eval_accuracy" in m}
     assert set(evals) == {0, 30} and evals[30] >= 0.65 and evals[0] < 0.6, evals  # learned, not luck of the head
@@ -114,8 +114,8 @@ def test_reward_model_learns_and_the_saved_adapter_scores_the_same(tiny_model, t
 
     # Read back with plain peft: the same accuracy, the same scores, a preferred answer above its rejected one.
     model, tokenizer = load_reward_model(tiny_model, out)
-    r_j, r_k = score_rows(model, tokenizer, eval_pairs(200), max_tokens=256)
-    assert len(r_j) == report["n_pairs"] and f"eval: 200 pairs; {200 - len(r_j)} longer" in proc.stdout
+    r_j, r_k = score_rows(model, tokenizer, eval_pairs(120), max_tokens=256)
+    assert len(r_j) == report["n_pairs"] and f"eval: 120 pairs; {120 - len(r_j)} longer" in proc.stdout
     accuracy = (r_j > r_k).float().mean().item()
     assert accuracy >= 0.65 and abs(accuracy - report["accuracy"]) < 1e-9
     assert abs(accuracy - evals[30]) < 0.02  # RewardTrainer averages per-batch accuracies; the last batch is smaller
