@@ -575,7 +575,7 @@ class PPOTrainer:
             for start in range(0, hp.batch_size, rows_per_step):
                 step_inds = b_inds[start : start + rows_per_step].to(mask.device)
                 n_tokens = self._sum(mask[step_inds].sum())  # the whole optimizer step's response tokens
-                n_seqs = self._sum(torch.tensor(float(len(step_inds)), device=mask.device))  # and its answers
+                n_seqs = len(step_inds) * acc.num_processes  # and its answers (every process has as many rows)
                 step_stats = torch.zeros(len(keys), device=mask.device)
                 for k in range(hp.gradient_accumulation_steps):
                     mb_inds = step_inds[k * hp.mini_batch_size : (k + 1) * hp.mini_batch_size]

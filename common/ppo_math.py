@@ -147,6 +147,14 @@ def token_weights(mask: torch.Tensor, loss_type: str, n_tokens, n_sequences, max
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange: float):
+    """Per token: the log-ratio, and the unclipped and clipped terms ``-A * ratio``, ``-A * clip(ratio)``, of PPO's
+    surrogate (its loss is their maximum); shared by ``ppo_losses`` and ``critic_free_losses``."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    return logratio, -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+
+
 def ppo_losses(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
     advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -161,10 +169,7 @@ def ppo_losses(
     token sums divided by ``n_tokens`` too, so they add up over micro-batches.
     """
     n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    logratio, pg_losses, pg_losses2 = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
     pg_loss = (torch.max(pg_losses, pg_losses2) * mask).sum() / n
 
     vf_losses = (values - returns) ** 2
@@ -196,11 +201,7 @@ def critic_free_losses(
     unbiased and >= 0; GRPO's eq. 4; RLOO passes 0, its KL is in the reward). Each term is ``sum(weights * term)``
     with ``weights`` from ``token_weights``. No value loss: these methods have no critic. The statistics are token
     means (``mask / n_tokens``, as ``ppo_losses`` reports them), whatever the loss's weights."""
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    adv = advantages[:, None]
-    pg_losses = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    logratio, pg_losses, pg_losses2 = _clipped_surrogate(logprobs, old_logprobs, advantages[:, None], cliprange)
     pg_loss = (torch.max(pg_losses, pg_losses2) * weights).sum()
     loss = pg_loss
     delta = ref_logprobs - logprobs
