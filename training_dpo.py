@@ -49,7 +49,7 @@ from common.modeling import (
 from common.outputs import AtomicCheckpoints
 from common.prompts import tokenize_prompt
 from common.rm_eval import pair_report, write_report
-from common.stage import TrainerStage
+from common.stage import TimeLimit, TrainerStage
 
 
 @dataclass
@@ -83,6 +83,12 @@ class ScriptArguments:
         metadata={"help": "How log-probs are taken from the LM head: 'fused' (TRL's chunked head), 'plain' (full "
                           "logits, faster without Triton), 'auto' (plain on CPU).",
                   "choices": ["auto", "fused", "plain"]},
+    )
+    max_train_seconds: float = field(
+        default=0.0,
+        metadata={"help": "Stop after the first optimizer step that ends this many seconds into training and save "
+                          "that model as the final one (0: no limit; --max_steps still sets the LR schedule). Used "
+                          "to give DPO the training time of an RL run (benchmarks/compare_methods.py)."},
     )
 
 
@@ -135,6 +141,8 @@ def check_args(script: ScriptArguments, config: DPOConfig) -> None:
         problems.append(f"--per_device_train_batch_size must be > 0, got {config.per_device_train_batch_size}")
     if config.per_device_eval_batch_size is not None and config.per_device_eval_batch_size <= 0:
         problems.append(f"--per_device_eval_batch_size must be > 0, got {config.per_device_eval_batch_size}")
+    if script.max_train_seconds < 0:
+        problems.append(f"--max_train_seconds must be >= 0 (0: no limit), got {script.max_train_seconds}")
     if config.precompute_ref_log_probs:
         problems.append("--precompute_ref_log_probs is not supported here: with LoRA the reference is the model with "
                         "its adapter disabled, which costs no memory")
@@ -235,7 +243,9 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
     eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", stage.is_main)
 
-    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
+    time_limit = TimeLimit(script.max_train_seconds) if script.max_train_seconds else None
+    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds,
+                            stage.callbacks + ([time_limit] if time_limit else []))
     stage.begin(script, model_args, config)
     if script.eval_first_step and not stage.resume:
         trainer.evaluate()
@@ -260,6 +270,7 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
         "metrics": {"steps": trainer.state.global_step, "beta": config.beta, "loss_type": ",".join(config.loss_type),
                     "train_loss_first": losses[0] if losses else None,
                     "train_loss_last": losses[-1] if losses else None,
+                    **({"stopped_by_time_limit_at_step": time_limit.stopped_at} if time_limit else {}),
                     "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
                     "eval_mean_margin": report["mean_margin"],
                     **({"eval_accuracy_lookalike": report["accuracy_lookalike"]} if kinds else {})},

@@ -13,6 +13,10 @@ weights, ``run_args.yaml``, resume, the atomic final save and the model card (DE
 from __future__ import annotations
 
 import os
+import time
+
+import torch
+from transformers import TrainerCallback
 
 from common.cli import UserError
 from common.outputs import (
@@ -77,3 +81,23 @@ class TrainerStage:
             os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
         commit_final(tmp, self.output_dir)
         write_model_card(self.output_dir, **card)
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training after the first optimizer step that ends ``seconds`` or more after training began (this
+    process's clock from ``on_train_begin``, so a resumed run gets the whole budget again). With several processes
+    the main process's decision is broadcast, so all stop at the same step. ``stopped_at`` is that step, or None."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start, self.stopped_at = seconds, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        over = torch.tensor([float(time.monotonic() - self.start >= self.seconds)], device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(over, src=0)
+        if over.item():
+            control.should_training_stop = True
+            self.stopped_at = state.global_step

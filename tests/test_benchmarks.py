@@ -4,6 +4,7 @@ times faster, which would mean the two sides do different work); the table and J
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -45,3 +46,70 @@ def test_benchmark_runs_every_stage_and_writes_the_figures(tmp_path):
     for stage in ("SFT", "RM", "PPO"):
         assert stage in proc.stdout  # the table
     assert "ratio" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(tiny_model, tmp_path):
+    """benchmarks/compare_methods.py on the tiny model: PPO, RLOO and GRPO for the same episodes, DPO for PPO's
+    training time, one evaluation of all against SFT, and a table with every method; a re-run trains nothing."""
+    from test_ppo import _save_reward_model
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_model, root / "sft_merged")
+    _save_reward_model(tiny_model, str(root / "rm"))
+    out = tmp_path / "compare"
+    args = ["benchmarks/compare_methods.py", "--root", root, "--seeds", "1", "--output_dir", out,
+            "--rl_args", "--steps 8 --batch_size 4 --mini_batch_size 2 --gradient_accumulation_steps 1 "
+                         "--output_min_length 4 --output_max_length 8 --eval_freq 2 --eval_prompts 4 "
+                         "--disable_tqdm true",
+            "--dpo_args", "--train_subset 64 --eval_subset 8 --disable_tqdm true",
+            "--eval_args", "--num_prompts 8 --max_new_tokens 8 --batch_size 8"]
+    proc = run_script(*args, timeout=600)
+    result = json.loads((out / "compare.json").read_text())
+    runs = result["per_seed"]["1"]
+    for method in ("ppo", "rloo", "grpo"):
+        assert runs[method]["steps"] == 2 and runs[method]["episodes"] == 8, (method, runs[method])
+        assert (out / "seed1" / method / "adapter_config.json").is_file()
+    # DPO trained for PPO's training time: it stops at the first step past that budget, and its card says so.
+    dpo = runs["dpo"]
+    card = (out / "seed1" / "dpo" / "README.md").read_text()
+    assert "stopped_by_time_limit_at_step" in card and dpo["steps"] >= 1
+    assert dpo["budget_s"] == pytest.approx(runs["ppo"]["train_s"], abs=0.06)
+    assert dpo["train_s"] >= dpo["budget_s"]
+    evaluated = json.loads((out / "seed1" / "eval" / "eval.json").read_text())
+    assert list(evaluated["models"]) == ["sft", "ppo", "rloo", "grpo", "dpo"]
+    assert evaluated["prompts"]["n"] == 8
+    table = result["table"]
+    assert list(table) == ["ppo", "rloo", "grpo", "dpo"]
+    assert table["ppo"]["speed_vs_ppo"]["mean"] == 1.0 and table["ppo"]["memory_vs_ppo"]["mean"] == 1.0
+    for method, e in table.items():
+        assert 0.0 <= e["win_rate_gold"]["mean"] <= 1.0
+        assert e["peak_rss_gib"]["mean"] > 0.05 and e["speed_vs_ppo"]["mean"] > 0, method
+        assert e["kl"] is not None and math.isfinite(e["kl"]["mean"])
+    assert table["ppo"]["kl"]["mean"] != 0.0  # trained: the adapters moved away from SFT
+    for method in ("| PPO |", "| RLOO |", "| GRPO |", "| DPO |"):
+        assert method in proc.stdout
+    again = run_script(*args, timeout=300)
+    assert again.stdout.count("done already") == 5
+    assert json.loads((out / "compare.json").read_text())["table"] == table
+
+
+@pytest.mark.slow
+def test_grpo_vs_trl_runs_both_sides_on_the_same_setup(tiny_model, tmp_path):
+    """benchmarks/grpo_vs_trl.py, one round of one timed step: both sides train, generate answers of exactly the
+    requested length, and report finite step times and peak memory."""
+    from test_ppo import _save_reward_model
+
+    rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
+    out = tmp_path / "grpo_vs_trl.json"
+    proc = run_script("benchmarks/grpo_vs_trl.py", "--model", tiny_model, "--reward_model", rm, "--rounds", "1",
+                      "--steps", "1", "--warmup", "1", "--length", "6", "--output", out, timeout=600)
+    results = json.loads(out.read_text())
+    for side in ("ours", "trl"):
+        (run,) = results["runs"][side]
+        assert len(run["step_s"]) == 1 and len(run["scores"]) == 2, (side, run)
+        assert all(math.isfinite(s) for s in run["scores"])
+        assert results[side]["median_step_s"] > 0 and results[side]["peak_rss_bytes"] > 2**27
+    assert results["runs"]["trl"][0]["lengths"] == [6.0, 6.0]  # EOS suppressed: every answer 6 tokens, as ours
+    assert 0 < results["trl_over_ours_step_time"] < 100 and 0 < results["trl_over_ours_peak_memory"] < 10
+    assert "TRL / ours" in proc.stdout
