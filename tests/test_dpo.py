@@ -116,7 +116,8 @@ def test_stackllama2_flags_and_defaults():
 @pytest.mark.parametrize("args, needle", [
     (["--beta", "0"], "--beta"),
     (["--max_prompt_length", "300", "--max_length", "256"], "--max_prompt_length"),
-    (["--precompute_ref_log_probs", "true"], "--precompute_ref_log_probs")])
+    (["--precompute_ref_log_probs", "true"], "--precompute_ref_log_probs"),
+    (["--max_train_seconds", "-1"], "--max_train_seconds")])
 def test_a_bad_flag_is_one_error_line(args, needle, tmp_path, capsys):
     from test_bad_input import _expect_error
 
