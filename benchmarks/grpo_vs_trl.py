@@ -134,6 +134,44 @@ def run_trl(a, work: str) -> dict:
     return {"step_s": times[a.warmup:], "scores": scores, "lengths": lengths}
 
 
+def scoring_check(a) -> dict:
+    """The reward model's accuracy on held-out preference pairs (data/evaluation) when it scores our text
+    (``score_texts``: its tokenizer's BOS, the text, EOS appended, as RewardTrainer trained it) and when it scores
+    the text TRL's GRPOTrainer builds for a reward *model* (``prompt + completion`` tokenized with
+    ``add_special_tokens=False``: no BOS, no EOS, no truncation), and how much the two scores agree."""
+    import torch
+
+    from common.data import load_pairs
+    from common.modeling import ModelArguments, load_model, load_tokenizer
+    from common.prompts import format_example, format_prompt
+    from common.reward import score_texts
+
+    tok = load_tokenizer(a.reward_model, False, "right")
+    rm = load_model(ModelArguments(model_name_or_path=a.reward_model, dtype="float32", use_peft=False), "SEQ_CLS",
+                    False, tok.pad_token_id).eval()
+    rows = load_pairs(".", "data/evaluation", "train", 0)
+
+    @torch.no_grad()
+    def trl_way(texts):
+        out = []
+        for i in range(0, len(texts), 16):
+            batch = tok(text=texts[i:i + 16], return_tensors="pt", padding=True, padding_side="right",
+                        add_special_tokens=False)
+            out.append(rm(**batch).logits[:, 0].float())
+        return torch.cat(out)
+
+    result = {"pairs": len(rows)}
+    for name, score in (("ours", lambda q, r: score_texts(rm, tok, [format_example(x, y) for x, y in zip(q, r)])),
+                        ("trl", lambda q, r: trl_way([format_prompt(x) + y for x, y in zip(q, r)]))):
+        j, k = score(rows["question"], rows["response_j"]), score(rows["question"], rows["response_k"])
+        result[name] = {"accuracy": (j > k).float().mean().item(), "scores": torch.cat([j, k])}
+    x, y = result["ours"].pop("scores"), result["trl"].pop("scores")
+    result["pearson"] = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+    result["mean_abs_difference"] = (x - y).abs().mean().item()
+    result["score_std_ours"] = x.std().item()
+    return result
+
+
 def side(a) -> None:
     with tempfile.TemporaryDirectory() as work:
         result = (run_ours if a.side == "ours" else run_trl)(a, work)
@@ -177,10 +215,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the results JSON here")
+    p.add_argument("--scoring_check", action="store_true",
+                   help="only compare the reward model's held-out pair accuracy on our text and on TRL's")
     a = p.parse_args(argv)
     for flag in ("model", "reward_model"):
         if not os.path.isfile(os.path.join(getattr(a, flag), "config.json")):
             p.error(f"--{flag} {getattr(a, flag)}: no config.json; run `bash scripts/run_pipeline.sh` first")
+    if a.scoring_check:
+        r = scoring_check(a)
+        print(json.dumps(r))
+        print(f"reward model accuracy on {r['pairs']} held-out pairs: our text {r['ours']['accuracy']:.3f}, TRL's "
+              f"{r['trl']['accuracy']:.3f}; scores' correlation {r['pearson']:.3f}, mean |difference| "
+              f"{r['mean_abs_difference']:.3f} (score std {r['score_std_ours']:.3f})")
+        return
     if a.side:
         side(a)
         return

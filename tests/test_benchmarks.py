@@ -113,3 +113,24 @@ def test_grpo_vs_trl_runs_both_sides_on_the_same_setup(tiny_model, tmp_path):
     assert results["runs"]["trl"][0]["lengths"] == [6.0, 6.0]  # EOS suppressed: every answer 6 tokens, as ours
     assert 0 < results["trl_over_ours_step_time"] < 100 and 0 < results["trl_over_ours_peak_memory"] < 10
     assert "TRL / ours" in proc.stdout
+
+
+def test_grpo_vs_trl_scoring_check_scores_both_texts_of_every_held_out_pair(tiny_model, tmp_path):
+    """The text check: every held-out pair scored as our PPO scores it and as TRL's GRPOTrainer would; the texts
+    differ (TRL's has no BOS), so the scores do too, and each accuracy is a share of the pairs."""
+    import argparse
+    import importlib.util
+
+    from test_ppo import _save_reward_model
+
+    spec = importlib.util.spec_from_file_location("grpo_vs_trl", "benchmarks/grpo_vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
+    r = module.scoring_check(argparse.Namespace(reward_model=rm))
+    with open("data/evaluation/train.jsonl", encoding="utf-8") as f:
+        assert r["pairs"] == sum(1 for line in f if line.strip())
+    for side in ("ours", "trl"):
+        assert 0.0 <= r[side]["accuracy"] <= 1.0 and r[side]["accuracy"] * r["pairs"] == pytest.approx(
+            round(r[side]["accuracy"] * r["pairs"]), abs=1e-3)
+    assert r["mean_abs_difference"] > 1e-4 and -1.0 <= r["pearson"] <= 1.0
