@@ -9,9 +9,10 @@ For each seed, in turn and one at a time (so their speed and memory are comparab
 - `training_rl.py --algorithm ppo|rloo|grpo` from `ROOT/sft_merged` against the reward model `ROOT/rm_merged` (or
   `ROOT/rm`), with the demo's stage 3 flags (`DEMO_PPO` in scripts/run_pipeline.sh, read from there so the two cannot
   drift; `--steps` is the episode count, the same for the three) and `--seed SEED`;
-- `training_dpo.py` from the same SFT model with the demo's DPO flags (`DEMO_DPO`), `--max_train_seconds` = PPO's
-  training time in this seed (the sum of its steps' generate, score and train times, not its evaluations),
-  `--max_steps` large with a constant learning rate after the warm-up (the run is cut by time, not by a schedule),
+- `training_dpo.py` from the same SFT model with the demo's DPO recipe (`DEMO_DPO`: its learning rate, warm-up and
+  cosine decay) for PPO's training time in this seed (the sum of its steps' generate, score and train times, not its
+  evaluations): `--max_steps` = that time x DPO's steps per second, measured once by a 20-step calibration run
+  (`dpo_calibration/`), so the schedule ends when the time does, and `--max_train_seconds` = that time as a guard;
   no evaluations or checkpoints inside that time;
 - `evaluate.py` with the SFT model as baseline and KL reference and every method's adapter, on the demo's
   held-out questions and answer length (`DEMO_EVAL`, without the best-of-n curve), seeded with SEED.
@@ -158,6 +159,22 @@ def dpo_throughput(folder: str) -> dict:
             "episodes_per_s": pairs / end["train_runtime"]}
 
 
+def dpo_argv(a, sft: str, folder: str, seed: int, steps: int) -> list[str]:
+    """training_dpo.py with the demo's DPO flags for ``steps`` steps, nothing evaluated or saved on the way."""
+    flags = without(demo_flags("DEMO_DPO"), {"max_steps", "eval_steps", "save_steps", "eval_first_step"})
+    return ["training_dpo.py", "--model_name_or_path", sft, "--dataset_name", ".", "--output_dir", folder,
+            "--seed", str(seed), *flags, "--max_steps", str(steps), "--eval_strategy", "no", "--save_strategy", "no"]
+
+
+def dpo_steps_per_s(a, sft: str, steps: int = 20) -> float:
+    """DPO's optimizer steps per second of ``train_runtime`` on this machine: one short run (the first seed's
+    flags, ``steps`` steps), made once and reused by every seed and every re-run."""
+    folder = os.path.join(a.output_dir, "dpo_calibration")
+    run_child(folder, dpo_argv(a, sft, folder, a.seeds[0], steps) + list(a.dpo_args), a.python)
+    measured = dpo_throughput(folder)
+    return measured["steps"] / measured["train_s"]
+
+
 # ------------------------------------------------------------------------------------------ one seed
 
 
@@ -175,11 +192,10 @@ def run_seed(a, seed: int) -> dict:
     if "dpo" in a.methods:
         budget = runs["ppo"]["train_s"] if "ppo" in runs else a.dpo_seconds
         folder = os.path.join(work, "dpo")
-        flags = without(demo_flags("DEMO_DPO"), {"max_steps", "eval_steps", "save_steps", "eval_first_step"})
-        argv = ["training_dpo.py", "--model_name_or_path", sft, "--dataset_name", ".", "--output_dir", folder,
-                "--seed", str(seed), *flags, "--max_steps", "1000000", "--lr_scheduler_type", "constant_with_warmup",
-                "--eval_strategy", "no", "--save_strategy", "no", "--max_train_seconds", f"{budget:.1f}", *a.dpo_args]
-        runs["dpo"] = {**run_child(folder, argv, a.python), **dpo_throughput(folder), "budget_s": budget}
+        steps = max(1, int(budget * dpo_steps_per_s(a, sft)))
+        argv = dpo_argv(a, sft, folder, seed, steps) + ["--max_train_seconds", f"{budget:.1f}", *a.dpo_args]
+        runs["dpo"] = {**run_child(folder, argv, a.python), **dpo_throughput(folder), "budget_s": budget,
+                       "planned_steps": steps}
     folder = os.path.join(work, "eval")
     eval_flags = without(demo_flags("DEMO_EVAL"), {"best_of_n", "best_of_n_prompts"})
     argv = ["evaluate.py", "--models", f"sft={sft}", *[f"{m}={os.path.join(work, m)}" for m in runs],
@@ -315,8 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     per_seed = {seed: run_seed(a, seed) for seed in a.seeds}
-    eval_prompts = next(iter(json.load(open(os.path.join(a.output_dir, f"seed{s}", "eval", "eval.json"),
-                                            encoding="utf-8"))["prompts"]["n"] for s in a.seeds[:1]))
+    with open(os.path.join(a.output_dir, f"seed{a.seeds[0]}", "eval", "eval.json"), encoding="utf-8") as f:
+        eval_prompts = json.load(f)["prompts"]["n"]
     result = {"root": a.root, "seeds": a.seeds, "methods": a.methods, "eval_prompts": eval_prompts,
               "table": summarise(per_seed, a.methods), "per_seed": {str(s): r for s, r in per_seed.items()}}
     with open(os.path.join(a.output_dir, "compare.json"), "w", encoding="utf-8") as f:

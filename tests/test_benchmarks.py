@@ -70,12 +70,16 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     for method in ("ppo", "rloo", "grpo"):
         assert runs[method]["steps"] == 2 and runs[method]["episodes"] == 8, (method, runs[method])
         assert (out / "seed1" / method / "adapter_config.json").is_file()
-    # DPO trained for PPO's training time: it stops at the first step past that budget, and its card says so.
+    # DPO trained for PPO's training time: as many steps as its calibrated speed fits in it, the time limit as a
+    # guard (a run it cut short stopped past the budget).
     dpo = runs["dpo"]
-    card = (out / "seed1" / "dpo" / "README.md").read_text()
-    assert "stopped_by_time_limit_at_step" in card and dpo["steps"] >= 1
+    calibration = [json.loads(line) for line in (out / "dpo_calibration" / "metrics.jsonl").read_text().splitlines()]
+    rate = calibration[-1]["step"] / calibration[-1]["train_runtime"]
+    assert calibration[-1]["step"] == 20
     assert dpo["budget_s"] == pytest.approx(runs["ppo"]["train_s"], abs=0.06)
-    assert dpo["train_s"] >= dpo["budget_s"]
+    assert dpo["planned_steps"] == max(1, int(dpo["budget_s"] * rate))
+    assert dpo["steps"] == dpo["planned_steps"] or (dpo["steps"] < dpo["planned_steps"]
+                                                    and dpo["train_s"] >= dpo["budget_s"])
     evaluated = json.loads((out / "seed1" / "eval" / "eval.json").read_text())
     assert list(evaluated["models"]) == ["sft", "ppo", "rloo", "grpo", "dpo"]
     assert evaluated["prompts"]["n"] == 8
@@ -90,7 +94,7 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     for method in ("| PPO |", "| RLOO |", "| GRPO |", "| DPO |"):
         assert method in proc.stdout
     again = run_script(*args, timeout=300)
-    assert again.stdout.count("done already") == 5
+    assert again.stdout.count("done already") == 6  # the DPO calibration too
     assert json.loads((out / "compare.json").read_text())["table"] == table
 
 
