@@ -231,6 +231,9 @@ def over_seeds(values: list[float], higher_is_worse: bool = False) -> dict:
     return out
 
 
+BETTER_WORSE = {"rose": "better", "fell": "worse"}  # a win rate's interval above or below 0.5
+
+
 def summarise(per_seed: dict[int, dict], methods: list[str]) -> dict:
     from common import stats
 
@@ -241,7 +244,7 @@ def summarise(per_seed: dict[int, dict], methods: list[str]) -> dict:
         diffs = [r["reward_difference"] for r in rows]
         entry = {
             "win_rate_gold": over_seeds([w["mean"] for w in wins]),
-            "win_verdicts": [stats.verdict(w, 0.5) for w in wins],
+            "win_verdicts": [BETTER_WORSE.get(v, v) for v in (stats.verdict(w, 0.5) for w in wins)],
             "reward_difference": over_seeds([d["mean"] for d in diffs]),
             "reward_verdicts": [stats.verdict(d) for d in diffs],
             "kl": over_seeds([r["kl"] for r in rows], higher_is_worse=True) if all(r["kl"] is not None for r in rows)

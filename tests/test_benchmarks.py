@@ -88,6 +88,8 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     assert table["ppo"]["speed_vs_ppo"]["mean"] == 1.0 and table["ppo"]["memory_vs_ppo"]["mean"] == 1.0
     for method, e in table.items():
         assert 0.0 <= e["win_rate_gold"]["mean"] <= 1.0
+        assert len(e["win_verdicts"]) == 1 and e["win_verdicts"][0] in ("better", "worse", "no clear change")
+        assert e["reward_verdicts"][0] in ("rose", "fell", "no clear change")
         assert e["peak_rss_gib"]["mean"] > 0.05 and e["speed_vs_ppo"]["mean"] > 0, method
         assert e["kl"] is not None and math.isfinite(e["kl"]["mean"])
     assert table["ppo"]["kl"]["mean"] != 0.0  # trained: the adapters moved away from SFT
