@@ -11,9 +11,9 @@ For each seed, in turn and one at a time (so their speed and memory are comparab
   drift; `--steps` is the episode count, the same for the three) and `--seed SEED`;
 - `training_dpo.py` from the same SFT model with the demo's DPO recipe (`DEMO_DPO`: its learning rate, warm-up and
   cosine decay) for PPO's training time in this seed (the sum of its steps' generate, score and train times, not its
-  evaluations): `--max_steps` = that time x DPO's steps per second, measured once by a 20-step calibration run
-  (`dpo_calibration/`), so the schedule ends when the time does, and `--max_train_seconds` = that time as a guard;
-  no evaluations or checkpoints inside that time;
+  evaluations): `--max_steps` = that time x DPO's steps per second, measured once by a calibration run
+  (`--dpo_calibration_steps`, default 20, in `dpo_calibration/`), so the schedule ends when the time does, and
+  `--max_train_seconds` = that time as a guard; no evaluations or checkpoints inside that time;
 - `evaluate.py` with the SFT model as baseline and KL reference and every method's adapter, on the demo's
   held-out questions and answer length (`DEMO_EVAL`, without the best-of-n curve), seeded with SEED.
 
@@ -192,7 +192,7 @@ def run_seed(a, seed: int) -> dict:
     if "dpo" in a.methods:
         budget = runs["ppo"]["train_s"] if "ppo" in runs else a.dpo_seconds
         folder = os.path.join(work, "dpo")
-        steps = max(1, int(budget * dpo_steps_per_s(a, sft)))
+        steps = max(1, int(budget * dpo_steps_per_s(a, sft, a.dpo_calibration_steps)))
         argv = dpo_argv(a, sft, folder, seed, steps) + ["--max_train_seconds", f"{budget:.1f}", *a.dpo_args]
         runs["dpo"] = {**run_child(folder, argv, a.python), **dpo_throughput(folder), "budget_s": budget,
                        "planned_steps": steps}
@@ -313,6 +313,8 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--output_dir", default="runs/compare")
     p.add_argument("--dpo_seconds", type=float, default=None,
                    help="DPO's training time when PPO is not among --methods (else PPO's of the same seed)")
+    p.add_argument("--dpo_calibration_steps", type=int, default=20,
+                   help="steps of the run that measures DPO's speed (once, in OUTPUT_DIR/dpo_calibration)")
     p.add_argument("--rl_args", type=shlex.split, default=[], help="flags appended to every training_rl.py run")
     p.add_argument("--dpo_args", type=shlex.split, default=[], help="flags appended to the training_dpo.py run")
     p.add_argument("--eval_args", type=shlex.split, default=[], help="flags appended to the evaluate.py run")

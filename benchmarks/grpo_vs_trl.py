@@ -149,7 +149,7 @@ def scoring_check(a) -> dict:
     tok = load_tokenizer(a.reward_model, False, "right")
     rm = load_model(ModelArguments(model_name_or_path=a.reward_model, dtype="float32", use_peft=False), "SEQ_CLS",
                     False, tok.pad_token_id).eval()
-    rows = load_pairs(".", "data/evaluation", "train", 0)
+    rows = load_pairs(".", "data/evaluation", "train", a.pairs)
 
     @torch.no_grad()
     def trl_way(texts):
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default=None, help="write the results JSON here")
     p.add_argument("--scoring_check", action="store_true",
                    help="only compare the reward model's held-out pair accuracy on our text and on TRL's")
+    p.add_argument("--pairs", type=int, default=0, help="--scoring_check on the first N held-out pairs (0: all)")
     a = p.parse_args(argv)
     for flag in ("model", "reward_model"):
         if not os.path.isfile(os.path.join(getattr(a, flag), "config.json")):

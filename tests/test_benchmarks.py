@@ -50,7 +50,7 @@ def test_benchmark_runs_every_stage_and_writes_the_figures(tmp_path):
 
 @pytest.mark.slow
 def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(tiny_model, tmp_path):
-    """benchmarks/compare_methods.py on the tiny model: PPO, RLOO and GRPO for the same episodes, DPO for PPO's
+    """benchmarks/compare_methods.py on the tiny model: PPO and GRPO for the same episodes, DPO for PPO's
     training time, one evaluation of all against SFT, and a table with every method; a re-run trains nothing."""
     from test_ppo import _save_reward_model
 
@@ -58,7 +58,9 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     shutil.copytree(tiny_model, root / "sft_merged")
     _save_reward_model(tiny_model, str(root / "rm"))
     out = tmp_path / "compare"
+    # RLOO takes the same path through the benchmark as GRPO: left out to keep the test short.
     args = ["benchmarks/compare_methods.py", "--root", root, "--seeds", "1", "--output_dir", out,
+            "--methods", "ppo", "grpo", "dpo", "--dpo_calibration_steps", "3",
             "--rl_args", "--steps 8 --batch_size 4 --mini_batch_size 2 --gradient_accumulation_steps 1 "
                          "--output_min_length 4 --output_max_length 8 --eval_freq 2 --eval_prompts 4 "
                          "--disable_tqdm true",
@@ -67,7 +69,7 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     proc = run_script(*args, timeout=600)
     result = json.loads((out / "compare.json").read_text())
     runs = result["per_seed"]["1"]
-    for method in ("ppo", "rloo", "grpo"):
+    for method in ("ppo", "grpo"):
         assert runs[method]["steps"] == 2 and runs[method]["episodes"] == 8, (method, runs[method])
         assert (out / "seed1" / method / "adapter_config.json").is_file()
     # DPO trained for PPO's training time: as many steps as its calibrated speed fits in it, the time limit as a
@@ -75,16 +77,16 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     dpo = runs["dpo"]
     calibration = [json.loads(line) for line in (out / "dpo_calibration" / "metrics.jsonl").read_text().splitlines()]
     rate = calibration[-1]["step"] / calibration[-1]["train_runtime"]
-    assert calibration[-1]["step"] == 20
+    assert calibration[-1]["step"] == 3
     assert dpo["budget_s"] == pytest.approx(runs["ppo"]["train_s"], abs=0.06)
     assert dpo["planned_steps"] == max(1, int(dpo["budget_s"] * rate))
     assert dpo["steps"] == dpo["planned_steps"] or (dpo["steps"] < dpo["planned_steps"]
                                                     and dpo["train_s"] >= dpo["budget_s"])
     evaluated = json.loads((out / "seed1" / "eval" / "eval.json").read_text())
-    assert list(evaluated["models"]) == ["sft", "ppo", "rloo", "grpo", "dpo"]
+    assert list(evaluated["models"]) == ["sft", "ppo", "grpo", "dpo"]
     assert evaluated["prompts"]["n"] == 8
     table = result["table"]
-    assert list(table) == ["ppo", "rloo", "grpo", "dpo"]
+    assert list(table) == ["ppo", "grpo", "dpo"]
     assert table["ppo"]["speed_vs_ppo"]["mean"] == 1.0 and table["ppo"]["memory_vs_ppo"]["mean"] == 1.0
     for method, e in table.items():
         assert 0.0 <= e["win_rate_gold"]["mean"] <= 1.0
@@ -93,10 +95,10 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
         assert e["peak_rss_gib"]["mean"] > 0.05 and e["speed_vs_ppo"]["mean"] > 0, method
         assert e["kl"] is not None and math.isfinite(e["kl"]["mean"])
     assert table["ppo"]["kl"]["mean"] != 0.0  # trained: the adapters moved away from SFT
-    for method in ("| PPO |", "| RLOO |", "| GRPO |", "| DPO |"):
+    for method in ("| PPO |", "| GRPO |", "| DPO |"):
         assert method in proc.stdout
     again = run_script(*args, timeout=300)
-    assert again.stdout.count("done already") == 6  # the DPO calibration too
+    assert again.stdout.count("done already") == 5  # the DPO calibration too
     assert json.loads((out / "compare.json").read_text())["table"] == table
 
 
@@ -121,8 +123,8 @@ def test_grpo_vs_trl_runs_both_sides_on_the_same_setup(tiny_model, tmp_path):
     assert "TRL / ours" in proc.stdout
 
 
-def test_grpo_vs_trl_scoring_check_scores_both_texts_of_every_held_out_pair(tiny_model, tmp_path):
-    """The text check: every held-out pair scored as our PPO scores it and as TRL's GRPOTrainer would; the texts
+def test_grpo_vs_trl_scoring_check_scores_both_texts_of_the_held_out_pairs(tiny_model, tmp_path):
+    """The text check: held-out pairs scored as our PPO scores them and as TRL's GRPOTrainer would; the texts
     differ (TRL's has no BOS), so the scores do too, and each accuracy is a share of the pairs."""
     import argparse
     import importlib.util
@@ -133,9 +135,8 @@ def test_grpo_vs_trl_scoring_check_scores_both_texts_of_every_held_out_pair(tiny
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
-    r = module.scoring_check(argparse.Namespace(reward_model=rm))
-    with open("data/evaluation/train.jsonl", encoding="utf-8") as f:
-        assert r["pairs"] == sum(1 for line in f if line.strip())
+    r = module.scoring_check(argparse.Namespace(reward_model=rm, pairs=48))
+    assert r["pairs"] == 48
     for side in ("ours", "trl"):
         assert 0.0 <= r[side]["accuracy"] <= 1.0 and r[side]["accuracy"] * r["pairs"] == pytest.approx(
             round(r[side]["accuracy"] * r["pairs"]), abs=1e-3)
