@@ -49,7 +49,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from common import stats
 from common.cli import UserError, collect, parse_args, run

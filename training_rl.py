@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from common.cli import UserError, collect, parse_args, run
 from common.data import load_and_validate

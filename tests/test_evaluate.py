@@ -249,3 +249,12 @@ def test_kl_log_probs_are_those_the_answers_were_sampled_with(paths):
     ours = evaluate.sequence_logprobs(lm, prompts, [r[:k] for r, k in zip(answers, cut)], tokenizer.pad_token_id,
                                       0.7, batch_size=5)
     assert ours == pytest.approx([sum(lp[:k]) for lp, k in zip(sampled, cut)], abs=1e-4)
+
+
+@pytest.mark.parametrize("module", ["training_rl", "evaluate"])
+def test_progress_bars_are_tqdm_auto_so_a_notebook_shows_widgets(module):
+    import importlib
+
+    import tqdm.auto
+
+    assert importlib.import_module(module).tqdm is tqdm.auto.tqdm
