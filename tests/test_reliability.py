@@ -64,8 +64,9 @@ def test_nan_loss_in_sft_is_skipped_counted_and_repeated_ones_stop_the_run(tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
 def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint_intact(tiny_model, tmp_path,
-                                                                                        monkeypatch, capsys):
+                                                                                        monkeypatch, capsys, algorithm):
     from test_ppo import FAST, _save_reward_model
 
     import common.reward
@@ -83,7 +84,7 @@ def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint
     monkeypatch.setattr(common.reward, "score_texts", poisoned)
     out = str(tmp_path / "ppo")
     args = ["--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "80", "--save_freq", "1",
-            "--output_dir", out]
+            "--output_dir", out, "--algorithm", algorithm]
     with pytest.raises(SystemExit) as exit_info:
         run(lambda: training_rl.main(*training_rl.parse(args)))
     assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
