@@ -190,10 +190,10 @@ def run_seed(a, seed: int) -> dict:
                 *demo_flags("DEMO_PPO"), *a.rl_args]
         runs[method] = {**run_child(folder, argv, a.python), **rl_throughput(folder)}
     if "dpo" in a.methods:
-        budget = runs["ppo"]["train_s"] if "ppo" in runs else a.dpo_seconds
+        budget = round(runs["ppo"]["train_s"] if "ppo" in runs else a.dpo_seconds, 3)  # as the flag gives it
         folder = os.path.join(work, "dpo")
         steps = max(1, int(budget * dpo_steps_per_s(a, sft, a.dpo_calibration_steps)))
-        argv = dpo_argv(a, sft, folder, seed, steps) + ["--max_train_seconds", f"{budget:.1f}", *a.dpo_args]
+        argv = dpo_argv(a, sft, folder, seed, steps) + ["--max_train_seconds", f"{budget:.3f}", *a.dpo_args]
         runs["dpo"] = {**run_child(folder, argv, a.python), **dpo_throughput(folder), "budget_s": budget,
                        "planned_steps": steps}
     folder = os.path.join(work, "eval")

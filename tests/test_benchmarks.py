@@ -78,10 +78,11 @@ def test_compare_methods_trains_each_method_evaluates_them_together_and_resumes(
     calibration = [json.loads(line) for line in (out / "dpo_calibration" / "metrics.jsonl").read_text().splitlines()]
     rate = calibration[-1]["step"] / calibration[-1]["train_runtime"]
     assert calibration[-1]["step"] == 3
-    assert dpo["budget_s"] == pytest.approx(runs["ppo"]["train_s"], abs=0.06)
+    assert dpo["budget_s"] == pytest.approx(runs["ppo"]["train_s"], abs=0.001)
     assert dpo["planned_steps"] == max(1, int(dpo["budget_s"] * rate))
+    # train_runtime starts before the limit's clock does (and is rounded to 0.1 ms): a cut run is past the budget
     assert dpo["steps"] == dpo["planned_steps"] or (dpo["steps"] < dpo["planned_steps"]
-                                                    and dpo["train_s"] >= dpo["budget_s"])
+                                                    and dpo["train_s"] >= dpo["budget_s"] - 1e-3)
     evaluated = json.loads((out / "seed1" / "eval" / "eval.json").read_text())
     assert list(evaluated["models"]) == ["sft", "ppo", "grpo", "dpo"]
     assert evaluated["prompts"]["n"] == 8

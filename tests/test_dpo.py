@@ -164,3 +164,24 @@ def test_dpo_on_two_processes_learns_like_one_with_the_same_global_batch(tiny_mo
     reports = [json.load(open(os.path.join(d, "eval_report.json"))) for d in (one, two)]
     assert reports[0]["n_pairs"] == reports[1]["n_pairs"] == 9
     assert abs(reports[0]["mean_margin"] - reports[1]["mean_margin"]) < 0.05
+
+
+def test_time_limit_stops_at_the_first_step_past_the_budget_on_this_process_clock(monkeypatch):
+    """`--max_train_seconds`' callback: no stop before the budget, a stop (and its step recorded) at the first step
+    that ends at or past it; the clock starts at on_train_begin."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import common.stage
+    from common.stage import TimeLimit
+
+    clock = iter([100.0, 104.9, 105.0])
+    monkeypatch.setattr(common.stage.time, "monotonic", lambda: next(clock))
+    limit, state, control = TimeLimit(5.0), TrainerState(), TrainerControl()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    limit.on_train_begin(args, state, control)
+    state.global_step = 7
+    limit.on_step_end(args, state, control)
+    assert not control.should_training_stop and limit.stopped_at is None
+    state.global_step = 8
+    limit.on_step_end(args, state, control)
+    assert control.should_training_stop and limit.stopped_at == 8
