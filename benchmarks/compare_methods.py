@@ -59,15 +59,12 @@ MEASURE = ".measure.json"  # beside the run's folder: FOLDER.measure.json
 def child(measure_path: str, argv: list[str]) -> None:
     """Runs ``argv`` (a script and its flags) as ``__main__`` in this process and, whatever way it ends, writes its
     wall time and this process's peak resident memory to ``measure_path``."""
+    from run import vmhwm_bytes  # benchmarks/run.py (stdlib only at import)
+
     start = time.perf_counter()
 
     def record():
-        peak = None
-        try:
-            with open("/proc/self/status", encoding="ascii") as f:
-                peak = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
-        except OSError:
-            pass
+        peak = vmhwm_bytes()
         if peak is None:  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
             import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

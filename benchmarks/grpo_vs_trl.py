@@ -33,24 +33,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import ROOT, vmhwm_bytes  # noqa: E402  (benchmarks/run.py: the repository on sys.path, offline, passive OMP)
 
 PROMPTS, GENERATIONS, KL, LR, CLIP, LORA = 4, 4, 0.04, 1e-5, 0.2, {"lora_r": 16, "lora_alpha": 32,
                                                                     "lora_dropout": 0.05}
-
-
-def peak_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
-    except OSError:
-        return None
 
 
 def run_ours(a, work: str) -> dict:
@@ -83,7 +70,7 @@ def run_trl(a, work: str) -> dict:
 
     from common.data import load_and_validate
     from common.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from common.prompts import format_prompt
+    from common.prompts import format_example, format_prompt
     from common.reward import score_texts
 
     tokenizer = load_tokenizer(a.model, False, "left")
@@ -97,8 +84,6 @@ def run_trl(a, work: str) -> dict:
     dataset = Dataset.from_dict({"prompt": [format_prompt(q) for q in questions[:n]], "question": questions[:n]})
 
     def reward(prompts, completions, question, **kwargs):
-        from common.prompts import format_example
-
         texts = [format_example(q, c) for q, c in zip(question, completions)]
         with torch.no_grad():
             return score_texts(rm, rm_tokenizer, texts).tolist()
@@ -175,7 +160,7 @@ def scoring_check(a) -> dict:
 def side(a) -> None:
     with tempfile.TemporaryDirectory() as work:
         result = (run_ours if a.side == "ours" else run_trl)(a, work)
-    result.update(side=a.side, peak_rss_bytes=peak_rss_bytes())
+    result.update(side=a.side, peak_rss_bytes=vmhwm_bytes())
     print(json.dumps(result))
 
 

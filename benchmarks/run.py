@@ -128,17 +128,20 @@ def log(message: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def peak_rss_bytes(sampler: RssSampler) -> int:
+def vmhwm_bytes() -> int | None:
     """This process's peak resident memory: VmHWM, the high-water mark of its address space, which (unlike
-    ru_maxrss) starts afresh at exec, so the parent's memory at fork does not count; else the sampled peak."""
+    ru_maxrss) starts afresh at exec, so the parent's memory at fork does not count. None where /proc has none."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
     except OSError:
-        pass
-    return max(sampler.peaks.values())
+        return None
+
+
+def peak_rss_bytes(sampler: RssSampler) -> int:
+    """VmHWM (``vmhwm_bytes``), else the sampled peak."""
+    peak = vmhwm_bytes()
+    return peak if peak is not None else max(sampler.peaks.values())
 
 
 def tensor_bytes(module) -> int:
