@@ -18,12 +18,23 @@ class UserError(Exception):
 
 
 def run(main: Callable[..., None], *args) -> None:
-    """Call ``main(*args)``; a ``UserError`` is printed without a traceback and exits with status 2."""
+    """Call ``main(*args)``; a ``UserError`` is printed without a traceback and exits with status 2.
+
+    The command line's end: a process group the stage joined (torchrun) is left before the interpreter exits, since
+    a gloo group torn down by interpreter shutdown can abort the process after the work is done."""
     try:
         main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        _leave_process_group()
         sys.exit(2)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def str2bool(value: str | bool) -> bool:

@@ -95,3 +95,8 @@ if __name__ == "__main__":
     result = run_update(args.mini, args.accum, algorithm=args.algorithm, loss_type=args.loss_type)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, args.out)
+    if torch.distributed.is_initialized():
+        # Leave the process group before exit: a gloo group torn down by the interpreter's shutdown can abort
+        # ("terminate called without an active exception"), seen once in CI on the second process.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
