@@ -4,7 +4,13 @@
     python evaluate.py --models sft=runs/pipeline/sft_merged final=runs/pipeline/final \
         --reward_model_name runs/pipeline/rm_merged --output_dir runs/eval
 
-    # in a notebook: the same figures as a dict, nothing written
+    # from Python: the same run (output folder written), the results returned
+    from evaluate import run_evaluate
+    ev = run_evaluate(models={"sft": "runs/sft_merged", "final": "runs/final"}, reward_model_name="runs/rm_merged",
+                      output_dir="runs/eval")
+    ev.metrics["final"]["win_rate_gold"], ev.results["rows"][0]   # figures per model; everything in eval.json
+
+    # the figures only, nothing written
     from evaluate import evaluate_models
     results = evaluate_models(models=["sft=runs/sft_merged", "final=runs/final"], reward_model_name="runs/rm_merged")
 
@@ -52,7 +58,7 @@ import torch
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from common import stats
-from common.cli import UserError, collect, parse_args, run
+from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.data import DataError, load_and_validate
 from common.generation import eos_token_ids, sample_responses
 from common.gold import gold_score, load_answer_keys, readable_share, vocabulary
@@ -557,7 +563,17 @@ def write_results(results: dict, output_dir: str) -> None:
                      logs_metrics=False)
 
 
-def main(a: EvalArguments) -> dict:
+def headline(results: dict) -> dict[str, dict]:
+    """Per model, the means a next step compares: RM score, gold, length, KL to the reference, and the win rates
+    against the baseline under both judges (None where not computed)."""
+    mean = lambda d: d["mean"] if d else None  # noqa: E731
+    return {name: {"reward": mean(m["reward"]), "gold": mean(m["gold"]), "length": mean(m["length"]),
+                   "kl": mean(m["kl"]), "win_rate_reward": mean(m["vs_baseline"]["win_rate_reward"]),
+                   "win_rate_gold": mean(m["vs_baseline"]["win_rate_gold"])}
+            for name, m in results["models"].items()}
+
+
+def main(a: EvalArguments) -> StageResult:
     check_args(a)
     check_output_dir(a)
     results = evaluate_models(a)  # checks the data before any model loads
@@ -569,11 +585,22 @@ def main(a: EvalArguments) -> dict:
         print(f"{name}: RM score {_ci(m['reward'])}, gold {_ci(m['gold'])}, win rate (gold) vs {baseline} "
               f"{_ci(w)}{' ' + w['verdict'] if w else ''}")
     print(f"saved to {a.output_dir} (eval.md, eval.json)")
-    return results
+    return StageResult(a.output_dir, headline(results), results)
 
 
-def parse(argv: list[str] | None = None) -> tuple[EvalArguments]:
-    return parse_args((EvalArguments,), None, None, argv, __doc__)
+def parse(argv: list[str] | None = None, kwargs: dict | None = None) -> tuple[EvalArguments]:
+    if kwargs is not None and isinstance(kwargs.get("models"), dict):  # {"sft": path, ...}, as the YAML takes it
+        kwargs = {**kwargs, "models": [f"{name}={path}" for name, path in kwargs["models"].items()]}
+    return parse_args((EvalArguments,), None, None, argv, __doc__, kwargs)
+
+
+def run_evaluate(**kwargs) -> StageResult:
+    """The evaluation from Python, output folder written: the keyword arguments are the flags without their dashes,
+    with the same defaults and checks; ``models`` is a list of ``NAME=PATH`` (or paths) or a dict of name to path.
+    Returns the output folder, ``metrics`` (per model: RM score, gold, length, KL and the win rates against the
+    baseline, as means) and ``results`` (everything ``eval.json`` holds); a mistake raises ``common.cli.UserError``.
+    ``evaluate_models`` gives the results without writing anything."""
+    return call_stage("evaluate.run_evaluate", parse, main, kwargs)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from common.cli import UserError, parse_args, run
+from common.cli import StageResult, UserError, call_stage, parse_args, run
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -268,7 +268,7 @@ def verify(args: MergeArguments, merged, batch, reference: torch.Tensor, layers:
         print("warning: the adapter barely changes the probe logits, so the check cannot tell merged from unmerged")
 
 
-def main(args: MergeArguments) -> None:
+def main(args: MergeArguments) -> StageResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("merge runs on one process; run it with python, not torchrun or accelerate launch")
     adapter = find_adapter(args.adapter_model_name)
@@ -345,10 +345,24 @@ def main(args: MergeArguments) -> None:
         HfApi().create_repo(repo, exist_ok=True)
         HfApi().upload_folder(repo_id=repo, folder_path=out)
         print(f"pushed to {repo}")
+    return StageResult(out, metrics)
 
 
-def parse(argv: list[str] | None = None) -> tuple[MergeArguments]:
-    return parse_args((MergeArguments,), ALIASES, None, argv, __doc__)
+def parse(argv: list[str] | None = None, kwargs: dict | None = None) -> tuple[MergeArguments]:
+    return parse_args((MergeArguments,), ALIASES, None, argv, __doc__, kwargs)
+
+
+def run_merge(**kwargs) -> StageResult:
+    """The merge from Python: the keyword arguments are the flags without their dashes, with the same defaults and
+    checks (StackLLaMA's names too)::
+
+        from merge_with_lora import run_merge
+        merged = run_merge(adapter_model_name="runs/sft", output_name="runs/sft_merged")
+        merged.metrics["verify_max_abs_diff"]
+
+    Returns the merged folder and the merge's metrics (the probe check's figures); a mistake raises
+    ``common.cli.UserError``."""
+    return call_stage("merge_with_lora.run_merge", parse, main, kwargs)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from common.cli import collect, parse_args, run
+from common.cli import StageResult, call_stage, collect, parse_args, run
 from common.data import load_pairs
 from common.modeling import (
     ModelArguments,
@@ -228,7 +228,7 @@ def implicit_rewards(trainer: Trainer, dataset) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments) -> None:
+def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments) -> StageResult:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
     stage = TrainerStage(config, script.overwrite_output_dir)
@@ -257,34 +257,48 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
     r_j, r_k = implicit_rewards(trainer, eval_ds)
     trainer.accelerator.wait_for_everyone()
     if not stage.is_main:
-        return
+        return StageResult(config.output_dir, {})
     kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
     report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k, kinds)
     report["what"] = f"DPO's implicit reward beta * (log pi - log ref), beta {config.beta}"
     write_report(tmp, report, title="DPO implicit reward evaluation")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"steps": trainer.state.global_step, "beta": config.beta, "loss_type": ",".join(config.loss_type),
+               "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+               **({"stopped_by_time_limit_at_step": time_limit.stopped_at} if time_limit else {}),
+               "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
+               "eval_mean_margin": report["mean_margin"],
+               **({"eval_accuracy_lookalike": report["accuracy_lookalike"]} if kinds else {})}
     stage.commit(tmp, tokenizer, {
         "stage": "DPO " + ("LoRA adapter" if model_args.use_peft else "model (full fine-tuning)"),
         "base_model": model_args.model_name_or_path,
         "dataset": f"{script.dataset_name} ({script.train_data_dir} / {script.eval_data_dir}, {script.split})",
-        "metrics": {"steps": trainer.state.global_step, "beta": config.beta, "loss_type": ",".join(config.loss_type),
-                    "train_loss_first": losses[0] if losses else None,
-                    "train_loss_last": losses[-1] if losses else None,
-                    **({"stopped_by_time_limit_at_step": time_limit.stopped_at} if time_limit else {}),
-                    "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
-                    "eval_mean_margin": report["mean_margin"],
-                    **({"eval_accuracy_lookalike": report["accuracy_lookalike"]} if kinds else {})},
+        "metrics": metrics,
         "notes": "\nThe implicit reward's accuracy on the evaluation pairs: `eval_report.md`.\n",
     })
     lookalike = (f" (look-alike pairs {report['accuracy_lookalike']:.4f} on {report['n_lookalike']})"
                  if report.get("accuracy_lookalike") is not None else "")
     print(f"implicit reward accuracy {report['accuracy']:.4f} on {report['n_pairs']} eval pairs{lookalike}; "
           f"saved to {config.output_dir}")
+    return StageResult(config.output_dir, metrics)
 
 
-def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, DPOConfig, ModelArguments]:
+def parse(argv: list[str] | None = None, kwargs: dict | None = None
+          ) -> tuple[ScriptArguments, DPOConfig, ModelArguments]:
     return parse_args((ScriptArguments, DPOConfig, ModelArguments), ALIASES, {**DEFAULTS, **device_defaults()},
-                      argv, __doc__)
+                      argv, __doc__, kwargs)
+
+
+def run_dpo(**kwargs) -> StageResult:
+    """Stage 3 by DPO from Python: the keyword arguments are the flags without their dashes, with the same defaults
+    and checks (StackLLaMA-2's names too; ``config="run.yaml"`` reads a YAML of them)::
+
+        from training_dpo import run_dpo
+        dpo = run_dpo(model_name_or_path="runs/sft", dataset_name=".", max_steps=100, output_dir="runs/dpo")
+        dpo.metrics["eval_accuracy"]
+
+    Returns the output folder and the model card's metrics; a mistake raises ``common.cli.UserError``."""
+    return call_stage("training_dpo.run_dpo", parse, main, kwargs)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from common.cli import collect, parse_args, run
+from common.cli import StageResult, call_stage, collect, parse_args, run
 from common.data import PAIR_FIELDS, load_pairs
 from common.modeling import (
     ModelArguments,
@@ -154,7 +154,7 @@ def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, t
                    peft_config=lora_config(model_args, "SEQ_CLS"), callbacks=list(callbacks))
 
 
-def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> None:
+def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> StageResult:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
     stage = TrainerStage(config, script.overwrite_output_dir)
@@ -190,7 +190,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     )
     trainer.accelerator.wait_for_everyone()
     if not stage.is_main:
-        return
+        return StageResult(config.output_dir, {})
     kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
     report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k, kinds)
     all_scores = torch.cat([r_j, r_k])
@@ -198,27 +198,42 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
              "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}
     write_report(tmp, report, stats)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"steps": trainer.state.global_step, "train_loss_last": losses[-1] if losses else None,
+               "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
+               "eval_mean_margin": report["mean_margin"], "ece": report["ece"],
+               "length_correlation_all": report["length_correlation"]["all"],
+               "score_mean": stats["mean"], "score_std": stats["std"],
+               **({"eval_accuracy_lookalike": report["accuracy_lookalike"]} if kinds else {})}
     stage.commit(tmp, tokenizer, {
         "stage": "Reward model " + ("LoRA adapter" if model_args.use_peft else "(full fine-tuning)"),
         "base_model": model_args.model_name_or_path,
         "dataset": f"{script.dataset_name} ({script.train_data_dir} / {script.eval_data_dir}, {script.split})",
-        "metrics": {"steps": trainer.state.global_step, "train_loss_last": losses[-1] if losses else None,
-                    "eval_pairs": report["n_pairs"], "eval_accuracy": report["accuracy"],
-                    "eval_mean_margin": report["mean_margin"], "ece": report["ece"],
-                    "length_correlation_all": report["length_correlation"]["all"],
-                    "score_mean": stats["mean"], "score_std": stats["std"],
-                    **({"eval_accuracy_lookalike": report["accuracy_lookalike"]} if kinds else {})},
+        "metrics": metrics,
         "notes": "\nHow good it is: `eval_report.md`. Score statistics for PPO's normalisation: `reward_stats.json`.\n",
     })
     lookalike = (f" (look-alike pairs {report['accuracy_lookalike']:.4f} on {report['n_lookalike']})"
                  if report.get("accuracy_lookalike") is not None else "")
     print(f"eval accuracy {report['accuracy']:.4f} on {report['n_pairs']} pairs{lookalike}, ECE {report['ece']:.4f}; "
           f"saved to {config.output_dir}")
+    return StageResult(config.output_dir, metrics)
 
 
-def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:
+def parse(argv: list[str] | None = None, kwargs: dict | None = None
+          ) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:
     return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES,
-                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
+                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__, kwargs)
+
+
+def run_reward_model(**kwargs) -> StageResult:
+    """Stage 2 from Python: the keyword arguments are the flags without their dashes, with the same defaults and
+    checks (StackLLaMA's names too; ``config="run.yaml"`` reads a YAML of them)::
+
+        from training_reward_model import run_reward_model
+        rm = run_reward_model(model_name="runs/sft_merged", dataset_name=".", max_steps=100, output_dir="runs/rm")
+        rm.metrics["eval_accuracy"]
+
+    Returns the output folder and the model card's metrics; a mistake raises ``common.cli.UserError``."""
+    return call_stage("training_reward_model.run_reward_model", parse, main, kwargs)
 
 
 if __name__ == "__main__":

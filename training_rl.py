@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
-from common.cli import UserError, collect, parse_args, run
+from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
     ModelArguments,
@@ -143,7 +143,7 @@ def load_prompts(a: ScriptArguments, tokenizer, subset: str | None = None):
     return kept, len(ds) - len(kept), loaded.source
 
 
-def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> None:
+def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> StageResult:
     from accelerate.utils import set_seed
 
     check_args(a, config, model_args)
@@ -225,20 +225,26 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
     tmp = final_tmp_dir(a.output_dir)
     accelerator.wait_for_everyone()
     trainer.save_model(tmp)  # every process takes part (ZeRO-3 gathers); the main one writes
+    card_metrics = {}
     if is_main:
         tokenizer.save_pretrained(tmp)
         commit_final(tmp, a.output_dir)
-        history = [m for m in read_metrics(a.output_dir) if "objective/scores" in m]
+        records = read_metrics(a.output_dir)
+        history = [m for m in records if "objective/scores" in m]
+        held_out = [m for m in records if "eval/rm_score" in m]  # step 0 (where the policy started) to the last
         fifth = max(1, len(history) // 5)
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         kind = "LoRA adapter + value head" if model_args.use_peft else "model + value head"
+        card_metrics = {"ppo_steps": trainer.progress.step, "episodes": trainer.progress.episodes,
+                        "score_first_fifth": mean(history[:fifth], "objective/scores"),
+                        "score_last_fifth": mean(history[-fifth:], "objective/scores"),
+                        "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
+                        "skipped_steps": trainer.progress.skipped_steps}
+        for key in ("rm_score", "gold") if held_out else ():
+            card_metrics[f"eval_{key}_first"] = held_out[0][f"eval/{key}"]
+            card_metrics[f"eval_{key}_last"] = held_out[-1][f"eval/{key}"]
         write_model_card(a.output_dir, f"{config.algorithm.upper()} policy " + kind, model_args.model_name_or_path,
-                         f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}",
-                         {"ppo_steps": trainer.progress.step, "episodes": trainer.progress.episodes,
-                          "score_first_fifth": mean(history[:fifth], "objective/scores"),
-                          "score_last_fifth": mean(history[-fifth:], "objective/scores"),
-                          "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
-                          "skipped_steps": trainer.progress.skipped_steps})
+                         f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}", card_metrics)
         print(f"saved to {a.output_dir}")
     # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
     # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
@@ -246,6 +252,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> N
     del trainer
     accelerator.free_memory()
     accelerator.end_training()
+    return StageResult(a.output_dir, card_metrics)
 
 
 def _truncate_samples(path: str, step: int) -> None:
@@ -358,8 +365,23 @@ def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
 
-def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, PPOConfig, ModelArguments]:
-    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__)
+def parse(argv: list[str] | None = None, kwargs: dict | None = None
+          ) -> tuple[ScriptArguments, PPOConfig, ModelArguments]:
+    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__, kwargs)
+
+
+def run_rl(**kwargs) -> StageResult:
+    """Stage 3 (PPO, or ``algorithm="rloo"``/``"grpo"``) from Python: the keyword arguments are the flags without
+    their dashes, with the same defaults and checks (StackLLaMA's names too; ``config="run.yaml"`` reads a YAML)::
+
+        from training_rl import run_rl
+        ppo = run_rl(model_name="runs/sft_merged", reward_model_name="runs/rm_merged", dataset_name=".",
+                     steps=320, output_dir="runs/ppo")
+        ppo.metrics["score_last_fifth"]
+
+    Returns the output folder and the model card's metrics (the per-step ones are in ``metrics.jsonl`` there); a
+    mistake raises ``common.cli.UserError``."""
+    return call_stage("training_rl.run_rl", parse, main, kwargs)
 
 
 if __name__ == "__main__":

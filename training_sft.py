@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
-from common.cli import collect, parse_args, run
+from common.cli import StageResult, call_stage, collect, parse_args, run
 from common.data import load_and_validate
 from common.modeling import (
     ModelArguments,
@@ -162,7 +162,7 @@ def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelA
     return trainer
 
 
-def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments) -> None:
+def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments) -> StageResult:
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
     stage = TrainerStage(config, script.overwrite_output_dir)
@@ -198,21 +198,37 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    metrics = {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
+               "train_loss_last": losses[-1] if losses else None, "eval_loss_first": evals[0] if evals else None,
+               "eval_loss_last": evals[-1] if evals else None}
     stage.commit(tmp, tokenizer, {
         "stage": "SFT " + ("LoRA adapter" if model_args.use_peft else "model"),
         "base_model": model_args.model_name_or_path,
         "dataset": f"{script.dataset_name} ({script.subset}, {script.split})",
-        "metrics": {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
-                    "train_loss_last": losses[-1] if losses else None, "eval_loss_first": evals[0] if evals else None,
-                    "eval_loss_last": evals[-1] if evals else None},
+        "metrics": metrics,
     })
     if stage.is_main:
         print(f"saved to {config.output_dir}")
+    return StageResult(config.output_dir, metrics if stage.is_main else {})
 
 
-def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfig, ModelArguments]:
+def parse(argv: list[str] | None = None, kwargs: dict | None = None
+          ) -> tuple[ScriptArguments, SFTConfig, ModelArguments]:
     return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES,
-                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__)
+                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__, kwargs)
+
+
+def run_sft(**kwargs) -> StageResult:
+    """Stage 1 from Python: the keyword arguments are the flags without their dashes, with the same defaults and
+    checks (StackLLaMA's names too; ``config="run.yaml"`` reads a YAML of them)::
+
+        from training_sft import run_sft
+        sft = run_sft(model_name_or_path="models/tiny-pretrained", dataset_name=".", subset="data/finetune",
+                      max_steps=60, output_dir="runs/sft")
+        sft.output_dir, sft.metrics["eval_loss_last"]
+
+    Returns the output folder and the model card's metrics; a mistake raises ``common.cli.UserError``."""
+    return call_stage("training_sft.run_sft", parse, main, kwargs)
 
 
 if __name__ == "__main__":

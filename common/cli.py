@@ -1,10 +1,12 @@
-"""Command-line plumbing shared by the four scripts: argument parsing with StackLLaMA aliases and ``--config``
-YAML, and the one place where a user mistake becomes a one-line message instead of a traceback.
+"""Command-line plumbing shared by the scripts: argument parsing with StackLLaMA aliases and ``--config`` YAML, the
+one place where a user mistake becomes a one-line message instead of a traceback, and the Python entries' keyword
+arguments, parsed by the same parser as the flags (``parse_args(..., kwargs=...)``) so they are validated the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import os
 import sys
@@ -14,10 +16,41 @@ import yaml
 
 
 class UserError(Exception):
-    """A mistake in the user's flags, files or data. Printed as ``error: <message>``, exit status 2."""
+    """A mistake in the user's flags, files or data. Printed as ``error: <message>``, exit status 2; raised as is by
+    the Python entries (``run_sft`` and the others)."""
 
 
-def run(main: Callable[..., None], *args) -> None:
+@dataclasses.dataclass
+class StageResult:
+    """What a stage's Python entry returns: the folder it wrote and the final metrics of its model card (the
+    ``README.md`` it writes there; empty on processes other than the main one). ``results`` holds a stage's whole
+    results where it has more than the card's figures (evaluate: what ``eval.json`` holds)."""
+
+    output_dir: str
+    metrics: dict
+    results: dict | None = dataclasses.field(default=None, repr=False)
+
+
+_INVOCATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("invocation", default=None)
+
+
+def invocation() -> str | None:
+    """The Python call running a stage now (``training_sft.run_sft(max_steps=3, ...)``); None on the command line."""
+    return _INVOCATION.get()
+
+
+def call_stage(entry: str, parse: Callable[..., tuple], main: Callable[..., StageResult], kwargs: dict) -> StageResult:
+    """A stage's Python entry: ``kwargs`` parsed as the flags (``parse(kwargs=...)``), then ``main``. While it runs,
+    the call is what ``run_args.yaml`` and the model card record as the command (a notebook's ``sys.argv`` is the
+    kernel's). A ``UserError`` propagates to the caller; nothing exits the process."""
+    token = _INVOCATION.set(f"{entry}(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+    try:
+        return main(*parse(kwargs=kwargs))
+    finally:
+        _INVOCATION.reset(token)
+
+
+def run(main: Callable[..., object], *args) -> None:
     """Call ``main(*args)``; a ``UserError`` is printed without a traceback and exits with status 2.
 
     The command line's end: a process group the stage joined (torchrun) is left before the interpreter exits, since
@@ -60,6 +93,7 @@ def parse_args(
     defaults: dict[str, object] | None = None,
     args: list[str] | None = None,
     description: str | None = None,
+    kwargs: dict | None = None,
 ) -> tuple:
     """Parse ``args`` (default ``sys.argv[1:]``) into one instance of each dataclass.
 
@@ -68,6 +102,10 @@ def parse_args(
     - ``defaults`` overrides the dataclasses' defaults (the historical StackLLaMA values).
     - ``--config run.yaml`` sets defaults from a YAML mapping; flags on the command line override it. An
       unknown key in the YAML is an error, as an unknown flag is.
+    - ``kwargs`` (a Python entry's keyword arguments; ``args`` then defaults to none, never ``sys.argv``): each
+      ``name=value`` becomes the flag ``--name`` with ``value`` written as on a command line (lists as several
+      values, enums by value), so types, choices and aliases are checked as the flags are; ``config=`` is
+      ``--config``; ``None`` sets the field to None, over the YAML too.
     """
     from transformers import HfArgumentParser
 
@@ -92,6 +130,23 @@ def parse_args(
         assert not unknown, f"defaults for unknown fields {unknown}"
         parser.set_defaults(**defaults)
 
+    nones = {}
+    if kwargs is not None:
+        args, nones = list(args or []), {}
+        for name, value in kwargs.items():
+            action = parser._option_string_actions.get(f"--{name}")
+            if action is None:
+                raise UserError(f"unknown argument {name!r}: the keyword arguments are the command-line flags "
+                                "without their dashes (see --help)")
+            if value is None:
+                nones[action.dest] = None
+            elif action.nargs in ("+", "*"):
+                values = [value] if isinstance(value, str) else list(value)
+                args += [f"--{name}", *map(_flag_text, values)]
+            elif isinstance(value, (list, tuple, set)):
+                raise UserError(f"argument {name} takes one value, got {type(value).__name__} {value!r}")
+            else:
+                args.append(f"--{name}={_flag_text(value)}")
     args = list(sys.argv[1:] if args is None else args)
     config_path = _pop_config(args)
     if config_path:
@@ -113,6 +168,9 @@ def parse_args(
             if action.dest in config:
                 action.default = config[action.dest]
                 action.required = False
+    for action in parser._actions:
+        if action.dest in nones:
+            action.default, action.required = None, False
     namespace, remaining = parser.parse_known_args(args)
     if remaining:
         raise UserError(f"unrecognized arguments: {' '.join(remaining)} (see --help)")
@@ -125,6 +183,18 @@ def parse_args(
         except (ValueError, TypeError, ImportError) as e:  # a library config's own validation (e.g. TrainingArguments)
             raise UserError(str(e)) from e
     return tuple(outputs)
+
+
+def _flag_text(value) -> str:
+    """A Python value as it would be written on the command line."""
+    import enum
+    import json
+
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def _accept_none(parser, dataclass_types: Iterable[type]) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import yaml
 
-from common.cli import UserError
+from common.cli import UserError, invocation
 
 FINAL_MARKERS = ("adapter_config.json", "config.json")
 METRICS_FILE = "metrics.jsonl"
@@ -48,7 +48,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint=
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+    """The command that runs this stage: the Python call of an entry such as ``run_sft``, else ``sys.argv``."""
+    return invocation() or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
 
 
 def _plain(value):
