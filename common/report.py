@@ -202,7 +202,8 @@ def summary_lines(s: dict) -> list[str]:
             lines += [f"  {a['times']}x {a['answer'][:100]!r}" for a in s["most_repeated_final_answers"]]
         else:
             lines.append("verdict       " + overall(s))
-    lines.append("time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()))
+    if s["seconds_per_stage"]:
+        lines.append("time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()))
     lines.append("=" * len(lines[0]))
     return lines
 

@@ -65,6 +65,7 @@ def test_the_notebook_runs_the_whole_chain_top_to_bottom(tmp_path):
     assert len(images) >= 4  # SFT loss, PPO panels, the models' comparison, best of n: inline
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "RLHF pipeline summary (seed 0)" in text and "win rate (gold) vs sft" in text
+    assert "time          pretrained tiny model" in text and ", evaluate " in text  # every stage timed
 
     run = tmp_path / "run"
     for path in ("sft/adapter_model.safetensors", "sft_merged/config.json", "rm/config.json",
