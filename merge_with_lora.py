@@ -4,6 +4,9 @@
         # base from adapter_config.json
     python merge_with_lora.py --adapter_model_name=XXX --base_model_name=YYY --output_name=ZZZ  # StackLLaMA's command
 
+    from merge_with_lora import run_merge  # from Python: the flags as keyword arguments
+    merged = run_merge(adapter_model_name="runs/sft", output_name="runs/sft-merged")
+
 A reward-model adapter (task type SEQ_CLS) merges into a one-label `AutoModelForSequenceClassification` with its
 trained `score` head, a causal-LM adapter into `AutoModelForCausalLM`. The base is always loaded in full precision
 (also for an adapter trained on a 4/8-bit base), in its own dtype unless `--dtype` says otherwise.

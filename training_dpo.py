@@ -9,6 +9,10 @@ adapter disabled (no second copy of the model).
     # StackLLaMA-2's command runs unchanged (its dpo_llama2.py flags are accepted)
     accelerate launch training_dpo.py --model_name_or_path=sft/final_checkpoint --output_dir=dpo
 
+    # from Python (a notebook): the flags as keyword arguments; returns the folder and the final metrics
+    from training_dpo import run_dpo
+    dpo = run_dpo(model_name_or_path="runs/pipeline/sft_merged", dataset_name=".", output_dir="runs/dpo")
+
 Each pair is the prompt `Question: {question}\n\nAnswer: ` and the two answers, each followed by EOS, tokenized as SFT
 tokenizes them and as PPO generates (common/prompts.py): the prompt's ids, then the answer's. The loss is TRL's
 (`--loss_type`, default `sigmoid`: `-logsigmoid(beta * ((log pi(y_j) - log ref(y_j)) - (log pi(y_k) - log ref(y_k))))`,

@@ -9,6 +9,10 @@ RewardTrainer (LoRA by default), and a report of how good it is.
     # StackLLaMA's command runs unchanged
     torchrun --nnodes 1 --nproc_per_node 8 training_reward_model.py --model_name=<SFT_MODEL>
 
+    # from Python (a notebook): the flags as keyword arguments; returns the folder and the final metrics
+    from training_reward_model import run_reward_model
+    rm = run_reward_model(model_name="runs/sft_merged", dataset_name=".", max_steps=60, output_dir="runs/rm")
+
 Both answers are scored as `Question: {question}\n\nAnswer: {answer}</s>` (common/prompts.py, the text SFT trains on
 and PPO scores) at the last non-pad token; the loss is `-logsigmoid(r_j - r_k - margin)` (`--margin`, default 0),
 plus `--center_rewards_coefficient * (r_j + r_k)^2` if set. Pairs with either side longer than `--max_length`

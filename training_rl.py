@@ -12,6 +12,10 @@
         --batched_gen=True --ppo_epochs=4 --seed=0 --learning_rate=1.4e-5 --early_stopping=True \
         --output_dir=llama-se-rl-finetune
 
+    # from Python (a notebook): the flags as keyword arguments; returns the folder and the final metrics
+    from training_rl import run_rl
+    ppo = run_rl(model_name="runs/sft", reward_model_name="runs/rm", dataset_name=".", output_dir="runs/ppo")
+
 The policy starts from `--model_name` (a model, or an SFT adapter merged in memory) with a new LoRA adapter;
 the reference is the same network with the adapter disabled. The reward model (any one-label sequence
 classifier: Hub id, folder or adapter folder) scores `Question: …\n\nAnswer: {response}` with its own tokenizer.

@@ -9,6 +9,10 @@
     torchrun --nnodes 1 --nproc_per_node 8 training_sft.py --model_path=<BASE> --streaming \
         --learning_rate 1e-5 --max_steps 5000 --output_dir ./llama-se
 
+    # from Python (a notebook): the flags as keyword arguments; returns the folder and the final metrics
+    from training_sft import run_sft
+    sft = run_sft(model_name_or_path="models/tiny", dataset_name=".", max_steps=60, output_dir="runs/sft")
+
 Each example is `Question: {question}\n\nAnswer: {response_j}</s>` (common/prompts.py). By default examples are
 packed end to end into `--seq_length` blocks (`--packing_strategy wrapped`, StackLLaMA's constant-length
 packing with plain causal attention) and the loss is on the answer tokens only (`--completion_only_loss true`;
