@@ -59,9 +59,9 @@ def run(main: Callable[..., object], *args) -> None:
         main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _leave_process_group()
         sys.exit(2)
-    _leave_process_group()
+    finally:
+        _leave_process_group()
 
 
 def _leave_process_group() -> None:
@@ -130,16 +130,16 @@ def parse_args(
         assert not unknown, f"defaults for unknown fields {unknown}"
         parser.set_defaults(**defaults)
 
-    nones = {}
+    nones = set()  # fields a keyword set to None
     if kwargs is not None:
-        args, nones = list(args or []), {}
+        args = list(args or [])
         for name, value in kwargs.items():
             action = parser._option_string_actions.get(f"--{name}")
             if action is None:
                 raise UserError(f"unknown argument {name!r}: the keyword arguments are the command-line flags "
                                 "without their dashes (see --help)")
             if value is None:
-                nones[action.dest] = None
+                nones.add(action.dest)
             elif action.nargs in ("+", "*"):
                 values = [value] if isinstance(value, str) else list(value)
                 args += [f"--{name}", *map(_flag_text, values)]
