@@ -142,3 +142,92 @@ def test_grpo_vs_trl_scoring_check_scores_both_texts_of_the_held_out_pairs(tiny_
         assert 0.0 <= r[side]["accuracy"] <= 1.0 and r[side]["accuracy"] * r["pairs"] == pytest.approx(
             round(r[side]["accuracy"] * r["pairs"]), abs=1e-3)
     assert r["mean_abs_difference"] > 1e-4 and -1.0 <= r["pearson"] <= 1.0
+
+
+def _value_ceiling():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("value_ceiling", "benchmarks/value_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_value_ceiling_scores_perfect_constant_and_noisy_values_as_it_should():
+    """The GAE figure is 1 when every completion of a prefix scores the answer's own score and 0 (lam 1) when every
+    value is the same; the Monte Carlo figure is 1 when a prefix's completions all score alike and near 0 when they
+    are independent of the prefix."""
+    import torch
+
+    vc = _value_ceiling()
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(40, generator=gen)
+    lengths = torch.randint(3, 40, (40,), generator=gen).tolist()
+    perfect = [torch.full((n, 4), float(s)) for n, s in zip(lengths, scores)]
+    for lam in (0.95, 1.0):
+        table = vc.ceilings(perfect, scores, lam)
+        assert all(abs(v - 1.0) < 1e-6 for v in table.values() if not math.isnan(v)), table
+    constant = [torch.full((n, 4), 0.3) for n in lengths]
+    assert abs(vc.ceilings(constant, scores, 1.0)["all"]) < 1e-6
+    assert vc.monte_carlo_ceiling(perfect)["all"] == 1.0
+    independent = [torch.randn(n, 8, generator=gen) for n in lengths]
+    table = vc.monte_carlo_ceiling(independent)
+    assert abs(table["all"]) < 0.05 and abs(table["0-7"]) < 0.1, table
+    half = [torch.full((n, 8), float(s)) + torch.randn(n, 8, generator=gen) for n, s in zip(lengths, scores)]
+    assert 0.3 < vc.monte_carlo_ceiling(half)["all"] < 0.7  # Var(V) ~ 1 of Var(G) ~ 2
+
+
+@pytest.mark.slow
+def test_value_ceiling_runs_on_the_tiny_model_and_prints_both_tables(tiny_model, tmp_path):
+    """benchmarks/value_ceiling.py end to end with a few prompts and critics: the perfect-critic table with its
+    three rows and the learned critics' table, every figure a number no larger than 1."""
+    import re
+
+    from test_ppo import _save_reward_model
+
+    rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
+    proc = run_script("benchmarks/value_ceiling.py", "--model", tiny_model, "--reward_model", rm, "--prompts", "3",
+                      "--continuations", "2", "--max_new_tokens", "4", "--critics", "16", "--epochs", "2",
+                      timeout=600)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 7, proc.stdout  # two headers, three perfect-critic rows, two critics
+    for line in rows[1:4] + rows[5:]:
+        figures = [float(x) for x in re.findall(r"\| (-?\d+\.\d+|nan)", line)]
+        assert figures and all(math.isnan(x) or x <= 1.0 for x in figures), line
+    assert len(re.findall(r"\d\.\d{3}", rows[5])) == 2  # one figure per epoch
+
+
+def test_likelihood_pairs_scores_each_answer_as_one_unpadded_forward_does(tiny_model):
+    """benchmarks/likelihood_pairs.py: answers of different lengths batched with padding get the summed log-prob of
+    their tokens and EOS that a forward of each example alone gives; an answer paired with itself is never counted
+    right; the table has a row per kind and the look-alike total."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.modeling import load_tokenizer
+    from common.prompts import tokenize_example
+
+    spec = importlib.util.spec_from_file_location("likelihood_pairs", "benchmarks/likelihood_pairs.py")
+    lp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lp)
+    tok = load_tokenizer(tiny_model, False, "right")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    questions = ["How do I list files?", "Why is my shell loop so slow on big folders?", "Quote a variable?"]
+    answers = ["Use `ls -la`.", "Each iteration forks a process; use find with -exec ... + instead.", "Yes."]
+    sums, counts = lp.answer_logprobs(model, tok, questions, answers)
+    for q, a, s, n in zip(questions, answers, sums, counts):
+        e = tokenize_example(tok, q, a)
+        ids = torch.tensor([e["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        start = e["completion_mask"].index(1)
+        expected = logp[start - 1 :].gather(-1, ids[0, start:, None]).sum().item()
+        assert abs(s - expected) < 1e-3 and n == len(e["input_ids"]) - start, (q, s, expected)
+    rows = [{"question": q, "response_j": a, "response_k": a} for q, a in zip(questions, answers)]
+    right = lp.rankings(model, tok, rows)
+    assert right == {name: [False] * 3 for name in lp.RANKINGS}
+    text = lp.table(["lookalike_a", "lookalike_b", "plain"], right, {"lookalike_a": 0.5})
+    assert "| lookalike_a | 1 | 0.000 | 0.000 | 0.000 | 0.500 |" in text
+    assert "| look-alike (all) | 2 |" in text and "| all pairs | 3 |" in text
