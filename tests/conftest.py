@@ -13,6 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
 os.environ.update(OFFLINE_ENV)
+# Under pytest-xdist (`-n 2`, the README's test command) every worker runs its tests and their scripts on its share
+# of the cores: two workers with a thread per core each would put twice as many busy threads as cores on the CPU,
+# and OpenMP threads that spin while they wait make that several times slower (benchmarks/README.md), so idle
+# threads sleep. The scripts launched by a test inherit both settings; a user's own values are kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch  # noqa: E402
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -2,13 +2,15 @@
 that each stage's ratio to the bare loop is sane (ours no worse than half the bare loop's speed, and not several
 times faster, which would mean the two sides do different work); the table and JSON are for people."""
 
+import importlib.util
 import json
 import math
+import os
 import shutil
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 REQUIRED = [
     "sft.ratio_to_bare", "sft.ours.tokens_per_s", "sft.bare.tokens_per_s", "sft.ours.median_s", "sft.bare.median_s",
@@ -27,6 +29,14 @@ def _get(results: dict, dotted: str):
         assert isinstance(value, dict) and key in value, f"{dotted}: {key!r} missing"
         value = value[key]
     return value
+
+
+def _load_benchmark(name: str):
+    """benchmarks/NAME.py as a module: the scripts are not a package, they run as `python benchmarks/NAME.py`."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -128,13 +138,10 @@ def test_grpo_vs_trl_scoring_check_scores_both_texts_of_the_held_out_pairs(tiny_
     """The text check: held-out pairs scored as our PPO scores them and as TRL's GRPOTrainer would; the texts
     differ (TRL's has no BOS), so the scores do too, and each accuracy is a share of the pairs."""
     import argparse
-    import importlib.util
 
     from test_ppo import _save_reward_model
 
-    spec = importlib.util.spec_from_file_location("grpo_vs_trl", "benchmarks/grpo_vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_benchmark("grpo_vs_trl")
     rm = _save_reward_model(tiny_model, str(tmp_path / "rm"))
     r = module.scoring_check(argparse.Namespace(reward_model=rm, pairs=48))
     assert r["pairs"] == 48
@@ -144,22 +151,13 @@ def test_grpo_vs_trl_scoring_check_scores_both_texts_of_the_held_out_pairs(tiny_
     assert r["mean_abs_difference"] > 1e-4 and -1.0 <= r["pearson"] <= 1.0
 
 
-def _value_ceiling():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("value_ceiling", "benchmarks/value_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_value_ceiling_scores_perfect_constant_and_noisy_values_as_it_should():
     """The GAE figure is 1 when every completion of a prefix scores the answer's own score and 0 (lam 1) when every
     value is the same; the Monte Carlo figure is 1 when a prefix's completions all score alike and near 0 when they
     are independent of the prefix."""
     import torch
 
-    vc = _value_ceiling()
+    vc = _load_benchmark("value_ceiling")
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(40, generator=gen)
     lengths = torch.randint(3, 40, (40,), generator=gen).tolist()
@@ -201,17 +199,13 @@ def test_likelihood_pairs_scores_each_answer_as_one_unpadded_forward_does(tiny_m
     """benchmarks/likelihood_pairs.py: answers of different lengths batched with padding get the summed log-prob of
     their tokens and EOS that a forward of each example alone gives; an answer paired with itself is never counted
     right; the table has a row per kind and the look-alike total."""
-    import importlib.util
-
     import torch
     from transformers import AutoModelForCausalLM
 
     from common.modeling import load_tokenizer
     from common.prompts import tokenize_example
 
-    spec = importlib.util.spec_from_file_location("likelihood_pairs", "benchmarks/likelihood_pairs.py")
-    lp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lp)
+    lp = _load_benchmark("likelihood_pairs")
     tok = load_tokenizer(tiny_model, False, "right")
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     questions = ["How do I list files?", "Why is my shell loop so slow on big folders?", "Quote a variable?"]
