@@ -126,7 +126,8 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
     """Held-out explained variance (against the final score, lam 1) of critics trained by regression on the final
     scores of answers the policy gives to ``questions``, tested on answers to ``test``: one initialised from the
     reward model (InstructGPT's choice), one from the policy's weights with a new score head, each fully trained;
-    both read a value at every response position as PPO's value head does. Returns {name: [EV after each epoch]}."""
+    both read a value at every response position as PPO's value head does. Returns {name: [EV before training
+    (calibrated: ``calibrated_ev``), then after each epoch]}."""
     import random
 
     import torch
@@ -167,14 +168,26 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
         backbone = getattr(critic, critic.base_model_prefix)
         return critic.score(backbone(input_ids=ids, attention_mask=attn).last_hidden_state)[..., 0]
 
-    def held_out_ev(critic):
-        res, tgt = [], []
+    def predictions(critic, data):
+        """The critic's values and their targets at every response position of ``data``'s answers."""
+        got, tgt = [], []
         with torch.no_grad():
-            for s in range(0, len(held_out[1]), 32):
-                ids, attn, mask, target = batch(held_out, range(s, min(s + 32, len(held_out[1]))))
-                res.append((target - values(critic, ids, attn))[mask > 0])
+            for s in range(0, len(data[1]), 32):
+                ids, attn, mask, target = batch(data, range(s, min(s + 32, len(data[1]))))
+                got.append(values(critic, ids, attn)[mask > 0])
                 tgt.append(target[mask > 0])
-        return 1.0 - float(torch.cat(res).var() / torch.cat(tgt).var())
+        return torch.cat(got), torch.cat(tgt)
+
+    def held_out_ev(critic, scale=1.0, shift=0.0):
+        v, t = predictions(critic, held_out)
+        return 1.0 - float((t - (scale * v + shift)).var() / t.var())
+
+    def calibrated_ev(critic):
+        """Before training: the untrained critic's values mapped to the targets' scale by the least-squares line
+        fitted on the training answers (a reward model scores on its own scale; what it knows is the ranking)."""
+        v, t = predictions(critic, train)
+        scale = float(((v - v.mean()) * (t - t.mean())).mean() / v.var(unbiased=False).clamp_min(1e-12))
+        return held_out_ev(critic, scale, float(t.mean() - scale * v.mean()))
 
     out = {}
     for name, path in (("critic from the reward model", reward_model_dir), ("critic from the policy", policy_dir)):
@@ -182,7 +195,8 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
         critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         critic.config.pad_token_id = pad
         optimizer = torch.optim.AdamW(critic.parameters(), lr=learning_rate, weight_decay=0.0)
-        order, curve = list(range(len(questions))), []
+        critic.eval()
+        order, curve = list(range(len(questions))), [calibrated_ev(critic)]
         for _ in range(epochs):
             rng.shuffle(order)
             critic.train()
@@ -204,7 +218,8 @@ def main(argv=None):
     p.add_argument("--reward_model", required=True, help="the reward model folder")
     p.add_argument("--dataset_name", default=ROOT)
     p.add_argument("--subset", default="data/rl")
-    p.add_argument("--prompts", type=int, default=48, help="answers whose prefixes are completed (the last prompts)")
+    p.add_argument("--prompts", type=int, default=48,
+                   help="answers whose prefixes are completed (the last prompts); 0: only the learned critics")
     p.add_argument("--continuations", type=int, default=16, help="completions per prefix (K)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda of the returns")
@@ -228,32 +243,37 @@ def main(argv=None):
     reward_tokenizer = load_tokenizer(args.reward_model, False, "right")
     eos_ids = eos_token_ids(tokenizer, policy)
     questions = load_and_validate(args.dataset_name, args.subset, "train", ["question"]).dataset["question"]
+    if not args.prompts and not args.critics:
+        p.error("--prompts 0 needs --critics N")
     if args.prompts + args.critics + 128 * bool(args.critics) > len(questions):
         p.error(f"--prompts + --critics (+ 128 held out) exceed the {len(questions)} questions of {args.subset}")
-    answers, values, scores = monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer,
-                                                 questions[-args.prompts :], args.max_new_tokens, args.continuations,
-                                                 eos_ids)
-    ended = sum(bool(a) and a[-1] in eos_ids for a in answers)
-    print(f"{len(answers)} answers ({ended} ended with EOS), {sum(map(len, answers))} response tokens, "
-          f"K = {args.continuations} completions per prefix; score mean {scores.mean():.3f}, std {scores.std():.3f}\n")
-    half = [v[:, : max(1, v.shape[1] // 2)] for v in values]
-    rows = [(f"GAE returns, lam {args.lam}, K = {args.continuations}", ceilings(values, scores, args.lam)),
-            (f"GAE returns, lam {args.lam}, K = {half[0].shape[1]}", ceilings(half, scores, args.lam)),
-            ("Monte Carlo return (lam 1), noise-free", monte_carlo_ceiling(values))]
-    keys = list(rows[0][1])
-    print("| perfect critic: explained variance against | " +
-          " | ".join(k if k == "all" else f"positions {k}" for k in keys) + " |")
-    print("| --- " * (len(keys) + 1) + "|")
-    for name, row in rows:
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    if args.prompts:  # 0: the learned critics only
+        answers, values, scores = monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer,
+                                                     questions[-args.prompts :], args.max_new_tokens,
+                                                     args.continuations, eos_ids)
+        ended = sum(bool(a) and a[-1] in eos_ids for a in answers)
+        print(f"{len(answers)} answers ({ended} ended with EOS), {sum(map(len, answers))} response tokens, "
+              f"K = {args.continuations} completions per prefix; score mean {scores.mean():.3f}, "
+              f"std {scores.std():.3f}\n")
+        half = [v[:, : max(1, v.shape[1] // 2)] for v in values]
+        rows = [(f"GAE returns, lam {args.lam}, K = {args.continuations}", ceilings(values, scores, args.lam)),
+                (f"GAE returns, lam {args.lam}, K = {half[0].shape[1]}", ceilings(half, scores, args.lam)),
+                ("Monte Carlo return (lam 1), noise-free", monte_carlo_ceiling(values))]
+        keys = list(rows[0][1])
+        print("| perfect critic: explained variance against | " +
+              " | ".join(k if k == "all" else f"positions {k}" for k in keys) + " |")
+        print("| --- " * (len(keys) + 1) + "|")
+        for name, row in rows:
+            print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     if args.critics:
         first = len(questions) - args.prompts - args.critics - 128
         curves = train_critics(args.model, args.reward_model, policy, tokenizer, reward_model, reward_tokenizer,
-                               questions[first : first + args.critics], questions[first + args.critics : -args.prompts],
+                               questions[first : first + args.critics],
+                               questions[first + args.critics : len(questions) - args.prompts],
                                args.max_new_tokens, eos_ids, args.epochs, args.critic_learning_rate, args.seed)
-        print(f"\n| learned critic ({args.critics} answers, held-out 128), EV against the final score | " +
-              " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " |")
-        print("| --- " * (args.epochs + 1) + "|")
+        print(f"\n| learned critic ({args.critics} answers, held-out 128), EV against the final score | "
+              "untrained, calibrated | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " |")
+        print("| --- " * (args.epochs + 2) + "|")
         for name, curve in curves.items():
             print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curve) + " |")
 
