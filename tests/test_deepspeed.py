@@ -1,9 +1,9 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DeepSpeed's CPU accelerator, gloo), launched as a user would
 (`accelerate launch --config_file ...`).
 
-- SFT and the reward model under ZeRO-3, two processes: the same loss curve, gradient norms, evaluation loss and
-  final adapter as a two-process DDP run with the same global batch; one main process prints and saves; every
-  process writes its shard of the optimizer state. SFT: a run resumed from a checkpoint ends on exactly the
+- SFT and the reward model under ZeRO-2 and ZeRO-3, two processes: the same loss curve, gradient norms, evaluation
+  loss and final adapter as a two-process DDP run with the same global batch; one main process prints and saves;
+  every process writes its shard of the optimizer state. SFT: a run resumed from a checkpoint ends on exactly the
   uninterrupted run's adapter. Reward model: the evaluation report (scored on both processes after training)
   matches DDP's.
 - PPO, two processes: the same weights as a two-process DDP run, and exact resume from a checkpoint's DeepSpeed
@@ -118,11 +118,8 @@ def _assert_sharded_checkpoint(checkpoint: str, step: int) -> None:
     assert os.path.isfile(os.path.join(checkpoint, "adapter_model.safetensors"))
 
 
-# SFT and the reward model run under ZeRO-3 only: both go through transformers' Trainer, whose ZeRO-2 and ZeRO-3 paths
-# differ in what ZeRO-3 adds (partitioned weights gathered to save and to score, its 16-bit weights on save); ZeRO-2
-# ran the same tests green when they were added (suite time). PPO, our own loop, keeps both.
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_sft_two_processes_under_zero_match_ddp_and_resume_exactly(tiny_model, ddp_runs, tmp_path, stage):
     ddp = ddp_runs("sft")
     launch, full = _zero_run(tiny_model, tmp_path, "sft", stage)
@@ -144,7 +141,7 @@ def test_sft_two_processes_under_zero_match_ddp_and_resume_exactly(tiny_model, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_reward_model_two_processes_under_zero_match_ddp(tiny_model, ddp_runs, tmp_path, stage):
     """Resume goes through the same Trainer code as SFT's (tested above), so it is not repeated here."""
     ddp = ddp_runs("rm")
