@@ -40,6 +40,19 @@ transformers.utils.logging.get_logger("transformers")
 datasets.utils.logging.get_logger("datasets")
 
 
+# Under xdist the test files go to the workers in collection order (pytest.ini: --dist loadfile
+# --no-loadscope-reorder). The longest files are collected first, so that none of them starts late and runs on alone
+# while the other worker idles; the pipeline file alone is about a third of the suite.
+LONGEST_FIRST = ("test_pipeline.py", "test_deepspeed.py", "test_ppo.py", "test_benchmarks.py", "test_reward_model.py",
+                 "test_sft.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _WORKERS > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order stays
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random Llama with a tokenizer trained on the sample data (common/tiny_model.py)."""
