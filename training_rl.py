@@ -219,6 +219,8 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
         if trackers:
             accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=trainer.progress.step)
         if trainer.progress.consecutive_skips >= a.max_skipped_steps:
+            for tracker in accelerator.trackers:  # the run ends here, its tracker runs too (a notebook lives on)
+                tracker.finish()
             raise UserError(f"stopping: {trainer.progress.consecutive_skips} consecutive PPO steps had non-finite "
                             f"scores or losses (skipped, the weights are untouched); the last checkpoint in "
                             f"{a.output_dir} is intact")

@@ -82,12 +82,38 @@ def test_nan_reward_in_ppo_is_skipped_and_repeated_ones_stop_with_the_checkpoint
         return scores * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else scores
 
     monkeypatch.setattr(common.reward, "score_texts", poisoned)
+    # An experiment tracker (`--report_to`), recording what the run tells it: the stop must end its run, as the
+    # end of training does, or a notebook that carries on leaves it open.
+    from accelerate.tracking import GeneralTracker
+
+    seen = {"log": [], "finish": 0}
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            seen["config"] = values
+
+        def log(self, values, step=None, **kwargs):
+            seen["log"].append(step)
+
+        def finish(self):
+            seen["finish"] += 1
+
+    real_accelerator = training_rl.make_accelerator
+    monkeypatch.setattr(training_rl, "make_accelerator", lambda a, trackers=None: real_accelerator(
+        a, [Recorder()] if trackers == ["recorder"] else trackers))
     out = str(tmp_path / "ppo")
     args = ["--model_name", tiny_model, "--reward_model_name", rm, *FAST, "--steps", "80", "--save_freq", "1",
-            "--output_dir", out, "--algorithm", algorithm]
+            "--output_dir", out, "--algorithm", algorithm, "--report_to", "recorder"]
     with pytest.raises(SystemExit) as exit_info:
         run(lambda: training_rl.main(*training_rl.parse(args)))
     assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
+    assert seen["log"] == [1, 2, 3, 4, 5, 6] and seen["finish"] == 1 and seen["config"]["algorithm"] == algorithm
     metrics = read_metrics(out)
     assert [m["skipped_steps"] for m in metrics] == [0, 1, 1, 2, 3, 4]
     # a skipped step has no losses (NaN, written as null) and took no optimizer step; a good one has both
