@@ -14,13 +14,15 @@
     from evaluate import evaluate_models
     results = evaluate_models(models=["sft=runs/sft_merged", "final=runs/final"], reward_model_name="runs/rm_merged")
 
-Every model answers the same prompts (``format_prompt(question)``), one sampled answer each, from its own
+Every model answers the same prompts (``format_prompt(question)``; other prompt layouts, a `prompt` string or
+conversation, as common/layouts.py reads them), one sampled answer each, from its own
 distribution (common/generation.py: only our sampling settings). Each chunk of ``--batch_size`` prompts is sampled
 under a seed fixed by ``--seed`` and the chunk's position alone, so a model's answers do not depend on which other
 models are evaluated, and two copies of one model give the same answers (common random numbers: differences
 between models are less noisy). Per model (DESIGN.md, "Evidence that training helped"):
 
-- the reward model's score of ``format_example(question, answer)`` (its own tokenizer; the proxy PPO optimises);
+- the reward model's score of ``format_example(question, answer)`` (its own tokenizer, ``render_answer``; the proxy
+  PPO optimises);
 - the gold score (common/gold.py, never used in training) on the questions that have an answer key: the row's
   ``answer_key`` field, else the sample data's key of the same question;
 - mean answer length in tokens (up to and including EOS, as PPO's ``response/length_mean``), the share of answers
@@ -59,13 +61,14 @@ from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from common import stats
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
-from common.data import DataError, load_and_validate
+from common.data import DataError
 from common.generation import eos_token_ids, sample_responses
 from common.gold import gold_score, load_answer_keys, readable_share, vocabulary
+from common.layouts import columns_field, load_normalized
 from common.modeling import ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer
 from common.outputs import holds_final_model, write_model_card, write_run_args
 from common.ppo import position_ids_for, response_logprobs
-from common.prompts import format_example, tokenize_prompt
+from common.prompts import encode, render_answer, render_prompt
 from common.reward import score_texts
 
 MAIN_STREAM, BEST_OF_N_STREAM = 0, 1  # seed streams: the answers compared, the best-of-n samples
@@ -86,6 +89,7 @@ class EvalArguments:
     dataset_name: str = field(default=".", metadata={"help": "Prompts: Hub id, folder, or file (. = the sample data)."})
     subset: str = field(default="data/evaluation", metadata={"help": "The data_dir inside --dataset_name."})
     split: str = field(default="train", metadata={"help": "Split of the prompts."})
+    columns: list[str] | None = columns_field()
     num_prompts: int = field(default=200, metadata={"help": "Evaluate on the first N questions of the split."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest answer, in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also of the KL's log-probs)."})
@@ -176,8 +180,9 @@ def check_output_dir(a: EvalArguments) -> None:
 
 
 def load_questions(a: EvalArguments) -> tuple[list[dict], str]:
-    """The first ``--num_prompts`` questions, each with its answer key or None, and where they come from."""
-    loaded = load_and_validate(a.dataset_name, a.subset, a.split, ["question"])
+    """The first ``--num_prompts`` prompts (any prompt layout, common/layouts.py), each with its readable question and
+    answer key or None, and where they come from."""
+    loaded, layout = load_normalized("prompts", a.dataset_name, a.subset, a.split, a.columns)
     ds = loaded.dataset.select(range(min(a.num_prompts, len(loaded.dataset))))
     own = ds["answer_key"] if "answer_key" in ds.column_names else [None] * len(ds)
     try:
@@ -185,14 +190,15 @@ def load_questions(a: EvalArguments) -> tuple[list[dict], str]:
     except (OSError, ValueError):  # a checkout without the sample data
         sample_keys = {}
     rows, problems = [], []
-    for i, (question, key) in enumerate(zip(ds["question"], own)):
+    for i, (prompt, question, key) in enumerate(zip(ds["prompt"], ds["question"], own)):
         if key is not None and not (isinstance(key, dict) and key.get("fix")):
             problems.append(f"{loaded.where(i)}: field 'answer_key' is not an answer key (a mapping with a 'fix' list)")
-        rows.append({"question": question, "answer_key": key if key is not None else sample_keys.get(question)})
+        rows.append({"prompt": prompt, "question": question,
+                     "answer_key": key if key is not None else sample_keys.get(question)})
     if problems:
         raise DataError(f"{len(problems)} invalid answer key{'s' if len(problems) > 1 else ''} in {loaded.source}:\n  "
                         + "\n  ".join(problems[:10]))
-    return rows, loaded.source
+    return rows, f"{loaded.source}, {layout.describe()}"
 
 
 def device() -> torch.device:
@@ -258,10 +264,10 @@ def sequence_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pa
     return sums
 
 
-def reward_scores(rm, rm_tokenizer, questions: list[str], answers: list[str], batch_size: int,
-                  what: str) -> list[float]:
-    """The reward model's score of ``format_example(question, answer)`` for each pair (its own tokenizer)."""
-    scores = score_texts(rm, rm_tokenizer, [format_example(q, t) for q, t in zip(questions, answers)], batch_size)
+def reward_scores(rm, rm_tokenizer, prompts: list, answers: list[str], batch_size: int, what: str) -> list[float]:
+    """The reward model's score of each prompt answered (``common.prompts.render_answer``, its own tokenizer)."""
+    scores = score_texts(rm, rm_tokenizer, [render_answer(rm_tokenizer, p, t) for p, t in zip(prompts, answers)],
+                         batch_size)
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
         raise UserError(f"the reward model gave non-finite scores to {bad} answers of {what}")
@@ -280,15 +286,14 @@ def same_tokenizer(t1, t2) -> bool:
 
 def answer_model(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, rm, rm_tokenizer, vocab) -> dict:
     """A model's answers to every prompt, with their scores, length and own log-probs (for the KL)."""
-    prompts = [tokenize_prompt(tokenizer, r["question"]) for r in rows]
+    prompts = [encode(tokenizer, render_prompt(tokenizer, r["prompt"])) for r in rows]
     ids = sample(lm, tokenizer, prompts, a, MAIN_STREAM, f"{name}: sampling")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     eos = eos_token_ids(tokenizer, lm)
-    questions = [r["question"] for r in rows]
     return {
         "prompts": prompts, "ids": ids, "texts": texts,
         "tokens": [len(r) for r in ids], "ended": [bool(r) and r[-1] in eos for r in ids],
-        "reward": reward_scores(rm, rm_tokenizer, questions, texts, a.batch_size, f"model {name}"),
+        "reward": reward_scores(rm, rm_tokenizer, [r["prompt"] for r in rows], texts, a.batch_size, f"model {name}"),
         "gold": gold_scores(rows, texts),
         "readable": [readable_share(t, vocab) for t in texts],
         "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, a.temperature, a.batch_size),
@@ -299,11 +304,11 @@ def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments
     """``--best_of_n`` answers per prompt sampled once; for each n the proxy and gold score of the reward model's
     pick among the first n (the first of equal scores)."""
     rows, n_max = rows[: a.best_of_n_prompts], a.best_of_n
-    prompts = [tokenize_prompt(tokenizer, r["question"]) for r in rows for _ in range(n_max)]
+    prompts = [encode(tokenizer, render_prompt(tokenizer, r["prompt"])) for r in rows for _ in range(n_max)]
     ids = sample(lm, tokenizer, prompts, a, BEST_OF_N_STREAM, f"{name}: best of {n_max}")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-    questions = [r["question"] for r in rows for _ in range(n_max)]
-    flat = reward_scores(rm, rm_tokenizer, questions, texts, a.batch_size, f"model {name} (best of n)")
+    repeated = [r["prompt"] for r in rows for _ in range(n_max)]
+    flat = reward_scores(rm, rm_tokenizer, repeated, texts, a.batch_size, f"model {name} (best of n)")
     per_prompt = []
     for i, row in enumerate(rows):
         answers, reward = texts[i * n_max : (i + 1) * n_max], flat[i * n_max : (i + 1) * n_max]

@@ -38,8 +38,8 @@ import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from common.cli import StageResult, call_stage, collect, parse_args, run
-from common.data import load_pairs
+from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -51,7 +51,7 @@ from common.modeling import (
     trainer_device_defaults,
 )
 from common.outputs import AtomicCheckpoints
-from common.prompts import tokenize_prompt
+from common.prompts import TemplateError, encode, render_prompt, tokenize_segments
 from common.rm_eval import pair_report, write_report
 from common.stage import TimeLimit, TrainerStage
 
@@ -78,6 +78,7 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Replace a final model already in --output_dir."},
     )
+    columns: list[str] | None = columns_field()
     eval_first_step: bool = field(
         default=False,
         metadata={"help": "Evaluate once before training (the reference's own margins are 0: accuracy 0)."},
@@ -157,13 +158,20 @@ def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, na
     """`prompt_ids`/`chosen_ids`/`rejected_ids` as DPOTrainer's collator takes them: the prompt's ids as SFT and PPO
     have them (special tokens included), each answer's ids then EOS. Over-long pairs are dropped and counted.
     Returns the tokenized pairs and the kept rows (the text, for the evaluation report)."""
-    eos = tokenizer.eos_token_id
+    def answer_ids(prompt_text: str, answer: str) -> list[int]:  # the answer's ids then EOS, as SFT has them
+        out = tokenize_segments(tokenizer, [(prompt_text, False), (answer, True)])
+        return [i for i, trained in zip(out["input_ids"], out["completion_mask"]) if trained]
 
     def fn(batch):
-        prompts = [tokenize_prompt(tokenizer, q) for q in batch["question"]]
-        out = {"prompt_ids": prompts}
-        for key, answer in (("chosen_ids", "response_j"), ("rejected_ids", "response_k")):
-            out[key] = [ids + [eos] for ids in tokenizer(batch[answer], add_special_tokens=False)["input_ids"]]
+        try:
+            texts = [render_prompt(tokenizer, p) for p in batch["prompt"]]
+            prompts = [encode(tokenizer, t) for t in texts]
+            out = {"prompt_ids": prompts}
+            for key in ("chosen", "rejected"):
+                out[f"{key}_ids"] = [answer_ids(t, completion_text(tokenizer, p, a))
+                                     for t, p, a in zip(texts, batch["prompt"], batch[key])]
+        except TemplateError as e:
+            raise UserError(f"--model_name_or_path/--tokenizer_name: {e}") from e
         out["keep"] = [len(p) <= script.max_prompt_length and len(p) + max(len(c), len(r)) <= max_length
                        for p, c, r in zip(prompts, out["chosen_ids"], out["rejected_ids"])]
         return out
@@ -240,10 +248,14 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
         config.per_device_eval_batch_size = config.per_device_train_batch_size
 
     # Data first: a bad row should cost seconds, not a model load.
-    train_rows = load_pairs(script.dataset_name, script.train_data_dir, script.split, script.train_subset)
-    eval_rows = load_pairs(script.dataset_name, script.eval_data_dir, script.split, script.eval_subset)
+    train_rows, train_layout = load_pairs(script.dataset_name, script.train_data_dir, script.split,
+                                          script.train_subset, script.columns)
+    eval_rows, eval_layout = load_pairs(script.dataset_name, script.eval_data_dir, script.split, script.eval_subset,
+                                        script.columns)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "",
                                config.trust_remote_code, "right")
+    if stage.is_main:
+        print(f"data: train {train_layout.describe(tokenizer)}; eval {eval_layout.describe(tokenizer)}")
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
     eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", stage.is_main)
 
@@ -263,7 +275,8 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
     if not stage.is_main:
         return StageResult(config.output_dir, {})
     kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
-    report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k, kinds)
+    report = pair_report(eval_rows["question"], [answer_display(a) for a in eval_rows["chosen"]],
+                         [answer_display(a) for a in eval_rows["rejected"]], r_j, r_k, kinds)
     report["what"] = f"DPO's implicit reward beta * (log pi - log ref), beta {config.beta}"
     write_report(tmp, report, title="DPO implicit reward evaluation")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -32,8 +32,8 @@ import torch
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from common.cli import StageResult, call_stage, collect, parse_args, run
-from common.data import PAIR_FIELDS, load_pairs
+from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -44,11 +44,11 @@ from common.modeling import (
     trainer_device_defaults,
 )
 from common.outputs import AtomicCheckpoints
-from common.prompts import format_example
+from common.prompts import TemplateError, encode, ends_with_eos, render_prompt
 from common.rm_eval import pair_report, score_pairs, write_report
 from common.stage import TrainerStage
 
-FIELDS = PAIR_FIELDS
+FIELDS = ["question", "response_j", "response_k"]  # the StackLLaMA layout (common/layouts.py lists the others)
 
 
 @dataclass
@@ -76,6 +76,7 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Evaluate once before training (the untrained baseline)."},
     )
+    columns: list[str] | None = columns_field()
 
 
 ALIASES = {"--model_name": "model_name_or_path"}  # StackLLaMA's other flags are the Hugging Face names already
@@ -114,6 +115,16 @@ def check_args(script: ScriptArguments, config: RewardConfig) -> None:
                       stacklevel=2)
 
 
+def pair_texts(tokenizer, rows, side: str) -> list[str]:
+    """The whole text of each normalized pair's ``side`` answer (``chosen`` or ``rejected``): the prompt's text and
+    the answer's, as PPO and evaluate.py score a generated answer (``common.prompts.render_answer``)."""
+    try:
+        return [render_prompt(tokenizer, p) + completion_text(tokenizer, p, a)
+                for p, a in zip(rows["prompt"], rows[side])]
+    except TemplateError as e:
+        raise UserError(f"--model_name_or_path/--tokenizer_name: {e}") from e
+
+
 def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, verbose: bool):
     """`chosen_ids`/`rejected_ids` exactly as RewardTrainer makes them (text + EOS, special tokens added), so it
     skips its own tokenizing; pairs over `max_length` dropped here, so the count can be reported. Returns the
@@ -122,9 +133,9 @@ def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, na
 
     def fn(batch):
         out = {}
-        for key, answer in (("chosen_ids", "response_j"), ("rejected_ids", "response_k")):
-            texts = [format_example(q, a) for q, a in zip(batch["question"], batch[answer])]
-            out[key] = tokenizer([t if t.endswith(eos) else t + eos for t in texts])["input_ids"]
+        for key, side in (("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
+            out[key] = [encode(tokenizer, t if ends_with_eos(tokenizer, t) else t + eos)
+                        for t in pair_texts(tokenizer, batch, side)]
         out["n_tokens"] = [max(len(c), len(r)) for c, r in zip(out["chosen_ids"], out["rejected_ids"])]
         if script.margin:
             out["margin"] = [script.margin] * len(batch["question"])
@@ -140,7 +151,7 @@ def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, na
 
 
 def load_rows(script: ScriptArguments, data_dir: str, subset: int):
-    return load_pairs(script.dataset_name, data_dir, script.split, subset)
+    return load_pairs(script.dataset_name, data_dir, script.split, subset, script.columns)
 
 
 class Trainer(AtomicCheckpoints, RewardTrainer):
@@ -166,10 +177,12 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
         config.per_device_eval_batch_size = config.per_device_train_batch_size
 
     # Data first: a bad row should cost seconds, not a model load.
-    train_rows = load_rows(script, script.train_data_dir, script.train_subset)
-    eval_rows = load_rows(script, script.eval_data_dir, script.eval_subset)
+    train_rows, train_layout = load_rows(script, script.train_data_dir, script.train_subset)
+    eval_rows, eval_layout = load_rows(script, script.eval_data_dir, script.eval_subset)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "",
                                config.trust_remote_code, "right")
+    if stage.is_main:
+        print(f"data: train {train_layout.describe(tokenizer)}; eval {eval_layout.describe(tokenizer)}")
     if config.eos_token:  # RewardTrainer would switch to it only after the pairs below are tokenized
         tokenizer.eos_token = config.eos_token
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
@@ -186,17 +199,15 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     tmp = stage.save_model(trainer)
     # The report scores the final model afresh, pair by pair with common/reward.py as PPO will, rather than trust
     # RewardTrainer's per-batch averages.
-    r_j, r_k = score_pairs(
-        trainer.model, tokenizer,
-        [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_j"])],
-        [format_example(q, a) for q, a in zip(eval_rows["question"], eval_rows["response_k"])],
-        config.per_device_eval_batch_size, trainer.accelerator,
-    )
+    r_j, r_k = score_pairs(trainer.model, tokenizer, pair_texts(tokenizer, eval_rows, "chosen"),
+                           pair_texts(tokenizer, eval_rows, "rejected"), config.per_device_eval_batch_size,
+                           trainer.accelerator)
     trainer.accelerator.wait_for_everyone()
     if not stage.is_main:
         return StageResult(config.output_dir, {})
     kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
-    report = pair_report(eval_rows["question"], eval_rows["response_j"], eval_rows["response_k"], r_j, r_k, kinds)
+    report = pair_report(eval_rows["question"], [answer_display(a) for a in eval_rows["chosen"]],
+                         [answer_display(a) for a in eval_rows["rejected"]], r_j, r_k, kinds)
     all_scores = torch.cat([r_j, r_k])
     stats = {"mean": float(all_scores.mean()), "std": float(all_scores.std(unbiased=False)), "n": len(all_scores),
              "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}

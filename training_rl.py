@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
-from common.data import load_and_validate
+from common.layouts import columns_field, load_normalized
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -63,7 +63,7 @@ from common.outputs import (
 )
 from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, check_algorithm
 from common.ppo_distributed import is_zero3, whole_models_under_zero3
-from common.prompts import format_prompt
+from common.prompts import encode, render_prompt
 
 
 @dataclass
@@ -87,6 +87,7 @@ class ScriptArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N folder, or latest."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a final model already in --output_dir."})
+    columns: list[str] | None = columns_field()
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Default: on with a GPU, off on CPU."})
     eval_freq: int | None = field(
@@ -131,20 +132,22 @@ def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
 
 
 def load_prompts(a: ScriptArguments, tokenizer, subset: str | None = None):
-    """Validated, tokenized prompts (of --subset, or ``subset``); those over --max_prompt_length are dropped and
-    counted. An ``answer_key`` column (the sample data's) is kept for the gold judge."""
-    loaded = load_and_validate(a.dataset_name, a.subset if subset is None else subset, a.split, ["question"])
-    # Batched, with the same call as tokenize_prompt (the prefix SFT trained on, byte for byte).
+    """Validated, tokenized prompts (of --subset, or ``subset``) in any prompt layout (common/layouts.py); those over
+    --max_prompt_length are dropped and counted. Each keeps its ``prompt`` (the reward model's text is rendered from
+    it) and ``question`` (readable); an ``answer_key`` column (the sample data's) is kept for the gold judge."""
+    loaded, layout = load_normalized("prompts", a.dataset_name, a.subset if subset is None else subset, a.split,
+                                     a.columns)
+    # The prefix SFT trained on, byte for byte (common.prompts.tokenize_segments's first piece).
     def tokenize(rows):
-        return {"input_ids": tokenizer([format_prompt(q) for q in rows["question"]])["input_ids"]}
+        return {"input_ids": [encode(tokenizer, render_prompt(tokenizer, p)) for p in rows["prompt"]]}
 
     ds = loaded.dataset.map(tokenize, batched=True, remove_columns=[
-        c for c in loaded.dataset.column_names if c not in ("question", "answer_key")])
+        c for c in loaded.dataset.column_names if c not in ("prompt", "question", "answer_key")])
     kept = ds.filter(lambda row: len(row["input_ids"]) <= a.max_prompt_length)
     if len(kept) == 0:
         raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length {a.max_prompt_length}: "
                         "nothing to train on")
-    return kept, len(ds) - len(kept), loaded.source
+    return kept, len(ds) - len(kept), f"{loaded.source}, {layout.describe(tokenizer)}"
 
 
 def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> StageResult:

@@ -13,7 +13,10 @@
     from training_sft import run_sft
     sft = run_sft(model_name_or_path="models/tiny", dataset_name=".", max_steps=60, output_dir="runs/sft")
 
-Each example is `Question: {question}\n\nAnswer: {response_j}</s>` (common/prompts.py). By default examples are
+Each example is `Question: {question}\n\nAnswer: {response_j}</s>` (common/prompts.py). Other layouts are detected from
+the columns (`prompt`/`completion`, conversational `messages`, plain `text`; `--columns` maps other names; see
+common/layouts.py): a conversation goes through the tokenizer's chat template, or the project's template without one,
+and `--assistant_only_loss` trains on every assistant turn instead of the last one. By default examples are
 packed end to end into `--seq_length` blocks (`--packing_strategy wrapped`, StackLLaMA's constant-length
 packing with plain causal attention) and the loss is on the answer tokens only (`--completion_only_loss true`;
 `false` trains on the question too, as StackLLaMA did). Without packing, examples longer than `--seq_length`
@@ -27,8 +30,8 @@ from dataclasses import dataclass, field
 from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
-from common.cli import StageResult, call_stage, collect, parse_args, run
-from common.data import load_and_validate
+from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.layouts import Layout, columns_field, load_normalized
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -40,10 +43,10 @@ from common.modeling import (
     trainer_device_defaults,
 )
 from common.outputs import AtomicCheckpoints
-from common.prompts import tokenize_example
+from common.prompts import TemplateError, conversation_segments, tokenize_segments
 from common.stage import TrainerStage
 
-FIELDS = ["question", "response_j"]
+FIELDS = ["question", "response_j"]  # the StackLLaMA layout (common/layouts.py lists the others)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Evaluate once before training (the baseline eval loss)."},
     )
+    columns: list[str] | None = columns_field()
     lm_head: str = field(
         default="auto",
         metadata={"help": "How the loss is taken from the LM head: 'fused' (TRL's chunked head, no [tokens, vocab] "
@@ -136,10 +140,33 @@ def split_valid(loaded, script: ScriptArguments):
     return parts["train"], parts["test"]
 
 
-def tokenize(ds, tokenizer, streaming: bool):
-    fn = lambda row: tokenize_example(tokenizer, row["question"], row["response_j"])  # noqa: E731
+def segments(tokenizer, row: dict, assistant_only: bool) -> list[tuple[str, bool]]:
+    """A normalized row's text as (piece, trained) pieces: the prompt (never trained), then the answer; a
+    conversation turn by turn, every assistant turn trained with ``assistant_only``, else its last one."""
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(completion, str):
+        return [(prompt, False), (completion, True)] if prompt else [(completion, True)]
+    conversation = list(prompt) + list(completion)
+    return conversation_segments(tokenizer, conversation, len(prompt), assistant_only)
+
+
+def tokenize(ds, tokenizer, streaming: bool, assistant_only: bool = False):
+    """``input_ids`` and ``completion_mask`` of every normalized row (``common.prompts.tokenize_segments``): for the
+    StackLLaMA layout the prompt's ids, then the answer's, then EOS, as PPO later generates."""
+    def fn(row):
+        try:
+            return tokenize_segments(tokenizer, segments(tokenizer, row, assistant_only))
+        except TemplateError as e:
+            raise UserError(f"--model_name_or_path/--tokenizer_name: {e}") from e
+
     kwargs = {} if streaming else {"desc": "Tokenizing"}
     return ds.map(fn, remove_columns=list(ds.column_names or []), **kwargs)
+
+
+def check_layout(layout: Layout, config: SFTConfig) -> None:
+    if config.assistant_only_loss and not layout.conversational:
+        raise UserError(f"--assistant_only_loss needs conversations (a messages column, or prompt/completion as lists "
+                        f"of messages); the data's {layout.describe()}")
 
 
 class Trainer(AtomicCheckpoints, SFTTrainer):
@@ -172,7 +199,9 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     stage = TrainerStage(config, script.overwrite_output_dir)
 
     # Data first: a bad row should cost seconds, not a model load.
-    loaded = load_and_validate(script.dataset_name, script.subset, script.split, FIELDS, streaming=script.streaming)
+    loaded, layout = load_normalized("sft", script.dataset_name, script.subset, script.split, script.columns,
+                                     script.streaming)
+    check_layout(layout, config)
     train_rows, valid_rows = split_valid(loaded, script)
     if valid_rows is None:
         config.eval_strategy = IntervalStrategy.NO
@@ -181,8 +210,15 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
                                config.trust_remote_code, "right")
     if script.eos_token_id is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(script.eos_token_id)
-    train_ds = tokenize(train_rows, tokenizer, script.streaming)
-    eval_ds = tokenize(valid_rows, tokenizer, False) if valid_rows is not None else None
+    if stage.is_main:
+        print(f"data: {loaded.source}, {layout.describe(tokenizer)}")
+    # The answer-only mask of every layout is ours (tokenize): TRL's assistant_only_loss needs its own chat-template
+    # markers and the raw messages, so the trainer gets the mask as `completion_mask` and the flag only for the record.
+    assistant_only, completion_only = config.assistant_only_loss, config.completion_only_loss
+    if assistant_only:
+        config.assistant_only_loss, config.completion_only_loss = False, True
+    train_ds = tokenize(train_rows, tokenizer, script.streaming, assistant_only)
+    eval_ds = tokenize(valid_rows, tokenizer, False, assistant_only) if valid_rows is not None else None
     if not script.streaming and stage.is_main:
         lengths = [len(ids) for ids in train_ds["input_ids"]]
         over = sum(n > config.max_length for n in lengths)
@@ -191,6 +227,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
               f"{config.max_length} {what}")
 
     trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
+    config.assistant_only_loss, config.completion_only_loss = assistant_only, completion_only
     stage.begin(script, model_args, config)
     if script.eval_first_step and eval_ds is not None and not stage.resume:
         trainer.evaluate()

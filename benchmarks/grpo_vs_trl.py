@@ -126,15 +126,14 @@ def scoring_check(a) -> dict:
     ``add_special_tokens=False``: no BOS, no EOS, no truncation), and how much the two scores agree."""
     import torch
 
-    from common.data import load_pairs
+    from common.layouts import load_pairs
     from common.modeling import ModelArguments, load_model, load_tokenizer
-    from common.prompts import format_example, format_prompt
     from common.reward import score_texts
 
     tok = load_tokenizer(a.reward_model, False, "right")
     rm = load_model(ModelArguments(model_name_or_path=a.reward_model, dtype="float32", use_peft=False), "SEQ_CLS",
                     False, tok.pad_token_id).eval()
-    rows = load_pairs(".", "data/evaluation", "train", a.pairs)
+    rows, _ = load_pairs(".", "data/evaluation", "train", a.pairs)  # prompts: `Question: ...\n\nAnswer: `
 
     @torch.no_grad()
     def trl_way(texts):
@@ -146,9 +145,9 @@ def scoring_check(a) -> dict:
         return torch.cat(out)
 
     result = {"pairs": len(rows)}
-    for name, score in (("ours", lambda q, r: score_texts(rm, tok, [format_example(x, y) for x, y in zip(q, r)])),
-                        ("trl", lambda q, r: trl_way([format_prompt(x) + y for x, y in zip(q, r)]))):
-        j, k = score(rows["question"], rows["response_j"]), score(rows["question"], rows["response_k"])
+    for name, score in (("ours", lambda p, r: score_texts(rm, tok, [x + y for x, y in zip(p, r)])),
+                        ("trl", lambda p, r: trl_way([x + y for x, y in zip(p, r)]))):
+        j, k = score(rows["prompt"], rows["chosen"]), score(rows["prompt"], rows["rejected"])
         result[name] = {"accuracy": (j > k).float().mean().item(), "scores": torch.cat([j, k])}
     x, y = result["ours"].pop("scores"), result["trl"].pop("scores")
     result["pearson"] = torch.corrcoef(torch.stack([x, y]))[0, 1].item()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -192,7 +193,8 @@ def load_split(dataset_name: str, data_dir: str | None = None, split: str = "tra
     return LoadedSplit(ds, source)
 
 
-def _problem(value, field: str) -> str | None:
+def str_problem(value, field: str) -> str | None:
+    """What is wrong with a required string value (null, not a string, empty), or None."""
     if value is None:
         return f"field '{field}' is null"
     if not isinstance(value, str):
@@ -204,15 +206,20 @@ def _problem(value, field: str) -> str | None:
 
 def check_row(row: dict, fields: list[str]) -> list[str]:
     """Problems of one row (as dict) for the required string ``fields``."""
-    return [p for f in fields if (p := _problem(row.get(f), f))]
+    return [p for f in fields if (p := str_problem(row.get(f), f))]
 
 
-def validate_fields(loaded: LoadedSplit, fields: list[str]) -> None:
-    """Raise one ``DataError`` listing every (first few) problem with the required string ``fields``.
+RowCheck = Callable[[dict], list[str]]
+
+
+def validate_rows(loaded: LoadedSplit, fields: list[str], check: RowCheck | None = None) -> None:
+    """Raise one ``DataError`` listing every (first few) problem of the rows: the ``fields`` must be columns, and
+    ``check(row)`` (default: each field a non-empty string) must find nothing in a row of those fields.
 
     A map-style dataset is checked whole; a streamed one on its first rows here and on every later row as it
     is read (see ``checked_stream``).
     """
+    check = check or (lambda row: check_row(row, fields))
     ds = loaded.dataset
     columns = list(ds.column_names or []) if ds.column_names is not None else None
     if columns is None and isinstance(ds, datasets.IterableDataset):
@@ -226,16 +233,13 @@ def validate_fields(loaded: LoadedSplit, fields: list[str]) -> None:
         )
     problems, count, n_rows = [], 0, 0
     rows = ds.take(STREAMING_PEEK_ROWS) if isinstance(ds, datasets.IterableDataset) else ds.select_columns(fields)
-    batch_iter = rows.iter(batch_size=4096)
-    for batch in batch_iter:
+    for batch in rows.iter(batch_size=4096):
         n = len(batch[fields[0]])
         for i in range(n):
-            for f in fields:
-                p = _problem(batch[f][i], f)
-                if p:
-                    count += 1
-                    if len(problems) < MAX_REPORTED_PROBLEMS:
-                        problems.append(f"{loaded.where(n_rows + i)}: {p}")
+            for p in check({f: batch[f][i] for f in fields}):
+                count += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append(f"{loaded.where(n_rows + i)}: {p}")
         n_rows += n
     if n_rows == 0:
         raise DataError(f"{loaded.source} has no rows")
@@ -245,16 +249,22 @@ def validate_fields(loaded: LoadedSplit, fields: list[str]) -> None:
                         + "\n  ".join(problems) + more)
 
 
-def checked_stream(loaded: LoadedSplit, fields: list[str]) -> datasets.IterableDataset:
-    """A streamed split that raises ``DataError`` on the first bad row past the validated peek."""
+def validate_fields(loaded: LoadedSplit, fields: list[str]) -> None:
+    """``validate_rows`` for required string ``fields``."""
+    validate_rows(loaded, fields)
 
-    def check(row, idx):
-        problems = check_row(row, fields)
+
+def checked_stream(loaded: LoadedSplit, fields: list[str], check: RowCheck | None = None) -> datasets.IterableDataset:
+    """A streamed split that raises ``DataError`` on the first bad row past the validated peek."""
+    check = check or (lambda row: check_row(row, fields))
+
+    def checked(row, idx):
+        problems = check(row)
         if problems:
             raise DataError(f"{loaded.where(idx)}: {problems[0]}")
         return row
 
-    return loaded.dataset.map(check, with_indices=True)
+    return loaded.dataset.map(checked, with_indices=True)
 
 
 def load_and_validate(dataset_name: str, data_dir: str | None, split: str, fields: list[str],
@@ -265,13 +275,3 @@ def load_and_validate(dataset_name: str, data_dir: str | None, split: str, field
     if streaming:
         loaded.dataset = checked_stream(loaded, fields)
     return loaded
-
-
-PAIR_FIELDS = ["question", "response_j", "response_k"]
-
-
-def load_pairs(dataset_name: str, data_dir: str | None, split: str, subset: int):
-    """The first ``subset`` preference pairs (``<= 0``: all) of a split, validated: the reward model's and DPO's
-    training and evaluation rows."""
-    ds = load_and_validate(dataset_name, data_dir, split, PAIR_FIELDS).dataset
-    return ds.select(range(subset)) if 0 < subset < len(ds) else ds

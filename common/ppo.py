@@ -354,12 +354,12 @@ class PPOTrainer:
 
     def score(self, batch: list[dict], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw reward-model scores, shaped scores): the RM re-tokenizes question + answer with its tokenizer."""
-        from common.prompts import format_example
+        from common.prompts import render_answer
         from common.reward import score_texts
 
         hp = self.config
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        texts = [format_example(row["question"], a) for row, a in zip(batch, answers)]
+        texts = [render_answer(self.reward_tokenizer, row["prompt"], a) for row, a in zip(batch, answers)]
         raw = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size)
         raw = raw.to(self.accelerator.device)
         shaped = raw.clone()
@@ -443,7 +443,7 @@ class PPOTrainer:
         from a fixed seed, with the training RNG streams left as they were (so a resumed run continues exactly);
         every process answers its share of the rows."""
         from common.gold import gold_score
-        from common.prompts import format_example
+        from common.prompts import render_answer
         from common.reward import score_texts
 
         acc, hp = self.accelerator, self.config
@@ -461,7 +461,7 @@ class PPOTrainer:
                                               self.tokenizer.pad_token_id)
             lm.train(was_training)
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        texts = [format_example(row["question"], a) for row, a in zip(mine, answers)]
+        texts = [render_answer(self.reward_tokenizer, row["prompt"], a) for row, a in zip(mine, answers)]
         rm = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size) if texts else None
         keyed = [(row, a) for row, a in zip(mine, answers) if row.get("answer_key")]
         gold = [gold_score(row["question"], a, row["answer_key"]) for row, a in keyed]

@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.prompts import format_example  # noqa: E402  (stdlib only; the one prompt template of the project)
+from common.prompts import format_example, format_prompt  # noqa: E402  (stdlib only; the project's prompt template)
 
 SEED = 20240501
 SPLITS = {  # split folder -> number of rows (one row per distinct question)
@@ -3062,6 +3062,34 @@ def write(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, Path]:
     return {split: write_jsonl(out_dir / split / "train.jsonl", rows) for split, rows in splits.items()}
 
 
+# The same rows in the layouts of TRL's dataset docs (common/layouts.py reads them in every stage). `trl`: the
+# standard form, the prompt as the literal text before the answer (this project's template, so every stage sees the
+# same tokens as from StackLLaMA's columns); `chat`: the conversational form, one user and one assistant message.
+FORMATS = ("stackllama", "trl", "chat")
+SPLIT_LAYOUT = {"finetune": "sft", "reward": "pairs", "evaluation": "pairs", "rl": "prompts"}
+
+
+def in_format(row: dict, split: str, fmt: str) -> dict:
+    """``row`` of ``split`` in ``fmt``: the layout's columns first, then the row's other fields (``qid``,
+    ``pair_kind``, ``answer_key``, ...) without StackLLaMA's."""
+    if fmt == "stackllama":
+        return row
+    q, good, bad = row["question"], row["response_j"], row["response_k"]
+    if fmt == "trl":
+        prompt, chosen, rejected = format_prompt(q), good, bad
+    else:
+        prompt = [{"role": "user", "content": q}]
+        chosen, rejected = [{"role": "assistant", "content": good}], [{"role": "assistant", "content": bad}]
+    layout = SPLIT_LAYOUT[split]
+    if layout == "sft":
+        out = {"messages": prompt + chosen} if fmt == "chat" else {"prompt": prompt, "completion": chosen}
+    elif layout == "pairs":
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    else:
+        out = {"prompt": prompt}
+    return {**out, **{k: v for k, v in row.items() if k not in ("question", "response_j", "response_k")}}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -3109,7 +3137,14 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: this folder)")
     parser.add_argument("--pretrain_extra", type=int, default=PRETRAIN_EXTRA,
                         help=f"new questions added to the pretraining corpus (default {PRETRAIN_EXTRA})")
+    parser.add_argument("--format", choices=FORMATS, default="stackllama",
+                        help="stackllama (default: question/response_j/response_k, in place), trl (prompt/completion, "
+                             "prompt/chosen/rejected, prompt: strings) or chat (the same as lists of messages; "
+                             "messages for SFT); trl and chat write the four splits to --out_dir (default "
+                             "runs/data/FORMAT), no pretraining corpus")
     args = parser.parse_args(argv)
+    if args.format != "stackllama":
+        return write_format(args)
 
     if len(TOPICS) < 30:
         raise AssertionError(f"only {len(TOPICS)} topics")
@@ -3141,6 +3176,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"topics: {len(TOPICS)}")
     for line in report(splits, docs):
         print(line)
+    return 0
+
+
+def write_format(args) -> int:
+    """``--format trl|chat``: the sample data (the same draw) in that layout, checked as the stackllama files are."""
+    out_dir = args.out_dir
+    if out_dir == Path(__file__).resolve().parent:  # the default: never over the committed sample data
+        out_dir = Path(__file__).resolve().parent.parent / "runs" / "data" / args.format
+    splits = generate(args.seed)
+    check(splits)
+    for split, rows in splits.items():
+        path = write_jsonl(out_dir / split / "train.jsonl", [in_format(r, split, args.format) for r in rows])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        print(f"{split:<11} {len(rows):>5} rows  {path}  sha256 {digest}  ({SPLIT_LAYOUT[split]}: "
+              f"{', '.join(k for k in in_format(rows[0], split, args.format) if k not in rows[0])})")
     return 0
 
 

@@ -22,9 +22,14 @@ PAIRS = [
 
 
 def _rows(pairs):
+    """The pairs as the stage reads them: in StackLLaMA's layout, normalized (common/layouts.py)."""
     from datasets import Dataset
 
-    return Dataset.from_list(pairs)
+    from common.layouts import SPECS, Layout, normalize
+
+    stackllama = SPECS["pairs"][0]
+    layout = Layout(stackllama, {role: column for column, role in stackllama.columns}, conversational=False)
+    return normalize("pairs", Dataset.from_list(pairs), layout)
 
 
 def _answer_logps(model, tokenizer, question, answer):

@@ -22,11 +22,10 @@ def test_sft_reward_model_and_ppo_tokenize_the_same_prefix_on_their_real_paths(t
     training_rl.load_prompts), checked against the template written out by hand."""
     import json
 
-    from datasets import Dataset
-
     import training_reward_model
     import training_rl
     import training_sft
+    from common.layouts import load_normalized, load_pairs
     from common.modeling import load_tokenizer
 
     rows = [{"question": "How do I sort a list in Python?", "response_j": "Use `sorted(items)` for a copy.",
@@ -40,9 +39,10 @@ def test_sft_reward_model_and_ppo_tokenize_the_same_prefix_on_their_real_paths(t
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     left, right = load_tokenizer(tiny_model, padding_side="left"), load_tokenizer(tiny_model, padding_side="right")
     prompts, dropped, _ = training_rl.load_prompts(training_rl.ScriptArguments(dataset_name=str(path), subset=""), left)
-    sft = training_sft.tokenize(Dataset.from_list(rows), right, False)
+    sft = training_sft.tokenize(load_normalized("sft", str(path), "", "train")[0].dataset, right, False)
     script = training_reward_model.ScriptArguments(dataset_name=str(path))
-    pairs, _ = training_reward_model.tokenize_pairs(Dataset.from_list(rows), right, script, 512, "test", False)
+    pairs, _ = training_reward_model.tokenize_pairs(load_pairs(str(path), "", "train", 0)[0], right, script, 512,
+                                                    "test", False)
     assert dropped == 0 and len(prompts) == len(sft) == len(pairs) == 3
     for row, prompt, example, pair in zip(rows, prompts, sft, pairs):
         literal = "Question: " + row["question"] + "\n\nAnswer: "
