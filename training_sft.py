@@ -199,7 +199,10 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     stage = TrainerStage(config, script.overwrite_output_dir)
 
     # Data first: a bad row should cost seconds, not a model load.
-    loaded, layout = load_normalized("sft", script.dataset_name, script.subset, script.split, script.columns,
+    columns = script.columns
+    if not columns and config.dataset_text_field != "text":  # TRL's name for the text column
+        columns = [f"text={config.dataset_text_field}"]
+    loaded, layout = load_normalized("sft", script.dataset_name, script.subset, script.split, columns,
                                      script.streaming)
     check_layout(layout, config)
     train_rows, valid_rows = split_valid(loaded, script)

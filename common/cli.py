@@ -141,6 +141,8 @@ def parse_args(
             if value is None:
                 nones.add(action.dest)
             elif action.nargs in ("+", "*"):
+                if isinstance(value, dict):  # a mapping flag (--columns NAME=COLUMN ...)
+                    value = [f"{k}={v}" for k, v in value.items()]
                 values = [value] if isinstance(value, str) else list(value)
                 args += [f"--{name}", *map(_flag_text, values)]
             elif isinstance(value, (list, tuple, set)):

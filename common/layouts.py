@@ -106,8 +106,10 @@ class Layout:
         return f"layout '{self.name}' ({form}; columns {cols}){rendered}"
 
 
-def parse_columns(pairs: list[str] | None) -> dict[str, str]:
+def parse_columns(pairs: list[str] | dict | None) -> dict[str, str]:
     """``["prompt=instruction", ...]`` -> ``{"prompt": "instruction"}``; a malformed pair is a one-line error."""
+    if isinstance(pairs, dict):  # from a YAML config
+        pairs = [f"{k}={v}" for k, v in pairs.items()]
     mapping = {}
     for pair in pairs or []:
         name, sep, column = pair.partition("=")
@@ -207,7 +209,7 @@ def _structure_problems(layout: Layout, row: dict) -> list[str]:
     if not layout.conversational:
         if kind.name == "implicit-prompt preference":
             prompt, c, r = split_implicit(row[cols["chosen"]], row[cols["rejected"]])
-            if not prompt.strip() or not c.strip() or not r.strip():
+            if not prompt.strip() or not c.strip() or not r.strip() or c == r:
                 return [f"fields '{cols['chosen']}' and '{cols['rejected']}' share no prompt, or one is the other's "
                         "start (an implicit-prompt pair is a shared prompt and two different answers)"]
         return []
@@ -255,6 +257,8 @@ def load_layout(kind: str, dataset_name: str, data_dir: str | None, split: str, 
     found = list(ds.column_names) if ds.column_names is not None else list(_first_row(ds) or {})
     spec, cols = detect(kind, found, parse_columns(columns), loaded.source)
     first = _first_row(ds) or {}
+    if spec.name == "text" and isinstance(first.get(cols["text"]), list):  # a text column of conversations
+        spec, cols = next(s for s in SPECS[kind] if s.name == "messages"), {"messages": cols["text"]}
     values = [first.get(c) for role, c in cols.items() if role not in ALWAYS_STANDARD]
     conversational = any(isinstance(v, list) for v in values)
     if spec.name == "messages" and not conversational and values and values[0] is not None:
