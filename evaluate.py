@@ -381,6 +381,7 @@ def evaluate_models(args: EvalArguments | None = None, **kwargs) -> dict:
     a = dataclasses.replace(args, **kwargs) if args is not None else EvalArguments(**kwargs)
     models = check_args(a)
     rows, source = load_questions(a)
+    print(f"prompts: {len(rows)} from {source}", flush=True)
     baseline = a.baseline or next(iter(models))
     reference, bon_model = a.reference or baseline, a.best_of_n_model or baseline
     rm_tokenizer, rm = load_reward_model(a)
