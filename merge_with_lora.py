@@ -44,6 +44,7 @@ from common.modeling import (
     is_adapter_folder,
     load_model,
     load_tokenizer,
+    looks_local,
     read_adapter_config,
     resolve_base,
 )
@@ -277,6 +278,9 @@ def main(args: MergeArguments) -> StageResult:
     adapter = find_adapter(args.adapter_model_name)
     base = args.base_model_name or resolve_base(adapter)[0]
     flag = "--base_model_name" + ("" if args.base_model_name else f" (from {adapter}/adapter_config.json)")
+    if not args.base_model_name and looks_local(base) and not os.path.exists(os.path.expanduser(base)):
+        raise UserError(f"the base model of --adapter_model_name {adapter}, {base} (its adapter_config.json), is not "
+                        "there: moved or deleted? Pass the base with --base_model_name PATH")
     check_model_path(base, flag)
     check_output(args, [adapter, base])
     task = read_adapter_config(adapter).get("task_type") or "CAUSAL_LM"

@@ -171,7 +171,8 @@ def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, t
 
 def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> StageResult:
     check_args(script, config)
-    check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
+    check_model_path(model_args.model_name_or_path or "", "--model_name_or_path",
+                     base_override=model_args.base_model_name_or_path)
     stage = TrainerStage(config, script.overwrite_output_dir)
     if config.per_device_eval_batch_size is None:
         config.per_device_eval_batch_size = config.per_device_train_batch_size

@@ -104,6 +104,9 @@ class ScriptArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
+# Other scripts' names for what PPO counts differently (an unknown flag's error names the one to use).
+HINTS = {"--max_steps": "PPO counts episodes: use --steps N (N / --batch_size PPO steps), as StackLLaMA did",
+         "--num_train_epochs": "PPO counts episodes: use --steps N (N / --batch_size PPO steps), as StackLLaMA did"}
 ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to",
            "--reward_model_name_or_path": "reward_model_name"}
 
@@ -154,7 +157,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
     from accelerate.utils import set_seed
 
     check_args(a, config, model_args)
-    check_model_path(model_args.model_name_or_path, "--model_name")
+    check_model_path(model_args.model_name_or_path, "--model_name", base_override=model_args.base_model_name_or_path)
     check_model_path(a.reward_model_name, "--reward_model_name")
     resume = prepare_output_dir(a.output_dir, a.overwrite_output_dir, a.resume_from_checkpoint)
     trackers = [t for t in a.report_to.split(",") if t and t != "none"]
@@ -376,7 +379,7 @@ def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:
 
 def parse(argv: list[str] | None = None, kwargs: dict | None = None
           ) -> tuple[ScriptArguments, PPOConfig, ModelArguments]:
-    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__, kwargs)
+    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__, kwargs, HINTS)
 
 
 def run_rl(**kwargs) -> StageResult:

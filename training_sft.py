@@ -195,7 +195,8 @@ def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelA
 
 def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments) -> StageResult:
     check_args(script, config)
-    check_model_path(model_args.model_name_or_path or "", "--model_name_or_path")
+    check_model_path(model_args.model_name_or_path or "", "--model_name_or_path",
+                     base_override=model_args.base_model_name_or_path)
     stage = TrainerStage(config, script.overwrite_output_dir)
 
     # Data first: a bad row should cost seconds, not a model load.

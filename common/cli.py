@@ -94,6 +94,7 @@ def parse_args(
     args: list[str] | None = None,
     description: str | None = None,
     kwargs: dict | None = None,
+    hints: dict[str, str] | None = None,
 ) -> tuple:
     """Parse ``args`` (default ``sys.argv[1:]``) into one instance of each dataclass.
 
@@ -106,6 +107,8 @@ def parse_args(
       ``name=value`` becomes the flag ``--name`` with ``value`` written as on a command line (lists as several
       values, enums by value), so types, choices and aliases are checked as the flags are; ``config=`` is
       ``--config``; ``None`` sets the field to None, over the YAML too.
+    - An unknown flag is answered with the nearest known ones, or with ``hints[flag]`` (another script's name for
+      the same thing: PPO's ``--steps`` for ``--max_steps``). A YAML value of the wrong type names the file and key.
     """
     from transformers import HfArgumentParser
 
@@ -168,6 +171,7 @@ def parse_args(
                             f"{', '.join(unknown)}")
         for action in parser._actions:
             if action.dest in config:
+                _check_yaml_value(config_path, action, config[action.dest])
                 action.default = config[action.dest]
                 action.required = False
     for action in parser._actions:
@@ -175,7 +179,8 @@ def parse_args(
             action.default, action.required = None, False
     namespace, remaining = parser.parse_known_args(args)
     if remaining:
-        raise UserError(f"unrecognized arguments: {' '.join(remaining)} (see --help)")
+        raise UserError(f"unrecognized arguments: {' '.join(remaining)}{_suggestions(parser, remaining, hints)} "
+                        "(see --help)")
     outputs = []
     for dtype in parser.dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}
@@ -185,6 +190,47 @@ def parse_args(
         except (ValueError, TypeError, ImportError) as e:  # a library config's own validation (e.g. TrainingArguments)
             raise UserError(str(e)) from e
     return tuple(outputs)
+
+
+def _suggestions(parser, remaining: list[str], hints: dict[str, str] | None) -> str:
+    """``; did you mean --x?`` for the unknown flags among ``remaining`` (values are skipped)."""
+    import difflib
+
+    options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    known = sorted(o for o in options if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in options)
+    notes = []
+    for flag in (r.split("=", 1)[0] for r in remaining if r.startswith("--")):
+        if hints and flag in hints:
+            notes.append(f"{flag}: {hints[flag]}")
+        elif close := difflib.get_close_matches(flag, known, n=3, cutoff=0.6):
+            notes.append(f"{flag}: did you mean {' or '.join(close)}?")
+    return "; " + "; ".join(notes) if notes else ""
+
+
+def _check_yaml_value(path: str, action, value) -> None:
+    """A ``--config`` value parsed as its flag's would be, so that a wrong type is an error naming the file and key
+    (argparse converts string defaults only, and names neither)."""
+    if value is None or isinstance(value, dict):
+        return
+    values = value if isinstance(value, list) else [value]
+    problem = None
+    if isinstance(value, list) and action.nargs not in ("+", "*"):
+        problem = f"takes one value, got a list {value!r}"
+    for v in values:
+        if problem:
+            break
+        if isinstance(v, (dict, list)):
+            problem = f"got {type(v).__name__} {v!r}"
+            continue
+        try:
+            converted = action.type(str(v)) if action.type is not None else v
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            problem = f"{v!r} is not a valid value ({e})"
+            continue
+        if action.choices is not None and converted not in action.choices and str(v) not in map(str, action.choices):
+            problem = f"{v!r} is not one of {', '.join(map(str, action.choices))}"
+    if problem:
+        raise UserError(f"--config {path}: key '{action.dest}': {problem}")
 
 
 def _flag_text(value) -> str:

@@ -105,18 +105,35 @@ def resolve_base(name_or_path: str, base_override: str | None = None) -> tuple[s
     return name_or_path, None
 
 
-def check_model_path(name_or_path: str, flag: str) -> None:
-    """A clear error for a local-looking path that does not exist (a Hub id is left to the Hub)."""
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model argument is meant as a local path rather than a Hub id (``org/name``): it starts with ``.``,
+    ``/`` or ``~``, has more than one ``/``, or its parent folder exists here (``runs/sft`` with a ``runs/``)."""
+    parent = os.path.dirname(name_or_path.rstrip("/"))
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or bool(parent) and os.path.isdir(os.path.expanduser(parent)))
+
+
+def check_model_path(name_or_path: str, flag: str, base_flag: str = "--base_model_name_or_path",
+                     base_override: str | None = None) -> None:
+    """A clear error for a local-looking path that does not exist (a Hub id is left to the Hub), at once: never a
+    minute of Hub retries for a folder that is simply missing. An adapter folder's base is checked the same way
+    (``base_flag`` names the flag that overrides it)."""
     if not name_or_path:
         raise UserError(f"{flag} is required")
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.exists(name_or_path):
+    if looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise UserError(f"{flag} {name_or_path}: no such folder")
     if os.path.isdir(name_or_path) and not (
         is_adapter_folder(name_or_path) or os.path.isfile(os.path.join(name_or_path, "config.json"))
     ):
         raise UserError(f"{flag} {name_or_path}: folder holds neither a model (config.json) nor an adapter "
                         "(adapter_config.json)")
+    if base_override:
+        check_model_path(base_override, base_flag)
+    elif is_adapter_folder(name_or_path):
+        base = read_adapter_config(name_or_path).get("base_model_name_or_path")
+        if base and looks_local(base) and not os.path.exists(os.path.expanduser(base)):
+            raise UserError(f"{flag} {name_or_path} is an adapter whose base model {base} (its adapter_config.json) "
+                            f"is not there: moved or deleted? Pass the base with {base_flag} PATH")
 
 
 def quantization_config(args: ModelArguments, dtype: torch.dtype | str):
