@@ -39,6 +39,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.interrupt import save_on_interrupt_field
 from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
     ModelArguments,
@@ -79,6 +80,7 @@ class ScriptArguments:
         metadata={"help": "Replace a final model already in --output_dir."},
     )
     columns: list[str] | None = columns_field()
+    save_on_interrupt: bool = save_on_interrupt_field()
     eval_first_step: bool = field(
         default=False,
         metadata={"help": "Evaluate once before training (the reference's own margins are 0: accuracy 0)."},
@@ -244,7 +246,7 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path",
                      base_override=model_args.base_model_name_or_path)
-    stage = TrainerStage(config, script.overwrite_output_dir)
+    stage = TrainerStage(config, script.overwrite_output_dir, script.save_on_interrupt)
     if config.per_device_eval_batch_size is None:
         config.per_device_eval_batch_size = config.per_device_train_batch_size
 
@@ -263,7 +265,7 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
     time_limit = TimeLimit(script.max_train_seconds) if script.max_train_seconds else None
     trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds,
                             stage.callbacks + ([time_limit] if time_limit else []))
-    stage.begin(script, model_args, config)
+    stage.begin(script, model_args, config, trainer=trainer, tokenizer=tokenizer, stage="DPO")
     if script.eval_first_step and not stage.resume:
         trainer.evaluate()
     stage.train(trainer)

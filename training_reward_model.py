@@ -33,6 +33,7 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.interrupt import save_on_interrupt_field
 from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
     ModelArguments,
@@ -77,6 +78,7 @@ class ScriptArguments:
         metadata={"help": "Evaluate once before training (the untrained baseline)."},
     )
     columns: list[str] | None = columns_field()
+    save_on_interrupt: bool = save_on_interrupt_field()
 
 
 ALIASES = {"--model_name": "model_name_or_path"}  # StackLLaMA's other flags are the Hugging Face names already
@@ -173,7 +175,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path",
                      base_override=model_args.base_model_name_or_path)
-    stage = TrainerStage(config, script.overwrite_output_dir)
+    stage = TrainerStage(config, script.overwrite_output_dir, script.save_on_interrupt)
     if config.per_device_eval_batch_size is None:
         config.per_device_eval_batch_size = config.per_device_train_batch_size
 
@@ -190,7 +192,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", stage.is_main)
 
     trainer = build_trainer(config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
-    stage.begin(script, model_args, config)
+    stage.begin(script, model_args, config, trainer=trainer, tokenizer=tokenizer, stage="reward model")
     if script.eval_first_step and not stage.resume:
         trainer.evaluate()
     stage.train(trainer)

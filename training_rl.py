@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
+from common import interrupt
+from common.checkpoints import check_origin, origin
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.interrupt import save_on_interrupt_field
 from common.layouts import columns_field, load_normalized
 from common.modeling import (
     ModelArguments,
@@ -54,10 +57,12 @@ from common.modeling import (
 from common.outputs import (
     MetricsWriter,
     check_processes,
+    clear_checkpoints,
     commit_final,
     final_tmp_dir,
     prepare_output_dir,
     read_metrics,
+    resume_line,
     write_model_card,
     write_run_args,
 )
@@ -88,6 +93,7 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a final model already in --output_dir."})
     columns: list[str] | None = columns_field()
+    save_on_interrupt: bool = save_on_interrupt_field()
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Default: on with a GPU, off on CPU."})
     eval_freq: int | None = field(
@@ -193,10 +199,17 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
 
     writer = MetricsWriter(a.output_dir, enabled=is_main)
     samples_path = os.path.join(a.output_dir, "samples.jsonl")
-    if resume:
+    policy = accelerator.unwrap_model(trainer.model).lm()
+    trainer.origin = origin(model_args.model_name_or_path, policy, tokenizer, config.algorithm.upper())
+    if resume:  # another model stops here, before any step
+        note = check_origin(resume, trainer.origin)
+        if is_main:
+            print(resume_line(resume, total_steps, bool(a.resume_from_checkpoint), note), flush=True)
         trainer.load_checkpoint(resume)
     step = trainer.progress.step
     if is_main:
+        if a.overwrite_output_dir and not resume and (removed := clear_checkpoints(a.output_dir)):
+            print(f"--overwrite_output_dir: removed {removed} checkpoint folder(s) of the earlier run", flush=True)
         final_tmp_dir(a.output_dir, clear=True)
         write_run_args(a.output_dir, a, config, model_args,
                        extra={"total_ppo_steps": total_steps, "num_processes": accelerator.num_processes})
@@ -212,8 +225,10 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
         if is_main:
             writer.write({"step": 0, "episodes": 0, **held_out})
     bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc=config.algorithm.upper())
+    interrupt.start(a.output_dir, total_steps, a.save_on_interrupt, step)
     while trainer.progress.step < total_steps:
         metrics, samples = trainer.step()
+        interrupt.progress.step = trainer.progress.step
         if eval_rows and (trainer.progress.step % a.eval_freq == 0 or trainer.progress.step == total_steps):
             metrics.update(trainer.evaluate(eval_rows, eval_seed))
         if is_main:
@@ -230,8 +245,11 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
             raise UserError(f"stopping: {trainer.progress.consecutive_skips} consecutive PPO steps had non-finite "
                             f"scores or losses (skipped, the weights are untouched); the last checkpoint in "
                             f"{a.output_dir} is intact")
-        if a.save_freq and trainer.progress.step % a.save_freq == 0:
+        stopping = a.save_on_interrupt and interrupt.requested(accelerator.device)
+        if stopping or a.save_freq and trainer.progress.step % a.save_freq == 0:
             trainer.save_checkpoint(os.path.join(a.output_dir, f"checkpoint-{trainer.progress.step}"))
+        if stopping:
+            interrupt.stop()
     bar.close()
 
     tmp = final_tmp_dir(a.output_dir)

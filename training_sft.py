@@ -31,6 +31,7 @@ from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.interrupt import save_on_interrupt_field
 from common.layouts import Layout, columns_field, load_normalized
 from common.modeling import (
     ModelArguments,
@@ -73,6 +74,7 @@ class ScriptArguments:
         metadata={"help": "Evaluate once before training (the baseline eval loss)."},
     )
     columns: list[str] | None = columns_field()
+    save_on_interrupt: bool = save_on_interrupt_field()
     lm_head: str = field(
         default="auto",
         metadata={"help": "How the loss is taken from the LM head: 'fused' (TRL's chunked head, no [tokens, vocab] "
@@ -197,7 +199,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     check_args(script, config)
     check_model_path(model_args.model_name_or_path or "", "--model_name_or_path",
                      base_override=model_args.base_model_name_or_path)
-    stage = TrainerStage(config, script.overwrite_output_dir)
+    stage = TrainerStage(config, script.overwrite_output_dir, script.save_on_interrupt)
 
     # Data first: a bad row should cost seconds, not a model load.
     columns = script.columns
@@ -232,7 +234,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
 
     trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
     config.assistant_only_loss, config.completion_only_loss = assistant_only, completion_only
-    stage.begin(script, model_args, config)
+    stage.begin(script, model_args, config, trainer=trainer, tokenizer=tokenizer, stage="SFT")
     if script.eval_first_step and eval_ds is not None and not stage.resume:
         trainer.evaluate()
     stage.train(trainer)

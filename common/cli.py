@@ -51,15 +51,29 @@ def call_stage(entry: str, parse: Callable[..., tuple], main: Callable[..., Stag
 
 
 def run(main: Callable[..., object], *args) -> None:
-    """Call ``main(*args)``; a ``UserError`` is printed without a traceback and exits with status 2.
+    """Call ``main(*args)``; a ``UserError`` is printed without a traceback and exits with status 2; Ctrl-C (SIGINT)
+    or SIGTERM ends with one line saying how far the stage got and how to continue (``common.interrupt``), exit
+    status 130 or 143.
 
     The command line's end: a process group the stage joined (torchrun) is left before the interpreter exits, since
     a gloo group torn down by interpreter shutdown can abort the process after the work is done."""
+    import signal
+
+    from common import interrupt
+
+    interrupt.install()
     try:
         main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except (KeyboardInterrupt, interrupt.Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if interrupt.is_main_process():
+            from common.outputs import command_line
+
+            print(f"\n{interrupt.message(signum, command_line())}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     finally:
         _leave_process_group()
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import yaml
 
+from common.checkpoints import incomplete_message, missing_files, newest, step_of, write_origin
 from common.cli import UserError, invocation
 
 FINAL_MARKERS = ("adapter_config.json", "config.json")
@@ -36,7 +37,10 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint=
     """Check ``--output_dir`` before anything is loaded, and resolve ``--resume_from_checkpoint`` in it.
 
     A regular file there is an error; so is a folder that already holds a final model, unless the run resumes
-    or ``--overwrite_output_dir`` is given. Returns the checkpoint to resume from, or None.
+    or ``--overwrite_output_dir`` is given. A folder with checkpoints but no final model (a run stopped on the way)
+    is resumed from its newest checkpoint when this is the command that wrote it (its ``run_args.yaml``), as
+    Hugging Face's example scripts resume; any other command stops with one line naming the newest checkpoint and
+    the two ways on. Returns the checkpoint to resume from, or None.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} is a file, not a folder: choose another path")
@@ -44,7 +48,42 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint=
     if holds_final_model(output_dir) and not overwrite and resume is None:
         raise UserError(f"--output_dir {output_dir} already holds a final model; pass --overwrite_output_dir to "
                         "replace it, or choose another folder")
+    if resume is None and not overwrite and not holds_final_model(output_dir):
+        last = newest(output_dir)
+        if last is not None:
+            if _recorded_command(output_dir) == command_line():
+                return last  # the resume line says why (resume_reason)
+            raise UserError(f"--output_dir {output_dir} holds checkpoints of a run that did not finish (newest: "
+                            f"{last}, step {step_of(last)}) and another command wrote them: continue that run with "
+                            "--resume_from_checkpoint latest, or start again with --overwrite_output_dir")
     return resume
+
+
+def resume_line(checkpoint: str, total, flag_given: bool, note: str | None = None) -> str:
+    """The one line every resume prints: which checkpoint, which step of how many, and why."""
+    why = "" if flag_given else ("; the same command as its run_args.yaml, so the run continues "
+                                 "(--overwrite_output_dir starts again)")
+    return f"resuming from {checkpoint} (step {step_of(checkpoint)} of {total}){why}" + (f"; {note}" if note else "")
+
+
+def _recorded_command(output_dir: str) -> str | None:
+    try:
+        with open(os.path.join(output_dir, "run_args.yaml"), encoding="utf-8") as f:
+            return (yaml.safe_load(f) or {}).get("command")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def clear_checkpoints(output_dir: str) -> int:
+    """Remove the ``checkpoint-N`` folders of an earlier run (``--overwrite_output_dir``), so that a later
+    ``--resume_from_checkpoint latest`` can only find this run's. Returns how many were removed."""
+    removed = 0
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if re.fullmatch(r"checkpoint-\d+(\.old|\.tmp)?", name):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def command_line() -> str:
@@ -237,6 +276,7 @@ class AtomicCheckpoints:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, shards)
         if self.args.should_save:
+            write_origin(os.path.join(staging, name), getattr(self, "checkpoint_origin", None) or {})  # last
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
                 self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
@@ -250,29 +290,23 @@ class AtomicCheckpoints:
 def find_checkpoint(output_dir: str, value: str | bool | None) -> str | None:
     """Resolve ``--resume_from_checkpoint``: a path, or ``latest``/``true`` for the newest complete checkpoint.
 
-    Only ``checkpoint-N`` folders count (never ``checkpoint-N.tmp``, a save in progress or cut short), and only
-    complete ones: ``trainer_state.json``, written last, must parse. ``checkpoint-N.old`` counts when
+    Only complete ``checkpoint-N`` folders count (``common.checkpoints``: every file its ``origin.json`` lists is
+    there), never ``checkpoint-N.tmp`` (a save in progress or cut short). ``checkpoint-N.old`` counts when
     ``checkpoint-N`` is missing: a save that replaced it was cut short between its two renames (``replace_folder``).
+    A path that is incomplete is one error line naming what it lacks and the newest complete checkpoint.
     """
     if value in (None, "", False) or str(value).lower() in ("false", "none", "no"):
         return None
     if str(value).lower() not in ("latest", "true", "last", "yes"):
         if not os.path.isdir(str(value)):
             raise UserError(f"--resume_from_checkpoint {value}: no such folder")
-        if not _complete(str(value)):
-            raise UserError(f"--resume_from_checkpoint {value} is incomplete (no trainer_state.json): "
-                            "it was not fully written")
+        if str(value).rstrip("/").endswith(".tmp") or missing_files(str(value)):
+            raise UserError(incomplete_message(str(value)))
         return str(value)
-    found = {}
-    if os.path.isdir(output_dir):
-        for name in sorted(os.listdir(output_dir)):  # checkpoint-N before checkpoint-N.old
-            m = re.fullmatch(r"checkpoint-(\d+)(\.old)?", name)
-            path = os.path.join(output_dir, name)
-            if m and int(m.group(1)) not in found and _complete(path):
-                found[int(m.group(1))] = path
-    if not found:
+    found = newest(output_dir)
+    if found is None:
         raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}")
-    return found[max(found)]
+    return found
 
 
 def replace_folder(src: str, dst: str) -> None:
@@ -327,15 +361,6 @@ def check_processes(checkpoint: str, num_processes: int) -> None:
     if saved is not None and saved != num_processes:
         raise UserError(f"{checkpoint} was written by a run with {saved} processes and this run has {num_processes}: "
                         f"resume it with {saved} processes")
-
-
-def _complete(checkpoint: str) -> bool:
-    """A checkpoint is complete once its ``trainer_state.json`` (written last, by the Trainer and by PPO) parses."""
-    try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            return "global_step" in json.load(f)
-    except (OSError, ValueError):
-        return False
 
 
 def checkpoint_step(checkpoint: str) -> int:

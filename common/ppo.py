@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import ppo_distributed as dist
+from common.checkpoints import write_origin
 from common.cli import UserError
 from common.generation import eos_token_ids, sample_responses
 from common.outputs import check_processes, replace_folder
@@ -221,7 +222,7 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small stateful parts of a run (each saved in checkpoints through accelerate's register_for_checkpointing)
+# Small stateful parts of a run (each saved in a checkpoint's run_state.json, PPOTrainer.save_checkpoint)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -317,9 +318,6 @@ class PPOTrainer:
         self.stream = PromptStream(len(prompts), config.prompts_per_step, config.seed)
         self.length_sampler = LengthSampler(config.output_min_length, config.output_max_length, config.seed)
         self.progress = Progress()
-        for obj in (self.progress, self.kl_ctl, self.running, self.stream, self.length_sampler, scheduler):
-            if obj is not None:
-                accelerator.register_for_checkpointing(obj)
         self._hooks = [accelerator.register_save_state_pre_hook(self._save_weights_hook),
                        accelerator.register_load_state_pre_hook(self._load_weights_hook)]
 
@@ -667,11 +665,18 @@ class PPOTrainer:
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
+    def _run_state(self) -> dict:
+        """The run's own small states, by name (each a plain ``state_dict``), saved as JSON in ``STATE_FILE``."""
+        parts = {"progress": self.progress, "kl_controller": self.kl_ctl, "running_moments": self.running,
+                 "prompt_stream": self.stream, "length_sampler": self.length_sampler, "scheduler": self.scheduler}
+        return {name: obj for name, obj in parts.items() if obj is not None}
+
     def save_checkpoint(self, folder: str, extra_files: dict[str, str] | None = None) -> None:
-        """Everything needed to continue exactly, through ``accelerator.save_state``: the policy and value head
-        (``_save_weights_hook``), optimizer, per-process RNG states, and the registered state (counters, KL
-        controller, running moments, prompt position, length sampler, scheduler); ``trainer_state.json`` last.
-        Written to ``folder.tmp``, then swapped in (``replace_folder``)."""
+        """Everything needed to continue exactly: through ``accelerator.save_state`` the policy and value head
+        (``_save_weights_hook``), optimizer and per-process RNG states (which accelerate loads with
+        ``weights_only=True``); the run's own state (counters, KL controller, running moments, prompt position,
+        length sampler, scheduler) as JSON in ``STATE_FILE``; ``trainer_state.json`` last. Written to
+        ``folder.tmp``, then swapped in (``replace_folder``)."""
         acc = self.accelerator
         tmp = folder + ".tmp"
         acc.wait_for_everyone()
@@ -682,15 +687,18 @@ class PPOTrainer:
         acc.save_state(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            for name, text in (extra_files or {}).items():
+            extra_files = {**(extra_files or {}), STATE_FILE: json.dumps(
+                {name: obj.state_dict() for name, obj in self._run_state().items()}, indent=1)}
+            for name, text in extra_files.items():
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(text)
             state = {"global_step": self.progress.step, "episodes": self.progress.episodes,
                      "num_processes": acc.num_processes, "kl_coef": self.kl_ctl.value,
                      "algorithm": self.config.algorithm, "group_size": self.config.group_size,
                      "distributed_type": dist.distributed_type(acc)}
-            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:  # written last
+            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=1)
+            write_origin(tmp, getattr(self, "origin", None) or {})  # last: the model trained, every file's size
             replace_folder(tmp, folder)
         acc.wait_for_everyone()
 
@@ -702,14 +710,15 @@ class PPOTrainer:
                             "start a new run, or resume with the version that wrote it")
         check_processes(folder, acc.num_processes)  # the prompt stream, RNG states and global batch depend on it
         check_algorithm(folder, self.config)
-        for name in sorted(os.listdir(folder)):  # accelerate unpickles these in full: check they hold plain data
-            if name.startswith("custom_checkpoint_"):
-                try:
-                    torch.load(os.path.join(folder, name), weights_only=True)
-                except Exception as e:  # noqa: BLE001  (any failure means: not plain data)
-                    raise UserError(f"{os.path.join(folder, name)} holds more than plain data; "
-                                    f"not loading it ({e})") from e
+        state_path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(state_path):  # an earlier version pickled these states; they are never unpickled
+            raise UserError(f"{folder} has no {STATE_FILE} (written by an earlier version of training_rl.py, which "
+                            "pickled the run's state): start a new run, or resume with the version that wrote it")
         acc.load_state(folder)
+        with open(state_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        for name, obj in self._run_state().items():
+            obj.load_state_dict(saved[name])
 
     def _save_weights_hook(self, models, weights, output_dir) -> None:
         """accelerate's save-state pre-hook (every process): the policy is written as an adapter (or full model)
@@ -762,6 +771,7 @@ def check_algorithm(folder: str, config: PPOConfig) -> None:
 STAT_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac")
 CRITIC_FREE_STAT_KEYS = ("loss/policy", "policy/approxkl", "policy/clipfrac")
 VALUE_HEAD_FILE = "value_head.safetensors"
+STATE_FILE = "run_state.json"  # the run's own states (PPOTrainer._run_state), plain JSON
 
 
 def load_policy_weights(model: PolicyWithValueHead, folder: str) -> None:

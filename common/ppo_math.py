@@ -301,7 +301,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small stateful helpers (each checkpointed through accelerate's register_for_checkpointing)
+# Small stateful helpers (each saved in a checkpoint's run_state.json, common/ppo.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 

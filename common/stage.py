@@ -18,37 +18,56 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from common import interrupt
+from common.checkpoints import check_origin, origin
 from common.cli import UserError
 from common.outputs import (
     MetricsWriter,
     check_processes,
     checkpoint_step,
+    clear_checkpoints,
     commit_final,
     final_tmp_dir,
     metrics_callback,
     nonfinite_guard,
     prepare_output_dir,
+    resume_line,
     write_model_card,
     write_run_args,
 )
 
 
 class TrainerStage:
-    def __init__(self, config, overwrite_output_dir: bool):
+    def __init__(self, config, overwrite_output_dir: bool, save_on_interrupt: bool = False):
         self.config, self.output_dir = config, config.output_dir
+        self.overwrite, self.save_on_interrupt = overwrite_output_dir, save_on_interrupt
         self.resume = prepare_output_dir(config.output_dir, overwrite_output_dir, config.resume_from_checkpoint)
         if self.resume:
             check_processes(self.resume, config.world_size)
         self.is_main = config.process_index == 0
         self.writer = MetricsWriter(config.output_dir, enabled=self.is_main)
         self.guard = nonfinite_guard()
-        self.callbacks = [self.guard, metrics_callback(self.writer)]
+        self.callbacks = [self.guard, metrics_callback(self.writer), InterruptCallback()]
 
-    def begin(self, *arg_objects) -> None:
-        """Before training (main process): drop a crashed final save's leftovers, write ``run_args.yaml``, and start
+    def begin(self, *arg_objects, trainer=None, tokenizer=None, stage: str = "") -> None:
+        """Before training: every checkpoint of ``trainer`` will record the model it trains (``origin.json``), and a
+        resume onto another model stops here, before any step; a resume says from where. Then (main process) drop
+        a crashed final save's leftovers and an overwritten run's checkpoints, write ``run_args.yaml``, and start
         ``metrics.jsonl`` afresh or, on resume, cut it back to the checkpoint's step."""
+        if trainer is not None:
+            model_args = next(o for o in arg_objects if hasattr(o, "model_name_or_path"))
+            trainer.checkpoint_origin = origin(model_args.model_name_or_path, trainer.model, tokenizer, stage)
+            if self.resume:
+                note = check_origin(self.resume, trainer.checkpoint_origin)
+                if self.is_main:
+                    total = self.config.max_steps if self.config.max_steps > 0 else \
+                        f"{self.config.num_train_epochs:g} epochs"
+                    print(resume_line(self.resume, total, bool(self.config.resume_from_checkpoint), note), flush=True)
         if not self.is_main:
             return
+        if self.overwrite and not self.resume and (removed := clear_checkpoints(self.output_dir)):
+            print(f"--overwrite_output_dir: removed {removed} checkpoint folder(s) of the earlier run in "
+                  f"{self.output_dir}", flush=True)
         final_tmp_dir(self.output_dir, clear=True)
         write_run_args(self.output_dir, *arg_objects)
         if self.resume:
@@ -57,7 +76,12 @@ class TrainerStage:
             self.writer.reset()
 
     def train(self, trainer) -> None:
+        total = self.config.max_steps if self.config.max_steps > 0 else None
+        interrupt.start(self.output_dir, total, self.save_on_interrupt,
+                        checkpoint_step(self.resume) if self.resume else 0)
         trainer.train(resume_from_checkpoint=self.resume)
+        if interrupt.progress.pending is not None:  # --save_on_interrupt: the checkpoint of this step is saved
+            interrupt.stop()
         if self.guard.stopped:
             raise UserError(f"stopping: {self.guard.consecutive} optimizer steps in a row had non-finite gradients "
                             f"(skipped, the weights are untouched); the checkpoints in {self.output_dir} are intact, "
@@ -81,6 +105,16 @@ class TrainerStage:
             os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
         commit_final(tmp, self.output_dir)
         write_model_card(self.output_dir, **card)
+
+
+class InterruptCallback(TrainerCallback):
+    """Keeps ``common.interrupt`` told of the step; with ``--save_on_interrupt``, a signal makes the Trainer save a
+    checkpoint at the end of the step and stop (``TrainerStage.train`` then ends the run with the interrupt line)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        interrupt.progress.step = state.global_step
+        if interrupt.progress.save_on_interrupt and interrupt.requested(args.device):
+            control.should_save = control.should_training_stop = True
 
 
 class TimeLimit(TrainerCallback):

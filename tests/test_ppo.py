@@ -66,10 +66,11 @@ def test_ppo_writes_metrics_samples_and_checkpoints(tiny_model, reward_model, tm
     assert all({"question", "response", "score"} <= set(s) for s in samples)
     assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md", "run_args.yaml",
             "tokenizer.json", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(full))
-    # accelerate's save_state: optimizer, per-process RNG, our registered state (counters, KL controller, running
-    # moments, prompt position, length sampler, scheduler); the policy as an adapter folder with its value head
+    # accelerate's save_state: optimizer, per-process RNG; run_state.json: our own state as JSON (counters, KL
+    # controller, running moments, prompt position, length sampler, scheduler); the policy as an adapter folder
+    # with its value head
     expected = {"optimizer.bin", "random_states_0.pkl", "trainer_state.json", "value_head.safetensors",
-                "adapter_config.json", "adapter_model.safetensors"} | {f"custom_checkpoint_{i}.pkl" for i in range(6)}
+                "adapter_config.json", "adapter_model.safetensors", "run_state.json"}
     assert expected == set(os.listdir(os.path.join(full, "checkpoint-2"))) - {"README.md"}
     state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
     assert state["global_step"] == 2 and state["episodes"] == 16
