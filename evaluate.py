@@ -66,7 +66,7 @@ from common.generation import eos_token_ids, sample_responses
 from common.gold import gold_score, load_answer_keys, readable_share, vocabulary
 from common.layouts import columns_field, load_normalized
 from common.modeling import ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer
-from common.outputs import holds_final_model, write_model_card, write_run_args
+from common.outputs import check_writable, holds_final_model, write_model_card, write_run_args, writing
 from common.ppo import position_ids_for, response_logprobs
 from common.prompts import encode, render_answer, render_prompt
 from common.reward import score_texts
@@ -582,9 +582,11 @@ def headline(results: dict) -> dict[str, dict]:
 def main(a: EvalArguments) -> StageResult:
     check_args(a)
     check_output_dir(a)
+    check_writable(a.output_dir, "--output_dir")
     results = evaluate_models(a)  # checks the data before any model loads
-    write_run_args(a.output_dir, a)
-    write_results(results, a.output_dir)
+    with writing(f"the evaluation to {a.output_dir}"):
+        write_run_args(a.output_dir, a)
+        write_results(results, a.output_dir)
     baseline = results["settings"]["baseline"]
     for name, m in results["models"].items():
         w = m["vs_baseline"]["win_rate_gold"]

@@ -48,7 +48,15 @@ from common.modeling import (
     read_adapter_config,
     resolve_base,
 )
-from common.outputs import MetricsWriter, holds_final_model, replace_folder, write_model_card, write_run_args
+from common.outputs import (
+    MetricsWriter,
+    check_writable,
+    holds_final_model,
+    replace_folder,
+    write_model_card,
+    write_run_args,
+    writing,
+)
 from common.prompts import format_example
 
 # The probe batch: fixed texts in the project's template, of different lengths so that padding is exercised.
@@ -283,6 +291,7 @@ def main(args: MergeArguments) -> StageResult:
                         "there: moved or deleted? Pass the base with --base_model_name PATH")
     check_model_path(base, flag)
     check_output(args, [adapter, base])
+    check_writable(args.output_name, "--output_name")  # before any model loads
     task = read_adapter_config(adapter).get("task_type") or "CAUSAL_LM"
     if task not in ("CAUSAL_LM", "SEQ_CLS"):
         raise UserError(f"--adapter_model_name {adapter} is a {task} adapter; this script merges CAUSAL_LM and "
@@ -328,22 +337,23 @@ def main(args: MergeArguments) -> StageResult:
 
     out = os.path.normpath(args.output_name)
     tmp = f"{out}.tmp-{os.getpid()}"
-    try:
-        merged.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        if os.path.isfile(os.path.join(adapter, "reward_stats.json")):  # still true of the merged reward model
-            shutil.copy2(os.path.join(adapter, "reward_stats.json"), tmp)
-        write_run_args(tmp, args,
-                       extra={"resolved": {"adapter_folder": adapter, "base_model": base, "task_type": task}})
-        MetricsWriter(tmp).write({"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        cls = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
-        write_model_card(tmp, "merged " + ("reward model" if task == "SEQ_CLS" else "causal LM"), base,
-                         f"none (a merge, checked on {len(PROBES)} fixed probe texts)", metrics,
-                         f"\nA plain model: `{cls}.from_pretrained(...)` loads it without peft.\n")
-        replace_folder(tmp, out)  # with --overwrite (or an empty folder): swapped in once the new one is complete
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+    with writing(f"the merged model to {out}"):
+        try:
+            merged.save_pretrained(tmp)  # safetensors
+            tokenizer.save_pretrained(tmp)
+            if os.path.isfile(os.path.join(adapter, "reward_stats.json")):  # still true of the merged reward model
+                shutil.copy2(os.path.join(adapter, "reward_stats.json"), tmp)
+            write_run_args(tmp, args,
+                           extra={"resolved": {"adapter_folder": adapter, "base_model": base, "task_type": task}})
+            MetricsWriter(tmp).write({"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            cls = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
+            write_model_card(tmp, "merged " + ("reward model" if task == "SEQ_CLS" else "causal LM"), base,
+                             f"none (a merge, checked on {len(PROBES)} fixed probe texts)", metrics,
+                             f"\nA plain model: `{cls}.from_pretrained(...)` loads it without peft.\n")
+            replace_folder(tmp, out)  # with --overwrite (or an empty folder): swapped in once the new one is complete
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
     print(f"saved to {out}")
     if args.push_to_hub:
         from huggingface_hub import HfApi

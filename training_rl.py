@@ -65,6 +65,7 @@ from common.outputs import (
     resume_line,
     write_model_card,
     write_run_args,
+    writing,
 )
 from common.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, check_algorithm
 from common.ppo_distributed import is_zero3, whole_models_under_zero3
@@ -254,11 +255,13 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
 
     tmp = final_tmp_dir(a.output_dir)
     accelerator.wait_for_everyone()
-    trainer.save_model(tmp)  # every process takes part (ZeRO-3 gathers); the main one writes
+    with writing(f"the final model to {tmp}"):
+        trainer.save_model(tmp)  # every process takes part (ZeRO-3 gathers); the main one writes
     card_metrics = {}
     if is_main:
-        tokenizer.save_pretrained(tmp)
-        commit_final(tmp, a.output_dir)
+        with writing(f"the final model to {a.output_dir}"):
+            tokenizer.save_pretrained(tmp)
+            commit_final(tmp, a.output_dir)
         records = read_metrics(a.output_dir)
         history = [m for m in records if "objective/scores" in m]
         held_out = [m for m in records if "eval/rm_score" in m]  # step 0 (where the policy started) to the last

@@ -102,7 +102,7 @@ def newest(output_dir: str) -> str | None:
 
 def incomplete_message(folder: str, flag: str = "--resume_from_checkpoint") -> str:
     """One line: what ``folder`` lacks, and the newest complete checkpoint beside it."""
-    missing = missing_files(folder)
+    missing = missing_files(folder) or [f"{ORIGIN_FILE} (written last)"]
     cut = " (a save cut short: a .tmp folder is never resumed from)" if folder.rstrip("/").endswith(".tmp") else ""
     beside = newest(os.path.dirname(os.path.abspath(folder.rstrip("/"))))
     where = f"the newest complete checkpoint is {beside}" if beside else "there is no complete checkpoint beside it"

@@ -96,6 +96,10 @@ def message(signum: int, command: str) -> str:
     name = NAMES.get(signum, f"signal {signum}")
     if progress.output_dir is None:  # not training yet, or a stage without steps (merge, evaluate)
         return f"interrupted ({name}); nothing of this run was kept: the same command runs it again: {command}"
+    from common.outputs import holds_final_model
+
+    if holds_final_model(progress.output_dir):
+        return f"interrupted ({name}) after the final model was saved in {progress.output_dir}: nothing to continue"
     at = f" at step {progress.step}" + (f" of {progress.total}" if progress.total is not None else "")
     last = newest(progress.output_dir)
     if last is None:

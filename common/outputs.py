@@ -8,8 +8,10 @@ like a model always is one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import json
 import math
 import os
@@ -56,6 +58,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint=
             raise UserError(f"--output_dir {output_dir} holds checkpoints of a run that did not finish (newest: "
                             f"{last}, step {step_of(last)}) and another command wrote them: continue that run with "
                             "--resume_from_checkpoint latest, or start again with --overwrite_output_dir")
+    check_writable(output_dir, "--output_dir")
     return resume
 
 
@@ -84,6 +87,47 @@ def clear_checkpoints(output_dir: str) -> int:
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
                 removed += 1
     return removed
+
+
+WRITE_ERRORS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+                errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.ENOENT: "the folder cannot be created there", errno.EEXIST: "it is a file, not a folder"}
+
+
+def write_error(e: OSError) -> str:
+    """Why a write failed, in words (the errno's meaning for the usual causes)."""
+    return WRITE_ERRORS.get(e.errno, e.strerror or type(e).__name__)
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Create ``folder`` and write and remove a small file in it, so that a place the stage cannot write (a
+    read-only file system, a path under a regular file, no permission, a full disk) is one error line before any
+    model or data set loads, not a traceback after the training."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({write_error(e)})") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Turn a failed write (disk full, file system gone read-only) into one error line naming ``what`` was being
+    written; what was written before (earlier checkpoints, the last final model) is left as it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(f"could not write {what} ({write_error(e)}); what was there before is intact") from e
 
 
 def command_line() -> str:
@@ -271,7 +315,8 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: staging  # this save only
         try:
-            super()._save_checkpoint(model, trial)
+            with writing(f"checkpoint {final}"):
+                super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, shards)

@@ -29,7 +29,7 @@ from common import ppo_distributed as dist
 from common.checkpoints import write_origin
 from common.cli import UserError
 from common.generation import eos_token_ids, sample_responses
-from common.outputs import check_processes, replace_folder
+from common.outputs import check_processes, replace_folder, writing
 from common.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -684,7 +684,8 @@ class PPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp)
+        with writing(f"checkpoint {folder}"):
+            acc.save_state(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
             extra_files = {**(extra_files or {}), STATE_FILE: json.dumps(

@@ -23,7 +23,8 @@ import os
 import sys
 
 from common import stats
-from common.outputs import read_metrics
+from common.cli import run
+from common.outputs import check_writable, read_metrics
 
 READABLE_SHARE = 0.9  # the share of corpus words above which answers count as readable
 
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from common.plots import plot_pipeline
 
+    check_writable(args.root, "the report's folder")  # summary.json, report.md and the plots go there
+
     summary = summarize(args.root, json.loads(args.seconds_per_stage), args.seed)
     with open(os.path.join(args.root, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -309,4 +312,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

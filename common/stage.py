@@ -34,6 +34,7 @@ from common.outputs import (
     resume_line,
     write_model_card,
     write_run_args,
+    writing,
 )
 
 
@@ -90,7 +91,8 @@ class TrainerStage:
     def save_model(self, trainer) -> str:
         """The trained model into the temporary final folder (every process takes part: sharded states)."""
         tmp = final_tmp_dir(self.output_dir)
-        trainer.save_model(tmp)
+        with writing(f"the final model to {tmp}"):
+            trainer.save_model(tmp)
         trainer.accelerator.wait_for_everyone()
         return tmp
 
@@ -100,11 +102,12 @@ class TrainerStage:
         optional notes)."""
         if not self.is_main:
             return
-        tokenizer.save_pretrained(tmp)
-        if os.path.isfile(os.path.join(tmp, "training_args.bin")):
-            os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
-        commit_final(tmp, self.output_dir)
-        write_model_card(self.output_dir, **card)
+        with writing(f"the final model to {self.output_dir}"):
+            tokenizer.save_pretrained(tmp)
+            if os.path.isfile(os.path.join(tmp, "training_args.bin")):
+                os.remove(os.path.join(tmp, "training_args.bin"))  # a pickle; run_args.yaml holds the same, readably
+            commit_final(tmp, self.output_dir)
+            write_model_card(self.output_dir, **card)
 
 
 class InterruptCallback(TrainerCallback):

@@ -70,7 +70,7 @@ def test_ppo_writes_metrics_samples_and_checkpoints(tiny_model, reward_model, tm
     # controller, running moments, prompt position, length sampler, scheduler); the policy as an adapter folder
     # with its value head
     expected = {"optimizer.bin", "random_states_0.pkl", "trainer_state.json", "value_head.safetensors",
-                "adapter_config.json", "adapter_model.safetensors", "run_state.json"}
+                "adapter_config.json", "adapter_model.safetensors", "run_state.json", "origin.json"}
     assert expected == set(os.listdir(os.path.join(full, "checkpoint-2"))) - {"README.md"}
     state = json.load(open(os.path.join(full, "checkpoint-2", "trainer_state.json")))
     assert state["global_step"] == 2 and state["episodes"] == 16
@@ -119,6 +119,11 @@ def test_full_fine_tuning_with_a_reward_model_of_another_tokenizer_resumes_exact
     dropped = sorted(weights)[3]
     save_file({k: v for k, v in weights.items() if k != dropped}, broken / "checkpoint-1" / "model.safetensors",
               metadata={"format": "pt"})
+    proc = ppo(tiny_model, rm, str(broken), *args, "--resume_from_checkpoint", "latest", check=False)
+    assert_user_error(proc, "no complete checkpoint")  # its origin.json records another size: a cut-short write
+    origin = json.load(open(broken / "checkpoint-1" / "origin.json"))  # recorded as written: the weight is missing
+    origin["files"]["model.safetensors"] = os.path.getsize(broken / "checkpoint-1" / "model.safetensors")
+    json.dump(origin, open(broken / "checkpoint-1" / "origin.json", "w"))
     proc = ppo(tiny_model, rm, str(broken), *args, "--resume_from_checkpoint", "latest", check=False)
     assert_user_error(proc, "missing", dropped)
 
