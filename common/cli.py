@@ -64,6 +64,7 @@ def run(main: Callable[..., object], *args) -> None:
     interrupt.install()
     try:
         main(*args)
+        interrupt.finished()  # a signal now would only cut the exit short
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

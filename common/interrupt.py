@@ -69,6 +69,12 @@ def install() -> None:
     _installed = True
 
 
+def finished() -> None:
+    """The stage's work is done and written: a signal while the process exits is ignored."""
+    for signum in NAMES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def requested(device=None) -> bool:
     """After a step, with ``--save_on_interrupt``: whether a signal came and the stage should save and stop. Under
     several processes the main process decides for all (``device``: where the collective's tensor lives)."""

@@ -221,7 +221,7 @@ def test_each_stage_refuses_a_place_it_cannot_write_before_loading_a_model(tiny_
 
     merge = run_script("merge_with_lora.py", "--adapter_model_name", tiny_model, "--output_name",
                        str(tmp_path / "x"), check=False)  # (not an adapter: checked first)
-    assert_user_error(merge, "holds no LoRA adapter")
+    assert_user_error(merge, "not a LoRA adapter")
     regular = tmp_path / "a_file"
     regular.write_text("x")
     report = run_script("-m", "common.report", str(regular / "run"), check=False)
@@ -281,3 +281,19 @@ def test_flags_suggest_and_yaml_errors_name_the_file(tmp_path):
     proc = run_script("training_sft.py", "--model_name_or_path", "unused", "--dataset_name", ".",
                       "--assistant_only_loss", "true", "--output_dir", str(tmp_path / "o"), check=False)
     assert_user_error(proc, "--assistant_only_loss needs conversations")
+
+
+@pytest.mark.slow
+def test_evaluate_interrupted_is_one_line(tiny_model, reward_model, tmp_path):
+    out = str(tmp_path / "eval")
+    proc = subprocess.Popen([sys.executable, "evaluate.py", "--models", f"a={tiny_model}", "--reward_model_name",
+                             reward_model, "--num_prompts", "64", "--max_new_tokens", "64", "--output_dir", out],
+                            cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports and models loaded: it is sampling (64 answers of up to 64 tokens take far longer)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (SIGINT); nothing")
+    assert not os.path.isfile(os.path.join(out, "eval.json"))
