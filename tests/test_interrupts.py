@@ -19,12 +19,12 @@ from conftest import OFFLINE_ENV, ROOT, assert_user_error, max_weight_diff, run_
 SFT = ["training_sft.py", "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "8",
        "--seq_length", "64", "--batch_size", "2", "--max_steps", "12", "--save_freq", "3", "--eval_freq", "100",
        "--learning_rate", "1e-3", "--disable_tqdm", "true"]
-PAIRS = ["--dataset_name", ".", "--train_subset", "64", "--eval_subset", "8", "--max_length", "256",
-         "--per_device_train_batch_size", "2", "--max_steps", "12", "--save_steps", "3", "--eval_steps", "100",
+PAIRS = ["--dataset_name", ".", "--train_subset", "32", "--eval_subset", "4", "--max_length", "256",
+         "--per_device_train_batch_size", "2", "--max_steps", "10", "--save_steps", "2", "--eval_steps", "100",
          "--logging_steps", "1", "--learning_rate", "1e-4", "--disable_tqdm", "true"]
 RL = ["--dataset_name", ".", "--subset", "data/rl", "--batch_size", "4", "--mini_batch_size", "2",
-      "--gradient_accumulation_steps", "1", "--output_min_length", "4", "--output_max_length", "8",
-      "--learning_rate", "1e-3", "--steps", "32", "--save_freq", "2", "--disable_tqdm", "true"]
+      "--gradient_accumulation_steps", "1", "--output_min_length", "4", "--output_max_length", "6",
+      "--learning_rate", "1e-3", "--steps", "24", "--save_freq", "2", "--disable_tqdm", "true"]
 
 
 def stage_commands(tiny_model, rm):
@@ -53,7 +53,7 @@ def interrupt_at_random(cmd: list[str], out: str, signum: int, rng: random.Rando
         if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
             break
         time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 2.0))
+    time.sleep(rng.uniform(0.0, 1.5))
     if proc.poll() is None:
         proc.send_signal(signum)
     proc.stdout_text, proc.stderr_text = proc.communicate(timeout=timeout)
