@@ -201,13 +201,13 @@ def split_implicit(chosen, rejected):
 
 
 def _structure_problems(layout: Layout, row: dict) -> list[str]:
-    cols, kind = layout.columns, layout.spec
-    if kind.name == "messages":
+    cols, name = layout.columns, layout.name
+    if name == "messages":
         if row[cols["messages"]][-1].get("role") != "assistant":
             return [f"field '{cols['messages']}': the last message is not the assistant's (nothing to learn)"]
         return []
     if not layout.conversational:
-        if kind.name == "implicit-prompt preference":
+        if name == "implicit-prompt preference":
             prompt, c, r = split_implicit(row[cols["chosen"]], row[cols["rejected"]])
             if not prompt.strip() or not c.strip() or not r.strip() or c == r:
                 return [f"fields '{cols['chosen']}' and '{cols['rejected']}' share no prompt, or one is the other's "
@@ -217,9 +217,9 @@ def _structure_problems(layout: Layout, row: dict) -> list[str]:
     for role in ("completion", "chosen", "rejected"):
         if role in cols and "prompt" in cols and row[cols[role]][0].get("role") != "assistant":
             problems.append(f"field '{cols[role]}' does not start with an assistant message")
-    if "prompt" in cols and row[cols["prompt"]][-1].get("role") == "assistant" and kind.name in ("prompt",):
+    if "prompt" in cols and row[cols["prompt"]][-1].get("role") == "assistant" and name == "prompt":
         problems.append(f"field '{cols['prompt']}' ends with an assistant message (the model answers the prompt)")
-    if kind.name == "implicit-prompt preference":
+    if name == "implicit-prompt preference":
         prompt, c, r = split_implicit(row[cols["chosen"]], row[cols["rejected"]])
         if not prompt or not c or not r:
             problems.append(f"fields '{cols['chosen']}' and '{cols['rejected']}' share no first messages, or one is "
