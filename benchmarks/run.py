@@ -262,7 +262,7 @@ def build_sft(models: dict, p: dict, out_dir: str):
     from peft import get_peft_model
 
     import training_sft
-    from common.data import load_and_validate
+    from common.layouts import load_normalized
     from common.modeling import load_model, load_tokenizer, lora_config
     from common.outputs import MetricsWriter, metrics_callback, nonfinite_guard
 
@@ -274,7 +274,7 @@ def build_sft(models: dict, p: dict, out_dir: str):
         "--eval_strategy", "no", "--disable_tqdm", "true",
     ])
     # As training_sft.main does, minus saving and evaluation.
-    loaded = load_and_validate(script.dataset_name, script.subset, script.split, training_sft.FIELDS)
+    loaded, _ = load_normalized("sft", script.dataset_name, script.subset, script.split)
     train_rows, _ = training_sft.split_valid(loaded, script)
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code, "right")
     train_ds = training_sft.tokenize(train_rows, tokenizer, False)
@@ -344,7 +344,7 @@ def build_rm(models: dict, p: dict, out_dir: str):
     ])
     # As training_reward_model.main does, minus evaluation, the report and saving.
     config.per_device_eval_batch_size = config.per_device_eval_batch_size or config.per_device_train_batch_size
-    train_rows = rm_script.load_rows(script, script.train_data_dir, script.train_subset)
+    train_rows, _ = rm_script.load_rows(script, script.train_data_dir, script.train_subset)
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code, "right")
     if config.eos_token:
         tokenizer.eos_token = config.eos_token

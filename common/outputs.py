@@ -104,7 +104,14 @@ def check_writable(folder: str, flag: str) -> None:
     """Create ``folder`` and write and remove a small file in it, so that a place the stage cannot write (a
     read-only file system, a path under a regular file, no permission, a full disk) is one error line before any
     model or data set loads, not a traceback after the training."""
+    if os.environ.get("RANK", "0") != "0":  # one process checks (the others would race its clean-up)
+        return
     probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    created = []  # the folders made for the probe, removed again: a stage that fails later has written nothing
+    path = os.path.abspath(folder)
+    while path and not os.path.lexists(path) and path != os.path.dirname(path):
+        created.append(path)
+        path = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
         with open(probe, "w", encoding="utf-8") as f:
@@ -116,6 +123,9 @@ def check_writable(folder: str, flag: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
 
 
 @contextlib.contextmanager

@@ -43,8 +43,8 @@ datasets.utils.logging.get_logger("datasets")
 # Under xdist the test files go to the workers in collection order (pytest.ini: --dist loadfile
 # --no-loadscope-reorder). The longest files are collected first, so that none of them starts late and runs on alone
 # while the other worker idles; the pipeline file alone is about a third of the suite.
-LONGEST_FIRST = ("test_pipeline.py", "test_deepspeed.py", "test_ppo.py", "test_benchmarks.py", "test_reward_model.py",
-                 "test_sft.py", "test_reliability.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_deepspeed.py", "test_interrupts.py", "test_ppo.py", "test_benchmarks.py",
+                 "test_reward_model.py", "test_sft.py", "test_reliability.py", "test_layouts.py")
 
 
 def pytest_collection_modifyitems(config, items):

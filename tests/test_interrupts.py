@@ -180,7 +180,10 @@ def test_every_unwritable_place_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", full)  # a disk that fills up on the first real write
     with pytest.raises(UserError, match="--output_dir .*: cannot write there \\(the disk is full\\)"):
         check_writable(str(tmp_path / "out"), "--output_dir")
-    assert not os.listdir(tmp_path / "out")  # the probe file is gone
+    assert not os.path.exists(tmp_path / "out")  # neither the probe file nor the folder made for it is left
+    monkeypatch.undo()
+    check_writable(str(tmp_path / "ok" / "deeper"), "--output_dir")
+    assert not os.path.exists(tmp_path / "ok")
 
 
 def _in_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
