@@ -153,8 +153,8 @@ def detect(kind: str, found: list[str], mapping: dict[str, str], source: str) ->
         raise DataError(f"{source}: no known data layout in its columns ({columns}); accepted layouts: "
                         f"{_accepted(kind)}. Map other names with --columns, e.g. --columns prompt=instruction")
     raise DataError(f"{source}: ambiguous data layout: its columns ({columns}) fit "
-                    f"{' and '.join(m[0].name for m in matches)}; choose with --columns (e.g. "
-                    f"--columns {matches[0][0].names[0]}={matches[0][0].names[0]})")
+                    f"{' and '.join(m[0].name for m in matches)}; accepted layouts: {_accepted(kind)}. Choose with "
+                    f"--columns (e.g. --columns {matches[0][0].names[0]}={matches[0][0].names[0]})")
 
 
 # ---------------------------------------------------------------------------------------------- row checks

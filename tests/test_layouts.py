@@ -98,7 +98,8 @@ def test_an_unknown_or_ambiguous_layout_lists_the_columns_and_the_layouts():
     assert "stackllama (question, response_j, response_k)" in message
     assert "preference (prompt, chosen, rejected)" in message
     assert "--columns" in message
-    with pytest.raises(DataError, match="ambiguous data layout.*prompt-completion and text"):
+    with pytest.raises(DataError, match="ambiguous data layout.*prompt, completion, text.*prompt-completion and "
+                                        "text; accepted layouts: stackllama .*messages"):
         detect("sft", ["prompt", "completion", "text"], {}, "file x.jsonl")
 
 
