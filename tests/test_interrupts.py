@@ -5,6 +5,7 @@ started over silently; a place that cannot be written is one error line before a
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -89,7 +90,7 @@ def test_interrupted_at_a_random_moment_each_stage_resumes_to_the_same_weights(t
         if signum == signal.SIGTERM:  # --save_on_interrupt: the step it stopped at is the newest checkpoint
             step = int(lines[0].split(" at step ")[1].split()[0])
             assert f"checkpoint-{step};" in lines[0], lines[0]
-        for checkpoint in (n for n in os.listdir(cut) if n.startswith("checkpoint-")):
+        for checkpoint in (n for n in os.listdir(cut) if re.fullmatch(r"checkpoint-\d+", n)):  # not a .tmp cut short
             origin = json.load(open(os.path.join(cut, checkpoint, "origin.json")))
             assert origin["base_model"] == tiny_model and origin["fingerprint"]["architecture"]["vocab_size"]
     if not os.path.isfile(os.path.join(cut, "adapter_config.json")):  # the signal came before the final save
