@@ -1,7 +1,7 @@
 """Our PPO (`training_rl.py`) against TRL 1.12's PPOTrainer, episodes/s on one small setup, A/B in turn.
 
     # once: the TRL 1.12 venv (see benchmarks/trl_ppo_baseline.py)
-    python -m venv /work/venv_trl112 --system-site-packages && /work/venv_trl112/bin/pip install trl==1.12.0
+    python -m venv venv_trl112 --system-site-packages && venv_trl112/bin/pip install trl==1.12.0
     # from the repository root: 3 rounds, each loading both sides once and then running 1 warm-up + 5 timed PPO
     # steps of each, one step of ours and one of TRL's in turn
     python benchmarks/ppo_vs_trl.py --rounds 3 --output ppo_vs_trl.json
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--side", choices=["both", "ours"], default="both")
-    p.add_argument("--trl_python", default="/work/venv_trl112/bin/python", help="Python of the TRL 1.12 venv")
+    p.add_argument("--trl_python", default=os.environ.get("TRL112_PYTHON", "venv_trl112/bin/python"),
+                   help="Python of the TRL 1.12 venv (default: $TRL112_PYTHON, else venv_trl112/bin/python)")
     p.add_argument("--model")
     p.add_argument("--reward_model")
     p.add_argument("--work_dir")

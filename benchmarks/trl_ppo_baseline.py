@@ -3,14 +3,14 @@
 TRL 1.13+ ships no PPO trainer, so this runs in its own virtual environment with TRL 1.12 over the system
 torch 2.13 (CPU wheel), transformers 5.23, accelerate 1.15 and peft 0.21 (nothing else changes):
 
-    python -m venv /work/venv_trl112 --system-site-packages
-    /work/venv_trl112/bin/pip install --dry-run trl==1.12.0   # must list only trl (and setuptools), no torch
-    /work/venv_trl112/bin/pip install trl==1.12.0
+    python -m venv venv_trl112 --system-site-packages
+    venv_trl112/bin/pip install --dry-run trl==1.12.0   # must list only trl (and setuptools), no torch
+    venv_trl112/bin/pip install trl==1.12.0
 
     # from the repository root; builds the tiny model and reward model in a temporary folder
-    /work/venv_trl112/bin/python benchmarks/trl_ppo_baseline.py
+    venv_trl112/bin/python benchmarks/trl_ppo_baseline.py
     # or on given folders (benchmarks/ppo_vs_trl.py builds them once with `--side build` and passes them)
-    /work/venv_trl112/bin/python benchmarks/trl_ppo_baseline.py --model DIR/tiny --reward_model DIR/rm --steps 5
+    venv_trl112/bin/python benchmarks/trl_ppo_baseline.py --model DIR/tiny --reward_model DIR/rm --steps 5
 
 It prints one JSON line: episodes/s (median over the timed steps, after `--warmup` steps; loading excluded),
 per-step seconds and a per-phase split (see PHASES). `benchmarks/ppo_vs_trl.py` runs this and our PPO in turn.

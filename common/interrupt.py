@@ -37,7 +37,6 @@ class Progress:
 
 
 progress = Progress()
-_installed = False
 
 
 def save_on_interrupt_field():
@@ -63,10 +62,8 @@ def _handler(signum, frame):
 
 def install() -> None:
     """SIGINT and SIGTERM raise ``Interrupted`` (or, with ``--save_on_interrupt``, are deferred to the step's end)."""
-    global _installed
     for signum in NAMES:
         signal.signal(signum, _handler)
-    _installed = True
 
 
 def finished() -> None:
