@@ -63,11 +63,11 @@ from common import stats
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.data import DataError
 from common.generation import eos_token_ids, sample_responses
-from common.gold import gold_score, load_answer_keys, readable_share, vocabulary
+from common.gold import judge, load_answer_keys, readable_share, vocabulary
 from common.layouts import columns_field, load_normalized
 from common.modeling import ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer
 from common.outputs import check_writable, holds_final_model, write_model_card, write_run_args, writing
-from common.ppo import position_ids_for, response_logprobs
+from common.ppo_math import position_ids_for, response_logprobs
 from common.prompts import encode, render_answer, render_prompt
 from common.reward import score_texts
 
@@ -274,9 +274,31 @@ def reward_scores(rm, rm_tokenizer, prompts: list, answers: list[str], batch_siz
     return scores.double().tolist()
 
 
+def gold_verdicts(rows: list[dict], answers: list[str]) -> list:
+    """The gold judge's verdict on each answer to its row's question (common/gold.py); None where the row has no
+    key."""
+    return [judge(r["question"], t, r["answer_key"]) if r["answer_key"] else None for r, t in zip(rows, answers)]
+
+
 def gold_scores(rows: list[dict], answers: list[str]) -> list[float | None]:
-    """The gold score of each answer to its row's question (common/gold.py); None where the row has no key."""
-    return [gold_score(r["question"], t, r["answer_key"]) if r["answer_key"] else None for r, t in zip(rows, answers)]
+    """The gold score of each answer to its row's question; None where the row has no key."""
+    return [v.score if v is not None else None for v in gold_verdicts(rows, answers)]
+
+
+GOLD_PARTS = ("fix", "names", "broken", "code", "eos")  # what the gold score is made of, per model (``gold_parts``)
+
+
+def gold_parts(verdicts: list, ended: list[bool], a: "EvalArguments") -> dict | None:
+    """The parts of the gold score, each a mean with its interval over the questions with a key: ``fix`` and
+    ``names`` (the judge's shares in [0, 1]), ``broken`` (share of answers with a marker of a broken fix),
+    ``code`` (share with a non-empty code block) and ``eos`` (share that ended with EOS within the budget)."""
+    keyed = [(v, e) for v, e in zip(verdicts, ended) if v is not None]
+    if not keyed:
+        return None
+    parts = {"fix": [v.fix for v, _ in keyed], "names": [v.names for v, _ in keyed],
+             "broken": [float(bool(v.forbidden)) for v, _ in keyed], "code": [float(v.has_code) for v, _ in keyed],
+             "eos": [float(e) for _, e in keyed]}
+    return {k: interval(parts[k], a) for k in GOLD_PARTS}
 
 
 def same_tokenizer(t1, t2) -> bool:
@@ -290,11 +312,12 @@ def answer_model(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, r
     ids = sample(lm, tokenizer, prompts, a, MAIN_STREAM, f"{name}: sampling")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     eos = eos_token_ids(tokenizer, lm)
+    verdicts = gold_verdicts(rows, texts)
     return {
         "prompts": prompts, "ids": ids, "texts": texts,
         "tokens": [len(r) for r in ids], "ended": [bool(r) and r[-1] in eos for r in ids],
         "reward": reward_scores(rm, rm_tokenizer, [r["prompt"] for r in rows], texts, a.batch_size, f"model {name}"),
-        "gold": gold_scores(rows, texts),
+        "gold": [v.score if v is not None else None for v in verdicts], "verdicts": verdicts,
         "readable": [readable_share(t, vocab) for t in texts],
         "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, a.temperature, a.batch_size),
     }
@@ -359,6 +382,7 @@ def summarize(m: dict, base: dict, a: EvalArguments) -> dict:
     return {
         "reward": interval(m["reward"], a),
         "gold": interval(gold, a) if keyed else None,
+        "gold_parts": gold_parts(m["verdicts"], m["ended"], a),
         "length": interval(m["tokens"], a),
         "readable_share": interval(m["readable"], a),
         "eos_fraction": sum(m["ended"]) / len(m["ended"]),
@@ -468,6 +492,14 @@ def write_markdown(results: dict, path: str) -> None:
         cells = [f"{_ci(v[k])} | {v[k]['verdict']}" if v[k] else "n/a | " for k in
                  ("reward_difference", "gold_difference", "win_rate_reward", "win_rate_gold")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(m.get("gold_parts") for m in results["models"].values()):
+        lines += ["", "## What the gold score is made of", "",
+                  "Means over the questions with a key: the share of the right fix's terms in the code (`fix`) and "
+                  "of the question's names (`names`), the share of answers with a marker of a broken fix "
+                  "(`broken`, lower is better), with a code block (`code`) and ended with EOS (`eos`).", "",
+                  "| model | " + " | ".join(GOLD_PARTS) + " |", "| --- |" + " --- |" * len(GOLD_PARTS)]
+        lines += [f"| {name} | " + " | ".join(_ci(m["gold_parts"][k]) for k in GOLD_PARTS) + " |"
+                  for name, m in results["models"].items() if m.get("gold_parts")]
     lines += ["", "| model | length difference (tokens) | verdict | readable share difference | verdict |",
               "| --- | --- | --- | --- | --- |"]
     for name, m in results["models"].items():

@@ -99,6 +99,7 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
         "rm_pairs": rm.get("n_pairs"),
         "rm_lookalike_pairs": rm.get("n_lookalike"),
         "rm_ece": rm.get("ece"),
+        "rm_accuracy_by_kind": {k: v["accuracy"] for k, v in (rm.get("accuracy_by_kind") or {}).items()},
         "ppo_steps": len(ppo),
         "ppo_score_trend": trend,
         "ppo_score_first": trend["first"] if trend else None,
@@ -129,6 +130,9 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
         "gold_win_rate_interval": vs.get("win_rate_gold"),
         "rm_win_rate_vs_sft": _get(vs, "win_rate_reward", "mean"),
         "ppo_kl_to_sft": _get(m_final, "kl", "mean"),
+        "sft_eos_share": _get(m_base, "eos_fraction"),
+        "gold_parts": {role: {k: v["mean"] for k, v in (_get(m, "gold_parts") or {}).items()}
+                       for role, m in (("sft", m_base), ("final", m_final)) if _get(m, "gold_parts")},
         "length_sft": _get(m_base, "length", "mean"),
         "length_final": _get(m_final, "length", "mean"),
         "best_of_n": {k: ev["best_of_n"].get(k) for k in ("model", "curve", "reward_change", "gold_change")}
@@ -181,8 +185,12 @@ def summary_lines(s: dict) -> list[str]:
         + (f" ({'>=' if readable >= READABLE_SHARE else '<'} {READABLE_SHARE})" if readable is not None else ""),
         f"reward model  accuracy {_fmt(s['rm_eval_accuracy'])} on {_fmt(s['rm_pairs'])} held-out pairs; on the "
         f"{_fmt(s['rm_lookalike_pairs'])} look-alike pairs {_fmt(s['rm_accuracy_lookalike'])}",
-        _stage3_line(s, t),
     ]
+    if s.get("rm_accuracy_by_kind"):
+        kinds = s["rm_accuracy_by_kind"]
+        lines.append("  by kind     " + ", ".join(f"{k.removeprefix('lookalike_')} {_fmt(v, 2)}"
+                                                  for k, v in sorted(kinds.items(), key=lambda kv: kv[1])))
+    lines.append(_stage3_line(s, t))
     if s["eval_final"]:
         n = s["eval_prompts"]
         lines += [
@@ -195,8 +203,12 @@ def summary_lines(s: dict) -> list[str]:
             f"  gold wins   final beats SFT in {_interval(s['gold_win_rate_interval'])} of the questions "
             f"(ties 1/2): {_verdict_win(s['gold_win_rate_interval'])}",
             f"  KL to SFT   {_fmt(s['ppo_kl_to_sft'], 2)} nats; length {_fmt(s['length_sft'], 1)} -> "
-            f"{_fmt(s['length_final'], 1)} tokens",
+            f"{_fmt(s['length_final'], 1)} tokens; SFT answers ended with EOS: {_fmt(s.get('sft_eos_share'), 2)}",
         ]
+        parts = s.get("gold_parts") or {}
+        if "sft" in parts and "final" in parts:
+            lines.append("  gold parts  " + ", ".join(
+                f"{k} {parts['sft'][k]:.2f} -> {parts['final'][k]:.2f}" for k in parts["sft"]))
         if s["reward_hacking"]:
             lines.append("verdict       REWARD HACKING: the reward model's score rose and the gold score fell. Most "
                          "repeated final answers:")
@@ -253,11 +265,21 @@ def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> 
                   *(f"| {h['step']} | {_fmt(h['eval/rm_score'])} | {_fmt(h['eval/gold'])} "
                     f"| {_fmt(h['eval/length'], 1)} |"
                     for h in s["ppo_held_out"]), ""]
+    parts = s.get("gold_parts") or {}
+    if "sft" in parts and "final" in parts:
+        lines += ["## What moved in the gold score", "",
+                  "Means over the held-out questions: share of the right fix's terms in the code (fix), of the "
+                  "question's names in the answer (names; the tiny base cannot copy names from the question, so "
+                  "this part stays near chance), of answers with a marker of a broken fix (broken, lower is "
+                  "better), with a code block (code), ended with EOS (eos).", "",
+                  "| model | " + " | ".join(parts["sft"]) + " |", "| --- |" + " --- |" * len(parts["sft"]),
+                  *(f"| {s['eval_baseline' if role == 'sft' else 'eval_final']} | "
+                    + " | ".join(f"{v:.3f}" for v in parts[role].values()) + " |" for role in ("sft", "final")), ""]
     if s["best_of_n"]:
         b = s["best_of_n"]
         lines += [f"## Best of n ({b['model']}): the reward model's pick among n answers", "",
-                  "| n | RM score | gold |", "| --- | --- | --- |",
-                  *(f"| {c['n']} | {_fmt(c['reward'])} | {_fmt(c['gold'])} |" for c in b["curve"]), ""]
+                  "| n | RM score of the pick | gold of the pick |", "| --- | --- | --- |",
+                  *(f"| {c['n']} | {_interval(c['reward'])} | {_interval(c['gold'])} |" for c in b["curve"]), ""]
     if examples:
         lines += [f"## The same held-out questions, before and after {s.get('algorithm', 'ppo').upper()}", "",
                   "One sampled answer each (the same seed for both models); "

@@ -43,11 +43,17 @@ def _minutes(s: dict) -> float | None:
     return sum(seconds.values()) / 60 if seconds else None
 
 
+def _by_kind(s: dict, kind: str) -> float | None:
+    return (s.get("rm_accuracy_by_kind") or {}).get(kind)
+
+
 # The figures scripts/run_pipeline.sh is held to (README.md, "Against the targets").
 TARGETS = [
     Target("whole pipeline, minutes (2-core CPU)", _minutes, 12, True, 1),
     Target("SFT answers: share of corpus words", lambda s: s.get("sft_vocabulary_share"), 0.9, False),
-    Target("reward model accuracy, look-alike pairs", lambda s: s.get("rm_accuracy_lookalike"), 0.85, False),
+    Target("SFT answers ended with EOS", lambda s: s.get("sft_eos_share"), 0.9, False, 2),
+    Target("reward model accuracy, wrong-fix pairs", lambda s: _by_kind(s, "lookalike_wrong_fix"), 0.85, False),
+    Target("reward model accuracy, broken pairs", lambda s: _by_kind(s, "lookalike_broken"), 0.85, False),
     Target("gold win rate, final vs SFT", lambda s: s.get("gold_win_rate_vs_sft"), 0.65, False),
     Target("RM score rise, in SFT std", lambda s: s.get("rm_score_rise_in_sft_std"), 1.0, False, 2),
     Target("KL to the SFT model, nats", lambda s: s.get("ppo_kl_to_sft"), 10, True, 2),

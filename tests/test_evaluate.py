@@ -12,7 +12,7 @@ from test_ppo import _save_reward_model
 
 from common import stats
 from common.cli import run
-from common.gold import answer_key, gold_score
+from common.gold import answer_key, gold_score, judge
 from conftest import assert_user_error, run_script
 
 FAST = {"num_prompts": 12, "max_new_tokens": 6, "batch_size": 4, "best_of_n": 4, "best_of_n_prompts": 4,
@@ -79,10 +79,10 @@ def test_rows_agree_with_the_aggregates(results):
         assert m["kl"]["mean"] == pytest.approx(mean([a["kl"] for a in answers]), abs=1e-9)
         assert m["gold"]["n"] == len(keyed)
         assert m["gold"]["mean"] == pytest.approx(mean([r["answers"][name]["gold"] for r in keyed]), abs=1e-12)
-        for key, judge in (("win_rate_reward", "reward"), ("win_rate_gold", "gold")):
-            ours = [r["answers"][name] for r in keyed] if judge == "gold" else answers
-            base = [r["answers"]["a"] for r in keyed] if judge == "gold" else [r["answers"]["a"] for r in rows]
-            w = stats.wins([x[judge] for x in ours], [y[judge] for y in base],
+        for key, score in (("win_rate_reward", "reward"), ("win_rate_gold", "gold")):
+            ours = [r["answers"][name] for r in keyed] if score == "gold" else answers
+            base = [r["answers"]["a"] for r in keyed] if score == "gold" else [r["answers"]["a"] for r in rows]
+            w = stats.wins([x[score] for x in ours], [y[score] for y in base],
                            [x["answer"] == y["answer"] for x, y in zip(ours, base)])
             assert m["vs_baseline"][key]["mean"] == pytest.approx(mean(w), abs=1e-12)
         for key in ("reward", "gold", "length", "kl"):
@@ -102,6 +102,20 @@ def test_gold_scores_are_those_of_common_gold(results):
             assert a["gold"] == gold_score(row["question"], a["answer"], key)
     for p in results["best_of_n"]["rows"]:
         assert p["gold"] == [gold_score(p["question"], t, answer_key(p["question"])) for t in p["answers"]]
+
+
+def test_the_gold_parts_are_the_judges_parts_of_each_answer(results):
+    rows = [r for r in results["rows"] if r["has_answer_key"]]
+    for name, m in results["models"].items():
+        verdicts = [judge(r["question"], r["answers"][name]["answer"], answer_key(r["question"])) for r in rows]
+        expected = {"fix": [v.fix for v in verdicts], "names": [v.names for v in verdicts],
+                    "broken": [float(bool(v.forbidden)) for v in verdicts],
+                    "code": [float(v.has_code) for v in verdicts],
+                    "eos": [float(r["answers"][name]["ended"]) for r in rows]}
+        assert list(m["gold_parts"]) == list(expected)
+        for part, values in expected.items():
+            assert m["gold_parts"][part]["n"] == len(rows)
+            assert m["gold_parts"][part]["mean"] == pytest.approx(sum(values) / len(values), abs=1e-12), part
 
 
 def test_best_of_n_proxy_never_falls_and_picks_the_best_of_the_first_n(results):
@@ -143,8 +157,9 @@ def test_preferred_answers_beat_rejected_ones_under_gold():
 
     def model(field):
         texts = [d[field] for d in data]
-        return {"texts": texts, "gold": evaluate.gold_scores(rows, texts), "reward": [0.0] * 30, "tokens": [1] * 30,
-                "readable": [1.0] * 30, "ended": [True] * 30, "kl": None, "kl_note": "n/a"}
+        verdicts = evaluate.gold_verdicts(rows, texts)
+        return {"texts": texts, "gold": [v.score for v in verdicts], "verdicts": verdicts, "reward": [0.0] * 30,
+                "tokens": [1] * 30, "readable": [1.0] * 30, "ended": [True] * 30, "kl": None, "kl_note": "n/a"}
 
     good, bad = model("response_j"), model("response_k")
     assert good["gold"] == [1.0] * 30 and all(g < 1.0 for g in bad["gold"])
@@ -152,6 +167,10 @@ def test_preferred_answers_beat_rejected_ones_under_gold():
     assert s["vs_baseline"]["win_rate_gold"]["mean"] == 1.0 and s["vs_baseline"]["win_rate_gold"]["verdict"] == "better"
     assert s["vs_baseline"]["gold_difference"]["verdict"] == "rose"
     assert s["vs_baseline"]["win_rate_reward"]["mean"] == 0.5  # equal reward everywhere: ties
+    # Preferred answers hold the whole fix and no broken marker; the rejected ones of broken pairs hold a marker.
+    assert s["gold_parts"]["fix"]["mean"] == 1.0 and s["gold_parts"]["broken"]["mean"] == 0.0
+    broken = [d["pair_kind"] == "lookalike_broken" for d in data]
+    assert evaluate.summarize(bad, good, a)["gold_parts"]["broken"]["mean"] >= sum(broken) / 30 > 0
 
 
 def _error(capsys, args, *needles):

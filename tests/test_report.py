@@ -13,7 +13,7 @@ from common import report
 def _answers(n, reward, gold, text):
     return {"texts": [text(i) for i in range(n)], "tokens": [20] * n, "ended": [True] * n,
             "reward": [reward(i) for i in range(n)], "gold": [gold(i) for i in range(n)],
-            "readable": [0.95] * n, "kl": [0.0] * n, "kl_note": None}
+            "readable": [0.95] * n, "kl": [0.0] * n, "kl_note": None, "verdicts": [None] * n}
 
 
 def _pipeline(root, sft, final, scores=None, algo="ppo"):
@@ -147,7 +147,9 @@ def test_seed_table_takes_the_worst_seed_and_names_a_missing_run(tmp_path, capsy
         d.mkdir()
         (d / "summary.json").write_text(json.dumps({
             "seed": seed, "seconds_per_stage": {"SFT": minutes * 30, "PPO": minutes * 30},
-            "sft_vocabulary_share": share, "rm_accuracy_lookalike": acc, "gold_win_rate_vs_sft": win,
+            "sft_vocabulary_share": share, "sft_eos_share": share,
+            "rm_accuracy_by_kind": {"lookalike_wrong_fix": acc, "lookalike_broken": acc + 0.05},
+            "gold_win_rate_vs_sft": win,
             "rm_score_rise_in_sft_std": rise, "ppo_kl_to_sft": kl}))
         runs.append(str(d))
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in
@@ -159,9 +161,57 @@ def test_seed_table_takes_the_worst_seed_and_names_a_missing_run(tmp_path, capsy
     # A third seed below the bar fails every row it misses, whatever the mean says.
     text = seeds.main(runs)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()[2:]}
-    assert rows["reward model accuracy, look-alike pairs"][6:8] == ["0.800", "**no** |"]
+    assert rows["reward model accuracy, wrong-fix pairs"][6:8] == ["0.800", "**no** |"]
+    assert rows["reward model accuracy, broken pairs"][6:8] == ["0.850", "yes |"]
+    assert rows["SFT answers ended with EOS"][6:8] == ["0.95", "yes |"]
     assert rows["whole pipeline, minutes (2-core CPU)"][6:8] == ["13.0", "**no** |"]
     assert rows["SFT answers: share of corpus words"][6:8] == ["0.950", "yes |"]
     assert "| seed 0 | seed 1 | seed 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="seed9.summary.json not found"):
         seeds.main([str(tmp_path / "seed9")])
+
+
+def test_the_gold_parts_and_the_reward_models_kinds_reach_the_summary_and_the_report(tmp_path):
+    from common.gold import Verdict
+
+    def verdict(fix, names, broken, code):
+        return Verdict(score=fix, fix=fix, names=names, has_code=code, forbidden=("x",) if broken else (),
+                       foreign=(), echo=0.0, repetition=0.0, prose_words=5, terms_share=0.1, reasons=())
+
+    n = 40
+    sft = _answers(n, _noise(1), lambda i: 0.3, lambda i: f"sft {i}")
+    final = _answers(n, lambda i: sft["reward"][i] + 1.0, lambda i: 0.6, lambda i: f"fin {i}")
+    sft["verdicts"] = [verdict(0.5, 0.25, i % 2 == 0, True) for i in range(n)]
+    final["verdicts"] = [verdict(1.0, 0.25, i % 4 == 0, True) for i in range(n)]
+    sft["ended"] = [i % 10 != 0 for i in range(n)]  # 36 of 40
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "eval_report.json").write_text(json.dumps(
+        {"accuracy": 0.9, "accuracy_by_kind": {"lookalike_broken": {"count": 80, "accuracy": 0.875},
+                                               "dismissive": {"count": 30, "accuracy": 1.0}}}))
+    os.rename(tmp_path / "rm", tmp_path / "rm_kept")
+    s = _pipeline(tmp_path, sft, final)
+    assert s["sft_eos_share"] == pytest.approx(0.9)
+    assert s["gold_parts"]["sft"] == pytest.approx({"fix": 0.5, "names": 0.25, "broken": 0.5, "code": 1.0,
+                                                    "eos": 0.9})
+    assert s["gold_parts"]["final"]["fix"] == 1.0 and s["gold_parts"]["final"]["broken"] == 0.25
+    lines = "\n".join(report.summary_lines(s))
+    assert "fix 0.50 -> 1.00" in lines and "broken 0.50 -> 0.25" in lines and "ended with EOS: 0.90" in lines
+    report_text = open(report.write_report(str(tmp_path), s, [], [])).read()
+    assert "| final | 1.000 | 0.250 | 0.250 | 1.000 | 1.000 |" in report_text
+    # The reward model's accuracy per kind of pair: the _pipeline helper wrote its own report, without kinds.
+    assert s["rm_accuracy_by_kind"] == {}
+    (tmp_path / "rm" / "eval_report.json").write_text((tmp_path / "rm_kept" / "eval_report.json").read_text())
+    s = report.summarize(str(tmp_path))
+    assert s["rm_accuracy_by_kind"] == {"lookalike_broken": 0.875, "dismissive": 1.0}
+    assert "by kind     broken 0.88, dismissive 1.00" in "\n".join(report.summary_lines(s))
+
+
+def test_the_best_of_n_table_prints_numbers_with_intervals(tmp_path):
+    n = 40
+    sft = _answers(n, _noise(1), lambda i: 0.3, lambda i: f"sft {i}")
+    s = _pipeline(tmp_path, sft, _answers(n, _noise(2), lambda i: 0.3, lambda i: f"fin {i}"))
+    s["best_of_n"] = {"model": "sft", "curve": [
+        {"n": 1, "reward": {"mean": 0.17, "low": 0.05, "high": 0.3, "n": 32},
+         "gold": {"mean": 0.21, "low": 0.15, "high": 0.27, "n": 32}}]}
+    text = open(report.write_report(str(tmp_path), s, [], [])).read()
+    assert "| 1 | 0.170 [0.050, 0.300] | 0.210 [0.150, 0.270] |" in text and "{" not in text.split("Best of n")[1]
