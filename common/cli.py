@@ -6,7 +6,6 @@ arguments, parsed by the same parser as the flags (``parse_args(..., kwargs=...)
 from __future__ import annotations
 
 import argparse
-import contextvars
 import dataclasses
 import os
 import sys
@@ -14,10 +13,7 @@ from collections.abc import Callable, Iterable
 
 import yaml
 
-
-class UserError(Exception):
-    """A mistake in the user's flags, files or data. Printed as ``error: <message>``, exit status 2; raised as is by
-    the Python entries (``run_sft`` and the others)."""
+from common.errors import UserError
 
 
 @dataclasses.dataclass
@@ -31,23 +27,14 @@ class StageResult:
     results: dict | None = dataclasses.field(default=None, repr=False)
 
 
-_INVOCATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("invocation", default=None)
-
-
-def invocation() -> str | None:
-    """The Python call running a stage now (``training_sft.run_sft(max_steps=3, ...)``); None on the command line."""
-    return _INVOCATION.get()
-
-
 def call_stage(entry: str, parse: Callable[..., tuple], main: Callable[..., StageResult], kwargs: dict) -> StageResult:
     """A stage's Python entry: ``kwargs`` parsed as the flags (``parse(kwargs=...)``), then ``main``. While it runs,
     the call is what ``run_args.yaml`` and the model card record as the command (a notebook's ``sys.argv`` is the
     kernel's). A ``UserError`` propagates to the caller; nothing exits the process."""
-    token = _INVOCATION.set(f"{entry}(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
-    try:
+    from common.outputs import invoked_as
+
+    with invoked_as(f"{entry}(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"):
         return main(*parse(kwargs=kwargs))
-    finally:
-        _INVOCATION.reset(token)
 
 
 def run(main: Callable[..., object], *args) -> None:
@@ -127,7 +114,6 @@ def parse_args(
     """
     from transformers import HfArgumentParser
 
-    aliases = aliases or {}
     class Parser(HfArgumentParser):
         error = ArgumentParser.error  # raise UserError instead of exiting
 
@@ -136,59 +122,25 @@ def parse_args(
     parser.add_argument("--config", default=None,
                         help="YAML file of argument defaults; command-line flags override it.")
     _accept_none(parser, dataclass_types)
+    _bare_booleans(parser)
+    aliases = {**_renamed_fields(parser), **(aliases or {})}
     for alias, dest in aliases.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
         assert action is not None, f"alias {alias} targets unknown field {dest}"
         action.option_strings.append(alias)
         parser._option_string_actions[alias] = action
-    dests = {a.dest for a in parser._actions}
-    alias_dest = {a.lstrip("-"): d for a, d in aliases.items()}
     if defaults:
-        unknown = set(defaults) - dests
+        unknown = set(defaults) - {a.dest for a in parser._actions}
         assert not unknown, f"defaults for unknown fields {unknown}"
         parser.set_defaults(**defaults)
 
     nones = set()  # fields a keyword set to None
     if kwargs is not None:
-        args = list(args or [])
-        for name, value in kwargs.items():
-            action = parser._option_string_actions.get(f"--{name}")
-            if action is None:
-                raise UserError(f"unknown argument {name!r}: the keyword arguments are the command-line flags "
-                                "without their dashes (see --help)")
-            if value is None:
-                nones.add(action.dest)
-            elif action.nargs in ("+", "*"):
-                if isinstance(value, dict):  # a mapping flag (--columns NAME=COLUMN ...)
-                    value = [f"{k}={v}" for k, v in value.items()]
-                values = [value] if isinstance(value, str) else list(value)
-                args += [f"--{name}", *map(_flag_text, values)]
-            elif isinstance(value, (list, tuple, set)):
-                raise UserError(f"argument {name} takes one value, got {type(value).__name__} {value!r}")
-            else:
-                args.append(f"--{name}={_flag_text(value)}")
+        args, nones = _kwargs_as_flags(parser, kwargs, list(args or []))
     args = list(sys.argv[1:] if args is None else args)
     config_path = _pop_config(args)
     if config_path:
-        if not os.path.isfile(config_path):
-            raise UserError(f"--config {config_path}: no such file")
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {config_path} is not valid YAML: {e}") from e
-        if not isinstance(config, dict):
-            raise UserError(f"--config {config_path} must hold a mapping of argument names to values")
-        config = {alias_dest.get(k, k): v for k, v in config.items()}
-        unknown = sorted(k for k in config if k not in dests)
-        if unknown:
-            raise UserError(f"--config {config_path}: unknown key{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(unknown)}")
-        for action in parser._actions:
-            if action.dest in config:
-                _check_yaml_value(config_path, action, config[action.dest])
-                action.default = config[action.dest]
-                action.required = False
+        _apply_config(parser, config_path, aliases)
     for action in parser._actions:
         if action.dest in nones:
             action.default, action.required = None, False
@@ -205,6 +157,53 @@ def parse_args(
         except (ValueError, TypeError, ImportError) as e:  # a library config's own validation (e.g. TrainingArguments)
             raise UserError(str(e)) from e
     return tuple(outputs)
+
+
+def _kwargs_as_flags(parser, kwargs: dict, args: list[str]) -> tuple[list[str], set[str]]:
+    """``args`` followed by each keyword argument written as its flag, and the fields a keyword set to None."""
+    nones = set()
+    for name, value in kwargs.items():
+        action = parser._option_string_actions.get(f"--{name}")
+        if action is None:
+            raise UserError(f"unknown argument {name!r}: the keyword arguments are the command-line flags "
+                            "without their dashes (see --help)")
+        if value is None:
+            nones.add(action.dest)
+        elif action.nargs in ("+", "*"):
+            if isinstance(value, dict):  # a mapping flag (--columns NAME=COLUMN ...)
+                value = [f"{k}={v}" for k, v in value.items()]
+            values = [value] if isinstance(value, str) else list(value)
+            args += [f"--{name}", *map(_flag_text, values)]
+        elif isinstance(value, (list, tuple, set)):
+            raise UserError(f"argument {name} takes one value, got {type(value).__name__} {value!r}")
+        else:
+            args.append(f"--{name}={_flag_text(value)}")
+    return args, nones
+
+
+def _apply_config(parser, config_path: str, aliases: dict[str, str]) -> None:
+    """The YAML mapping in ``config_path`` as the parser's defaults; an unknown key or a value of the wrong type is
+    a ``UserError`` naming the file."""
+    if not os.path.isfile(config_path):
+        raise UserError(f"--config {config_path}: no such file")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {config_path} is not valid YAML: {e}") from e
+    if not isinstance(config, dict):
+        raise UserError(f"--config {config_path} must hold a mapping of argument names to values")
+    alias_dest = {a.lstrip("-"): d for a, d in aliases.items()}
+    config = {alias_dest.get(k, k): v for k, v in config.items()}
+    unknown = sorted(k for k in config if k not in {a.dest for a in parser._actions})
+    if unknown:
+        raise UserError(f"--config {config_path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(unknown)}")
+    for action in parser._actions:
+        if action.dest in config:
+            _check_yaml_value(config_path, action, config[action.dest])
+            action.default = config[action.dest]
+            action.required = False
 
 
 def _suggestions(parser, remaining: list[str], hints: dict[str, str] | None) -> str:
@@ -279,6 +278,45 @@ def _accept_none(parser, dataclass_types: Iterable[type]) -> None:
 
             parse.__name__ = number.__name__  # argparse names the type in its error message
             action.type = parse
+
+
+# transformers 5 renamed these TrainingArguments fields; the old name still sets the field but warns at every run.
+RENAMED_FIELDS = {"gradient_checkpointing": "activation_checkpointing",
+                  "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def _renamed_fields(parser) -> dict[str, str]:
+    """Where the parser has both a renamed field and its new name, the old flag becomes an alias of the new field
+    (its action is dropped), so ``--gradient_checkpointing`` (StackLLaMA's flag) sets ``activation_checkpointing``
+    without a FutureWarning. Returns the aliases, for YAML keys and ``--help``."""
+    dests = {a.dest for a in parser._actions}
+    aliases = {}
+    for old, new in RENAMED_FIELDS.items():
+        if old not in dests or new not in dests:
+            continue
+        for action in [a for a in parser._actions if a.dest == old]:
+            if action.option_strings[0].startswith("--no_"):  # the complement of a field that defaults to True
+                action.dest = new
+                continue
+            parser._remove_action(action)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for flag in action.option_strings:
+                parser._option_string_actions.pop(flag, None)
+            aliases[f"--{old}"] = new
+    return aliases
+
+
+def _bare_booleans(parser) -> None:
+    """Every boolean flag also works bare (``--bf16`` = ``--bf16 true``), as in StackLLaMA's scripts. The Hugging
+    Face parser allows that only for fields typed ``bool``; TRL's configs type several as ``bool | None`` (``bf16``,
+    ``gradient_checkpointing``: None = decide by device), which then demanded a value."""
+    from transformers.hf_argparser import string_to_bool
+
+    for action in parser._actions:
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
 
 
 def _pop_config(args: list[str]) -> str | None:

@@ -65,7 +65,7 @@ def trainer_device_defaults() -> dict:
     on_gpu = torch.cuda.is_available()
     return {
         "bf16": None if on_gpu and torch.cuda.is_bf16_supported() else False,  # None: TRL's "bf16 unless fp16"
-        "gradient_checkpointing": on_gpu,
+        "activation_checkpointing": on_gpu,  # transformers 5's name of gradient checkpointing
         "dataloader_pin_memory": on_gpu,
         "use_cpu": not on_gpu,
     }
