@@ -34,6 +34,8 @@ import shutil
 from dataclasses import dataclass, field
 from functools import partial
 
+import common.quiet  # noqa: F401  (first: silences known library messages)
+
 import torch
 
 from common.cli import StageResult, UserError, call_stage, parse_args, run

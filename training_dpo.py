@@ -1,4 +1,4 @@
-"""DPO on `question` / `response_j` (preferred) / `response_k` (rejected) with TRL's DPOTrainer: the StackLLaMA-2
+r"""DPO on `question` / `response_j` (preferred) / `response_k` (rejected) with TRL's DPOTrainer: the StackLLaMA-2
 alternative to the reward model and PPO (stages 2-3), LoRA by default, the reference being the policy with its
 adapter disabled (no second copy of the model).
 
@@ -33,6 +33,8 @@ calibration, length bias, worst pairs: the reward model stage's report, common/r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import common.quiet  # noqa: F401  (first: silences known library messages)
 
 import torch
 from transformers import set_seed
@@ -99,7 +101,7 @@ class ScriptArguments:
     )
 
 
-# StackLLaMA-2's dpo_llama2.py flags whose names differ from the Hugging Face ones (STACKLLAMA.md).
+# StackLLaMA-2's dpo_llama2.py flags whose names differ from the Hugging Face ones (docs/stackllama.md).
 ALIASES = {
     "--model_name": "model_name_or_path",
     "--model_dtype": "dtype",
@@ -107,7 +109,7 @@ ALIASES = {
 }
 
 
-# StackLLaMA-2's defaults (STACKLLAMA.md), then this project's: evaluation batches like training (None: the train
+# StackLLaMA-2's defaults (docs/stackllama.md), then this project's: evaluation batches like training (None: the train
 # batch size, resolved in main), no reporting, and 4-bit loading only when asked (--load_in_4bit; StackLLaMA-2
 # always loaded 4-bit, which on a CPU or a small model costs time for nothing).
 DEFAULTS = {

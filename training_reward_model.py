@@ -1,4 +1,4 @@
-"""Stage 2: a pairwise reward model on `question` / `response_j` (preferred) / `response_k` (rejected) with TRL's
+r"""Stage 2: a pairwise reward model on `question` / `response_j` (preferred) / `response_k` (rejected) with TRL's
 RewardTrainer (LoRA by default), and a report of how good it is.
 
     # the offline demo: tiny model, sample data, CPU
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+
+import common.quiet  # noqa: F401  (first: silences known library messages)
 
 import torch
 from transformers import set_seed
@@ -84,7 +86,7 @@ class ScriptArguments:
 ALIASES = {"--model_name": "model_name_or_path"}  # StackLLaMA's other flags are the Hugging Face names already
 
 
-# StackLLaMA's historical defaults (STACKLLAMA.md), then this project's: evaluation batches like training
+# StackLLaMA's historical defaults (docs/stackllama.md), then this project's: evaluation batches like training
 # (None: the train batch size, resolved in main), no reporting by default. TRL's RewardConfig turns every dropout
 # off, LoRA's included (after peft builds the model); StackLLaMA trained with them on, and so does this script, or
 # the LoRA dropout of 0.1 would be a dead setting.

@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning on `question` / `response_j` with TRL's SFTTrainer (LoRA by default).
+r"""Stage 1: supervised fine-tuning on `question` / `response_j` with TRL's SFTTrainer (LoRA by default).
 
     # the offline demo: tiny model, sample data, CPU
     python -m common.tiny_model --output_dir models/tiny
@@ -26,6 +26,8 @@ are truncated and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import common.quiet  # noqa: F401  (first: silences known library messages)
 
 from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
@@ -83,7 +85,7 @@ class ScriptArguments:
     )
 
 
-# StackLLaMA's flags, kept as aliases of the Hugging Face names (STACKLLAMA.md).
+# StackLLaMA's flags, kept as aliases of the Hugging Face names (docs/stackllama.md, "training_sft.py").
 ALIASES = {
     "--model_path": "model_name_or_path",
     "--model_name": "model_name_or_path",

@@ -82,6 +82,11 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: each flag's default, and the script's docstring with its own line breaks (commands stay
+    commands)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ``UserError`` instead of exiting, so every flag error reads the same way."""
 
@@ -117,8 +122,8 @@ def parse_args(
     class Parser(HfArgumentParser):
         error = ArgumentParser.error  # raise UserError instead of exiting
 
-    # allow_abbrev=False: a typo is an error, not a prefix
-    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False)
+    # allow_abbrev=False: a typo is an error, not a prefix; the description (a script's docstring) keeps its lines
+    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False, formatter_class=HelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML file of argument defaults; command-line flags override it.")
     _accept_none(parser, dataclass_types)
