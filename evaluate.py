@@ -19,7 +19,7 @@ conversation, as common/layouts.py reads them), one sampled answer each, from it
 distribution (common/generation.py: only our sampling settings). Each chunk of ``--batch_size`` prompts is sampled
 under a seed fixed by ``--seed`` and the chunk's position alone, so a model's answers do not depend on which other
 models are evaluated, and two copies of one model give the same answers (common random numbers: differences
-between models are less noisy). Per model (DESIGN.md, "Evidence that training helped"):
+between models are less noisy). Per model (docs/design.md, "Evaluation and the gold judge"):
 
 - the reward model's score of ``format_example(question, answer)`` (its own tokenizer, ``render_answer``; the proxy
   PPO optimises);

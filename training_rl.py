@@ -44,6 +44,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 from common import interrupt
 from common.checkpoints import check_origin, origin
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.gold import gold_score
 from common.interrupt import save_on_interrupt_field
 from common.layouts import columns_field, load_normalized
 from common.modeling import (
@@ -176,21 +177,8 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
     set_seed(config.seed)
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
-    prompts, dropped, source = load_prompts(a, tokenizer)
-    if len(prompts) < config.prompts_per_step * accelerator.num_processes:
-        per_prompt = f" / --num_generations {config.group_size}" if config.group_size > 1 else ""
-        raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
-                        f"(--batch_size {config.batch_size}{per_prompt} x {accelerator.num_processes} processes)")
-    if is_main:
-        print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length "
-              f"{a.max_prompt_length} dropped")
-    eval_rows = []
-    if a.eval_freq:
-        held_out, _, _ = load_prompts(a, tokenizer, a.eval_subset)
-        usable = min(a.eval_prompts, len(held_out)) // accelerator.num_processes * accelerator.num_processes
-        eval_rows = [held_out[i] for i in range(usable)]  # the same number on every process
-        if not eval_rows:
-            raise UserError(f"--eval_subset {a.eval_subset}: fewer usable questions than processes")
+    prompts = training_prompts(a, config, tokenizer, accelerator)
+    eval_rows = held_out_rows(a, tokenizer, accelerator.num_processes) if a.eval_freq else []
     reward_stats = None
     if config.reward_normalization == "stats":
         with open(os.path.join(a.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
@@ -220,9 +208,58 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
         accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**vars(a), **vars(config)}.items()
                                                       if isinstance(v, (int, float, str, bool))})
 
+    train_steps(a, trainer, total_steps, eval_rows, resume, writer, samples_path, trackers)
+    card_metrics = save_final(a, model_args, trainer, tokenizer)
+    # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
+    # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
+    accelerator.wait_for_everyone()
+    del trainer
+    accelerator.free_memory()
+    accelerator.end_training()
+    return StageResult(a.output_dir, card_metrics)
+
+
+def training_prompts(a: ScriptArguments, config: PPOConfig, tokenizer, accelerator) -> list:
+    """The prompts of --subset (``load_prompts``), at least one global batch of them."""
+    prompts, dropped, source = load_prompts(a, tokenizer)
+    if len(prompts) < config.prompts_per_step * accelerator.num_processes:
+        per_prompt = f" / --num_generations {config.group_size}" if config.group_size > 1 else ""
+        raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
+                        f"(--batch_size {config.batch_size}{per_prompt} x {accelerator.num_processes} processes)")
+    if accelerator.is_main_process:
+        print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length "
+              f"{a.max_prompt_length} dropped")
+    return prompts
+
+
+def held_out_rows(a: ScriptArguments, tokenizer, num_processes: int) -> list[dict]:
+    """The first --eval_prompts questions of --eval_subset, as many on every process."""
+    held_out, _, _ = load_prompts(a, tokenizer, a.eval_subset)
+    usable = min(a.eval_prompts, len(held_out)) // num_processes * num_processes
+    eval_rows = [held_out[i] for i in range(usable)]  # the same number on every process
+    if not eval_rows:
+        raise UserError(f"--eval_subset {a.eval_subset}: fewer usable questions than processes")
+    return eval_rows
+
+
+def held_out_gold(rows: list[dict], answers: list[str]) -> list[float | None]:
+    """The judge of the held-out evaluation during training (``PPOTrainer.evaluate``): the sample data's gold score
+    (common/gold.py) of each answer to its row's question, None where the row has no ``answer_key``."""
+    return [gold_score(row["question"], answer, row["answer_key"]) if row.get("answer_key") else None
+            for row, answer in zip(rows, answers)]
+
+
+def train_steps(a: ScriptArguments, trainer: PPOTrainer, total_steps: int, eval_rows: list[dict], resume: str | None,
+                writer: MetricsWriter, samples_path: str, trackers: list[str]) -> None:
+    """PPO steps up to ``total_steps``: each step's metrics to metrics.jsonl (and the trackers) with, every
+    --eval_freq steps, the held-out evaluation (judged by ``held_out_gold``), its first samples to samples.jsonl, a
+    checkpoint every --save_freq steps or on a signal with --save_on_interrupt; too many skipped steps in a row stop
+    the run."""
+    accelerator, config = trainer.accelerator, trainer.config
+    is_main, step = accelerator.is_main_process, trainer.progress.step
     eval_seed = config.seed + 7919  # every evaluation samples from the same seed: differences are the policy's
     if eval_rows and not resume:
-        held_out = trainer.evaluate(eval_rows, eval_seed)  # where the policy starts
+        held_out = trainer.evaluate(eval_rows, eval_seed, judge=held_out_gold)  # where the policy starts
         if is_main:
             writer.write({"step": 0, "episodes": 0, **held_out})
     bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc=config.algorithm.upper())
@@ -231,7 +268,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
         metrics, samples = trainer.step()
         interrupt.progress.step = trainer.progress.step
         if eval_rows and (trainer.progress.step % a.eval_freq == 0 or trainer.progress.step == total_steps):
-            metrics.update(trainer.evaluate(eval_rows, eval_seed))
+            metrics.update(trainer.evaluate(eval_rows, eval_seed, judge=held_out_gold))
         if is_main:
             writer.write(metrics)
             with open(samples_path, "a", encoding="utf-8") as f:
@@ -253,39 +290,42 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
             interrupt.stop()
     bar.close()
 
+
+def save_final(a: ScriptArguments, model_args: ModelArguments, trainer: PPOTrainer, tokenizer) -> dict:
+    """The final model and its card in --output_dir; returns the card's metrics (empty on other processes)."""
+    accelerator, config = trainer.accelerator, trainer.config
     tmp = final_tmp_dir(a.output_dir)
     accelerator.wait_for_everyone()
     with writing(f"the final model to {tmp}"):
         trainer.save_model(tmp)  # every process takes part (ZeRO-3 gathers); the main one writes
-    card_metrics = {}
-    if is_main:
-        with writing(f"the final model to {a.output_dir}"):
-            tokenizer.save_pretrained(tmp)
-            commit_final(tmp, a.output_dir)
-        records = read_metrics(a.output_dir)
-        history = [m for m in records if "objective/scores" in m]
-        held_out = [m for m in records if "eval/rm_score" in m]  # step 0 (where the policy started) to the last
-        fifth = max(1, len(history) // 5)
-        mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        kind = "LoRA adapter + value head" if model_args.use_peft else "model + value head"
-        card_metrics = {"ppo_steps": trainer.progress.step, "episodes": trainer.progress.episodes,
-                        "score_first_fifth": mean(history[:fifth], "objective/scores"),
-                        "score_last_fifth": mean(history[-fifth:], "objective/scores"),
-                        "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
-                        "skipped_steps": trainer.progress.skipped_steps}
-        for key in ("rm_score", "gold") if held_out else ():
-            card_metrics[f"eval_{key}_first"] = held_out[0][f"eval/{key}"]
-            card_metrics[f"eval_{key}_last"] = held_out[-1][f"eval/{key}"]
-        write_model_card(a.output_dir, f"{config.algorithm.upper()} policy " + kind, model_args.model_name_or_path,
-                         f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}", card_metrics)
-        print(f"saved to {a.output_dir}")
-    # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
-    # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
-    accelerator.wait_for_everyone()
-    del trainer
-    accelerator.free_memory()
-    accelerator.end_training()
-    return StageResult(a.output_dir, card_metrics)
+    if not accelerator.is_main_process:
+        return {}
+    with writing(f"the final model to {a.output_dir}"):
+        tokenizer.save_pretrained(tmp)
+        commit_final(tmp, a.output_dir)
+    card_metrics = model_card_metrics(read_metrics(a.output_dir), trainer.progress)
+    kind = "LoRA adapter + value head" if model_args.use_peft else "model + value head"
+    write_model_card(a.output_dir, f"{config.algorithm.upper()} policy " + kind, model_args.model_name_or_path,
+                     f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}", card_metrics)
+    print(f"saved to {a.output_dir}")
+    return card_metrics
+
+
+def model_card_metrics(records: list[dict], progress) -> dict:
+    """The model card's figures from metrics.jsonl's ``records`` and the run's counters (``progress``)."""
+    history = [m for m in records if "objective/scores" in m]
+    held_out = [m for m in records if "eval/rm_score" in m]  # step 0 (where the policy started) to the last
+    fifth = max(1, len(history) // 5)
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    card_metrics = {"ppo_steps": progress.step, "episodes": progress.episodes,
+                    "score_first_fifth": mean(history[:fifth], "objective/scores"),
+                    "score_last_fifth": mean(history[-fifth:], "objective/scores"),
+                    "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
+                    "skipped_steps": progress.skipped_steps}
+    for key in ("rm_score", "gold") if held_out else ():
+        card_metrics[f"eval_{key}_first"] = held_out[0][f"eval/{key}"]
+        card_metrics[f"eval_{key}_last"] = held_out[-1][f"eval/{key}"]
+    return card_metrics
 
 
 def _truncate_samples(path: str, step: int) -> None:

@@ -44,9 +44,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from _setup import ROOT  # first: the repository on sys.path, offline, passive OpenMP
 
 RL_METHODS = ("ppo", "rloo", "grpo")
 METHODS = RL_METHODS + ("dpo",)
@@ -328,10 +326,6 @@ def parse(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     per_seed = {seed: run_seed(a, seed) for seed in a.seeds}
     with open(os.path.join(a.output_dir, f"seed{a.seeds[0]}", "eval", "eval.json"), encoding="utf-8") as f:
         eval_prompts = json.load(f)["prompts"]["n"]

@@ -33,8 +33,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, vmhwm_bytes  # noqa: E402  (benchmarks/run.py: the repository on sys.path, offline, passive OMP)
+from _setup import ROOT  # first: the repository on sys.path, offline, passive OpenMP
+from run import vmhwm_bytes
 
 PROMPTS, GENERATIONS, KL, LR, CLIP, LORA = 4, 4, 0.04, 1e-5, 0.2, {"lora_r": 16, "lora_alpha": 32,
                                                                     "lora_dropout": 0.05}

@@ -23,16 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections import defaultdict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from _setup import ROOT  # first: the repository on sys.path, offline, passive OpenMP
 
 RANKINGS = ("log p", "per token", "PMI")
 

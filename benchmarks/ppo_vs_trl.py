@@ -51,44 +51,72 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# As benchmarks/run.py: OpenMP threads spinning while they wait are several times slower on a CPU shared with other
-# jobs; passive waiting keeps the figures stable. Set before torch loads; export OMP_WAIT_POLICY=ACTIVE to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from trl_ppo_baseline import PhaseTimer, build_models, gate, loadavg  # noqa: E402
+from _setup import ROOT, patched  # first: the repository on sys.path, offline, passive OpenMP
+from trl_ppo_baseline import PhaseTimer, build_models, gate, loadavg
 
 TABLE_PHASES = ["generate", "score", "value", "ref", "update", "update_forward", "update_backward", "update_optimizer",
                 "update_clip", "other"]
 
 
-def run_ours(a) -> dict:
-    """`training_rl.main` on the setup, with phase timers around PPOTrainer's methods; one JSON line."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    import training_rl
-    from common import ppo
-
-    load_avg_start = loadavg()
-    n_steps = a.warmup + a.steps
-    out_dir = os.path.join(a.work_dir, "ours_out")
-    argv = ["--model_name", a.model, "--reward_model_name", a.reward_model, "--dataset_name", ROOT,
+def ours_argv(a, out_dir: str) -> list[str]:
+    """`training_rl.py`'s flags for the setup (module docstring)."""
+    return ["--model_name", a.model, "--reward_model_name", a.reward_model, "--dataset_name", ROOT,
             "--subset", "data/rl", "--batch_size", str(a.batch_size), "--mini_batch_size", str(a.mini_batch_size),
             "--gradient_accumulation_steps", "1",
             "--ppo_epochs", str(a.ppo_epochs), "--output_min_length", str(a.response_length),
             "--output_max_length", str(a.response_length), "--learning_rate", str(a.learning_rate),
-            "--steps", str(n_steps * a.batch_size), "--seed", str(a.seed), "--output_dir", out_dir,
+            "--steps", str((a.warmup + a.steps) * a.batch_size), "--seed", str(a.seed), "--output_dir", out_dir,
             "--overwrite_output_dir", "true", "--disable_tqdm", "true"]
 
-    timer = PhaseTimer()
+
+class StepClock:
+    """Wall and CPU seconds of each of our PPO steps, with the phase split the timer collected during it.
+
+    training_rl.main's loop writes metrics and samples after each step(), then comes back for the next one: a step
+    ends at the next call to `step` (or at the final save), so its time includes that bookkeeping."""
+
+    def __init__(self, timer: PhaseTimer, gated: bool):
+        self.timer, self.gated = timer, gated
+        self.steps: list[dict] = []
+        self.last: float | None = None
+        self.last_cpu = 0.0
+
+    def close_step(self) -> None:
+        now = time.perf_counter()
+        ph = self.timer.take()
+        ph.pop("ref_and_values", None)  # its forwards are `value` and `ref`; the rest of it (entropy) is `other`
+        total = now - self.last
+        ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
+        self.steps.append({"total": total, "cpu_s": time.process_time() - self.last_cpu,
+                           **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
+        self.last = now
+
+    def step_starts(self, steps_done: int) -> None:
+        """Before `PPOTrainer.step`: closes the previous step (after `steps_done` steps), waits for the driver's go
+        under `--gate` (not timed), starts the clock."""
+        if self.last is not None and len(self.steps) < steps_done:
+            self.close_step()
+        if self.gated:
+            gate()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
+
+    def saving(self, steps_done: int) -> None:
+        """Before `PPOTrainer.save_model`: the last step ends."""
+        if len(self.steps) < steps_done:
+            self.close_step()
+
+
+@contextlib.contextmanager
+def timed_trainer(timer: PhaseTimer, clock: StepClock, widths: list[int]):
+    """For the block: phase timers around PPOTrainer's methods and accelerate's backward, clipping and optimizer step,
+    `clock` at each step's start and at the final save, the padded prompt width of each step appended to `widths`,
+    and no EOS in our sampling. Nothing the methods compute changes; the originals are back after the block."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from common import ppo
+
     T = ppo.PPOTrainer
     lora_layer = {}
 
@@ -99,72 +127,70 @@ def run_ours(a) -> dict:
             lora_layer["layer"] = next(m for m in model.modules() if isinstance(m, LoraLayer))
         return lora_layer["layer"].disable_adapters
 
-    T.generate = timer.wrap(T.generate, lambda *x, **k: "generate")
-    T.score = timer.wrap(T.score, lambda *x, **k: "score")
-    T.update = timer.wrap(T.update, lambda *x, **k: "update")
-    T.reference_and_values = timer.wrap(T.reference_and_values, lambda *x, **k: "ref_and_values")
-    T.forward = timer.wrap(T.forward, lambda self, *x, **k: "update_forward" if torch.is_grad_enabled()
-                           else ("ref" if adapter_off(self) else "value"))
-    Accelerator.backward = timer.wrap(Accelerator.backward, lambda *x, **k: "update_backward")
-    Accelerator.clip_grad_norm_ = timer.wrap(Accelerator.clip_grad_norm_, lambda *x, **k: "update_clip")
-    AcceleratedOptimizer.step = timer.wrap(AcceleratedOptimizer.step, lambda *x, **k: "update_optimizer")
+    def phase(name: str):
+        return lambda *x, **k: name
 
-    widths: list[int] = []  # padded prompt width per step (TRL's JSON has the same list when the prompts agree)
-    inner_collate = T.collate
+    def forward_phase(self, *x, **k) -> str:
+        return "update_forward" if torch.is_grad_enabled() else ("ref" if adapter_off(self) else "value")
+
+    inner_collate, inner_step, inner_save, inner_init = T.collate, T.step, T.save_model, T.__init__
 
     def collate(self, batch, responses):
         out = inner_collate(self, batch, responses)
-        widths.append(out["P"])
+        widths.append(out["P"])  # TRL's JSON has the same list when the prompts agree
         return out
 
-    T.collate = collate
-    steps: list[dict] = []
-    last = {"t": None}
-
-    def close_step():
-        now = time.perf_counter()
-        ph = timer.take()
-        ph.pop("ref_and_values", None)  # its forwards are `value` and `ref`; the rest of it (entropy) is `other`
-        total = now - last["t"]
-        ph["other"] = total - sum(ph.get(k, 0.0) for k in ("generate", "score", "ref", "value", "update"))
-        steps.append({"total": total, "cpu_s": time.process_time() - last["cpu"],
-                      **{k: ph.get(k, 0.0) for k in TABLE_PHASES}})
-        last["t"] = now
-
-    # training_rl.main's loop writes metrics and samples after each step(), then comes back for the next one: a step
-    # ends at the next call to `step` (or at the final save), so its time includes that bookkeeping.
-    inner_step, inner_save = T.step, T.save_model
-
     def step(self):
-        if last["t"] is not None and len(steps) < self.progress.step:
-            close_step()
-        if a.gate:
-            gate()
-        last["t"], last["cpu"] = time.perf_counter(), time.process_time()
+        clock.step_starts(self.progress.step)
         return inner_step(self)
 
     def save_model(self, folder):
-        if len(steps) < self.progress.step:
-            close_step()
+        clock.saving(self.progress.step)
         return inner_save(self, folder)
 
-    T.step, T.save_model = step, save_model
     # Our sampling ignores the model's generation_config (common/generation.py), so the suppressed EOS that keeps
     # TRL's responses at full length is not seen here: sample with no EOS id instead, the same 32 tokens.
-    inner_init = T.__init__
-
     def init(self, *args, **kwargs):
         inner_init(self, *args, **kwargs)
         self.eos_ids = []
 
-    T.__init__ = init
+    with patched(
+        (T, "generate", timer.wrap(T.generate, phase("generate"))),
+        (T, "score", timer.wrap(T.score, phase("score"))),
+        (T, "update", timer.wrap(T.update, phase("update"))),
+        (T, "reference_and_values", timer.wrap(T.reference_and_values, phase("ref_and_values"))),
+        (T, "forward", timer.wrap(T.forward, forward_phase)),
+        (Accelerator, "backward", timer.wrap(Accelerator.backward, phase("update_backward"))),
+        (Accelerator, "clip_grad_norm_", timer.wrap(Accelerator.clip_grad_norm_, phase("update_clip"))),
+        (AcceleratedOptimizer, "step", timer.wrap(AcceleratedOptimizer.step, phase("update_optimizer"))),
+        (T, "collate", collate), (T, "step", step), (T, "save_model", save_model), (T, "__init__", init),
+    ):
+        yield
 
-    t0 = time.perf_counter()
-    training_rl.main(*training_rl.parse(argv))
-    wall = time.perf_counter() - t0
 
+def run_ours(a) -> dict:
+    """`training_rl.main` on the setup, with phase timers around PPOTrainer's methods; one JSON line."""
+    import training_rl
+
+    load_avg_start = loadavg()
+    out_dir = os.path.join(a.work_dir, "ours_out")
+    timer = PhaseTimer()
+    clock = StepClock(timer, a.gate)
+    widths: list[int] = []  # padded prompt width per step
+    with timed_trainer(timer, clock, widths):
+        t0 = time.perf_counter()
+        training_rl.main(*training_rl.parse(ours_argv(a, out_dir)))
+        wall = time.perf_counter() - t0
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         metrics = [json.loads(line) for line in f if line.strip()]
+    return ours_report(a, clock.steps, metrics, widths, wall, load_avg_start)
+
+
+def ours_report(a, steps: list[dict], metrics: list[dict], widths: list[int], wall: float,
+                load_avg_start: list[str]) -> dict:
+    """Our side's JSON line from its step times and `metrics.jsonl`; exits if a response was not full length."""
+    import torch
+
     lengths = [m["response/length_mean"] for m in metrics]
     if any(length != a.response_length for length in lengths):
         raise SystemExit(f"responses are not all {a.response_length} tokens: response/length_mean {lengths}")

@@ -13,20 +13,14 @@ inside it, the forward, backward, clipping and optimizer step). After `--warmup`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
 import pstats
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks/run.py and ppo_vs_trl.py
+from _setup import ROOT, patched  # first: the repository on sys.path, offline, passive OpenMP
 
 
 def build(model: str, reward_model: str, out_dir: str, extra: list[str] | None = None):
@@ -50,8 +44,10 @@ def build(model: str, reward_model: str, out_dir: str, extra: list[str] | None =
     return trainer
 
 
+@contextlib.contextmanager
 def mark_phases():
-    """record_function labels around PPOTrainer's methods (and accelerate's backward/clip/step) for the profiler."""
+    """record_function labels around PPOTrainer's methods (and accelerate's backward/clip/step) for the profiler, for
+    the block; the originals are back after it."""
     import torch
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
@@ -66,15 +62,18 @@ def mark_phases():
         return inner
 
     T = ppo.PPOTrainer
-    T.generate = labelled(T.generate, "ppo:generate")
-    T.score = labelled(T.score, "ppo:score")
-    T.reference_and_values = labelled(T.reference_and_values, "ppo:reference_and_values")
-    T.update = labelled(T.update, "ppo:update")
-    T.forward = labelled(T.forward,
-                         lambda *a, **k: "ppo:update_forward" if torch.is_grad_enabled() else "ppo:nograd_forward")
-    Accelerator.backward = labelled(Accelerator.backward, "ppo:update_backward")
-    Accelerator.clip_grad_norm_ = labelled(Accelerator.clip_grad_norm_, "ppo:update_clip")
-    AcceleratedOptimizer.step = labelled(AcceleratedOptimizer.step, "ppo:update_optimizer")
+    with patched(
+        (T, "generate", labelled(T.generate, "ppo:generate")),
+        (T, "score", labelled(T.score, "ppo:score")),
+        (T, "reference_and_values", labelled(T.reference_and_values, "ppo:reference_and_values")),
+        (T, "update", labelled(T.update, "ppo:update")),
+        (T, "forward", labelled(T.forward, lambda *a, **k: "ppo:update_forward" if torch.is_grad_enabled()
+                                else "ppo:nograd_forward")),
+        (Accelerator, "backward", labelled(Accelerator.backward, "ppo:update_backward")),
+        (Accelerator, "clip_grad_norm_", labelled(Accelerator.clip_grad_norm_, "ppo:update_clip")),
+        (AcceleratedOptimizer, "step", labelled(AcceleratedOptimizer.step, "ppo:update_optimizer")),
+    ):
+        yield
 
 
 def main(argv=None):
@@ -89,10 +88,15 @@ def main(argv=None):
     p.add_argument("--trace", help="also write a Chrome trace here (torch.profiler)")
     a = p.parse_args(argv)
 
+    trainer = build(a.model, a.reward_model, a.out_dir)
+    with mark_phases():
+        profile_steps(a, trainer)
+
+
+def profile_steps(a, trainer) -> None:
+    """`--warmup` steps, then `--steps` steps under cProfile or torch.profiler, and their tables."""
     import torch
 
-    trainer = build(a.model, a.reward_model, a.out_dir)
-    mark_phases()
     for _ in range(a.warmup):
         trainer.step()
     print(f"loadavg {list(os.getloadavg())}, torch threads {torch.get_num_threads()}, "

@@ -38,16 +38,7 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# OpenMP threads that spin while they wait for each other are several times slower on a CPU shared with other jobs
-# (benchmarks/README.md); passive waiting keeps the figures stable. Set before torch loads; both sides run under
-# it; override by exporting OMP_WAIT_POLICY.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _setup import ROOT  # first: the repository on sys.path, offline, passive OpenMP
 
 # Sizes per profile. "tiny" is the test's (smallest that exercises every path); "quick" a short run; "full" the
 # published run; "gpu" the full run's shape on a GPU with a larger model. Run times: benchmarks/README.md.
@@ -420,6 +411,33 @@ def build_ppo_trainer(models: dict, p: dict, out_dir: str):
     return training_rl.build_trainer(a, config, model_args, accelerator, tokenizer, prompts), config
 
 
+def left_pad(prompts: list[list[int]], rows: int, pad: int):
+    """(ids, attention mask, width P) of ``rows`` prompts left-padded to the longest, on the CPU."""
+    import torch
+
+    P = max(map(len, prompts))
+    ids = torch.full((rows, P), pad, dtype=torch.long)
+    attn = torch.zeros((rows, P), dtype=torch.long)
+    for i, q in enumerate(prompts):
+        ids[i, P - len(q):] = torch.tensor(q)
+        attn[i, P - len(q):] = 1
+    return ids, attn, P
+
+
+def bare_gae(rewards, values, gamma: float, lam: float):
+    """(advantages, returns) by GAE of per-token rewards and values [B, L]; the episode ends after the last token."""
+    import torch
+
+    B, L = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(L)):
+        next_v = values[:, t + 1] if t + 1 < L else 0.0
+        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
+        adv[:, t] = last
+    return adv, adv + values
+
+
 def make_bare_ppo(trainer, a):
     """A bare PPO step in plain PyTorch on the trainer's own policy, value head and reward model (no second copy:
     the memory figure stays that of one run), with its own AdamW over the same trainable parameters."""
@@ -446,13 +464,7 @@ def make_bare_ppo(trainer, a):
 
     def step(batch):
         t0 = time.perf_counter()
-        prompts = [row["input_ids"] for row in batch]
-        P = max(map(len, prompts))
-        ids = torch.full((B, P), pad, dtype=torch.long)
-        attn = torch.zeros((B, P), dtype=torch.long)
-        for i, q in enumerate(prompts):
-            ids[i, P - len(q):] = torch.tensor(q)
-            attn[i, P - len(q):] = 1
+        ids, attn, P = left_pad([row["input_ids"] for row in batch], B, pad)
         ids, attn = ids.to(device), attn.to(device)
         policy.eval()
         with torch.no_grad():
@@ -478,13 +490,7 @@ def make_bare_ppo(trainer, a):
                 ref_logp, _ = forward(out, full_attn, pos, P)
             rewards = -trainer.kl_ctl.value * (old_logp - ref_logp)
             rewards[:, -1] += scores
-            adv = torch.zeros_like(rewards)
-            last = torch.zeros(B, device=device)
-            for t in reversed(range(L)):
-                next_v = old_values[:, t + 1] if t + 1 < L else 0.0
-                last = rewards[:, t] + hp.gamma * next_v - old_values[:, t] + hp.gamma * hp.lam * last
-                adv[:, t] = last
-            returns = adv + old_values
+            adv, returns = bare_gae(rewards, old_values, hp.gamma, hp.lam)
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         mb, ga = hp.mini_batch_size, hp.gradient_accumulation_steps
         for _ in range(hp.ppo_epochs):

@@ -48,6 +48,7 @@ TRL's gc.collect() calls, logging). A step is timed from the end of the previous
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -55,15 +56,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# As benchmarks/run.py: OpenMP threads spinning while they wait are several times slower on a CPU shared with other
-# jobs; passive waiting keeps the figures stable. Set before torch loads; export OMP_WAIT_POLICY=ACTIVE to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _setup import ROOT, patched  # first: the repository on sys.path, offline, passive OpenMP
+
+# this script only: no telemetry, no W&B from TRL's Trainer
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
@@ -150,7 +145,7 @@ class PhaseTimer:
         return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="tiny policy folder (default: built in --work_dir)")
@@ -172,40 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="before each step print a line starting GATE and wait for a line on stdin "
                         "(benchmarks/ppo_vs_trl.py uses it to run one step of each side in turn); "
                         "the wait is not timed")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def load_models(args) -> tuple:
+    """(tokenizer, policy, value model, reward model), float32; the value model starts from the reward model."""
     import torch
-    import transformers
-    import trl
-    from accelerate.optimizer import AcceleratedOptimizer
-    from datasets import Dataset
-    from peft import LoraConfig
-    from torch.utils.data import DataLoader
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        TrainerCallback,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if not trl.__version__.startswith("1.12."):
-        print(f"warning: trl {trl.__version__}, not 1.12 (run in the venv of the module docstring)", file=sys.stderr)
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as ppo_module
-
-    load_avg_start = loadavg()
-    tmp = None
-    work_dir = args.work_dir
-    if work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="trl_ppo_baseline_")
-        work_dir = tmp.name
-    os.makedirs(work_dir, exist_ok=True)
-    if args.model is None or args.reward_model is None:
-        tiny, rm = build_models(work_dir, args.seed)
-        args.model, args.reward_model = args.model or tiny, args.reward_model or rm
-
-    t_load = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # as common.modeling.load_tokenizer
@@ -218,6 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                                       dtype=torch.float32)
     for m in (policy, value_model, reward_model):
         m.config.pad_token_id = tok.pad_token_id
+    return tok, policy, value_model, reward_model
+
+
+def build_trainer(args, work_dir: str, tok, policy, value_model, reward_model):
+    """TRL's PPOTrainer on the setup (module docstring), its dataloader giving the prompts in our trainer's order."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     n_steps = args.warmup + args.steps
     prompts = ordered_prompts(tok, args.data_file, args.seed)[: n_steps * args.batch_size]
@@ -263,18 +243,23 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.dataloader = trainer.accelerator.prepare(DataLoader(
         train_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tok),
         drop_last=True))
+    return trainer
 
-    # --- phase timers: wrappers around the functions train() calls; what they compute is unchanged ------------
-    timer = PhaseTimer()
-    marks: dict[str, float | None] = {"update_start": None}
+
+@contextlib.contextmanager
+def timed_phases(trainer, timer: PhaseTimer, marks: dict, widths: list[int]):
+    """For the block: phase timers wrapped around the functions train() calls (what they compute is unchanged), the
+    start of each update in `marks["update_start"]`, each step's padded prompt width appended to `widths` (the same
+    as ours when the prompts are the same). The originals are back after the block."""
+    import torch
+    from accelerate.optimizer import AcceleratedOptimizer
+    from trl.experimental.ppo import ppo_trainer as ppo_module
+
     unwrapped_value = trainer.accelerator.unwrap_model(trainer.model).value_model
-    widths: list[int] = []  # padded prompt width per step: the same as ours when the prompts are the same
 
     def generation_phase(model, queries, *a, **k):
         widths.append(queries.shape[1])
         return "generate"
-
-    ppo_module.batch_generation = timer.wrap(ppo_module.batch_generation, generation_phase)
 
     def forward_phase(model, *a, **k):
         if torch.is_grad_enabled():
@@ -283,14 +268,24 @@ def main(argv: list[str] | None = None) -> dict:
             return "update_forward"
         return "ref"
 
-    ppo_module.forward = timer.wrap(ppo_module.forward, forward_phase)
-    ppo_module.get_reward = timer.wrap(ppo_module.get_reward,
-                                       lambda model, *a, **k: "value" if model is unwrapped_value else "score")
-    trainer.accelerator.backward = timer.wrap(trainer.accelerator.backward, lambda *a, **k: "update_backward")
-    AcceleratedOptimizer.step = timer.wrap(AcceleratedOptimizer.step, lambda *a, **k: "update_optimizer")
+    with patched(
+        (ppo_module, "batch_generation", timer.wrap(ppo_module.batch_generation, generation_phase)),
+        (ppo_module, "forward", timer.wrap(ppo_module.forward, forward_phase)),
+        (ppo_module, "get_reward", timer.wrap(ppo_module.get_reward,
+                                              lambda model, *a, **k: "value" if model is unwrapped_value else "score")),
+        (trainer.accelerator, "backward", timer.wrap(trainer.accelerator.backward, lambda *a, **k: "update_backward")),
+        (AcceleratedOptimizer, "step", timer.wrap(AcceleratedOptimizer.step, lambda *a, **k: "update_optimizer")),
+    ):
+        yield
 
-    steps: list[dict] = []
-    log_entries: list[dict] = []
+
+def step_times(args, timer: PhaseTimer, marks: dict, steps: list[dict], log_entries: list[dict]):
+    """The callback that closes each step: its wall and CPU seconds and phase split appended to `steps` (timed from
+    the end of the previous step; under `--gate` the wait for the driver's go is not timed), TRL's logs to
+    `log_entries`."""
+    from transformers import TrainerCallback
+
+    n_steps = args.warmup + args.steps
 
     class StepTimes(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -315,9 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
                 now = time.perf_counter()
             self.last, self.last_cpu = now, time.process_time()
 
-    trainer.add_callback(StepTimes())
-    load_s = time.perf_counter() - t_load
-    trainer.train()
+    return StepTimes()
+
+
+def report(args, trainer, steps: list[dict], log_entries: list[dict], widths: list[int], load_s: float,
+           load_avg_start: list[str]) -> dict:
+    """The JSON line of TRL's side; a warning on stderr if EOS was sampled."""
+    import torch
+    import transformers
+    import trl
 
     timed = steps[args.warmup :]
     eos_counts = [entry["val/num_eos_tokens"] for entry in log_entries if "val/num_eos_tokens" in entry]
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
               "(no stop token)", file=sys.stderr)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     med = {k: statistics.median(s[k] for s in timed) for k in ["total", *PHASES]}
-    result = {
+    return {
         "side": "trl",
         "trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -344,6 +345,56 @@ def main(argv: list[str] | None = None) -> dict:
         "load_s": load_s,
         "loadavg_start": load_avg_start, "loadavg_end": loadavg(),
     }
+
+
+def import_libraries() -> None:
+    """Every library the run uses, imported before anything is built or timed (`load_s` counts no imports); a
+    warning when TRL is not 1.12, and the ImportError of a TRL with no PPOTrainer (1.13+) before any model is built."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl
+    from accelerate.optimizer import AcceleratedOptimizer  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        TrainerCallback,
+    )
+
+    if not trl.__version__.startswith("1.12."):
+        print(f"warning: trl {trl.__version__}, not 1.12 (run in the venv of the module docstring)", file=sys.stderr)
+    import trl.experimental.ppo  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    import_libraries()
+    load_avg_start = loadavg()
+    tmp = None
+    work_dir = args.work_dir
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="trl_ppo_baseline_")
+        work_dir = tmp.name
+    os.makedirs(work_dir, exist_ok=True)
+    if args.model is None or args.reward_model is None:
+        tiny, rm = build_models(work_dir, args.seed)
+        args.model, args.reward_model = args.model or tiny, args.reward_model or rm
+
+    t_load = time.perf_counter()
+    trainer = build_trainer(args, work_dir, *load_models(args))
+    timer, marks = PhaseTimer(), {"update_start": None}
+    steps: list[dict] = []
+    log_entries: list[dict] = []
+    widths: list[int] = []  # padded prompt width per step
+    with timed_phases(trainer, timer, marks, widths):
+        trainer.add_callback(step_times(args, timer, marks, steps, log_entries))
+        load_s = time.perf_counter() - t_load
+        trainer.train()
+
+    result = report(args, trainer, steps, log_entries, widths, load_s, load_avg_start)
     print(json.dumps(result))
     if tmp is not None:
         tmp.cleanup()

@@ -28,15 +28,8 @@ Results on the pipeline's models are in benchmarks/README.md ("Value head").
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from _setup import ROOT  # first: the repository on sys.path, offline, passive OpenMP
 
 
 def monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer, questions, max_new_tokens, k, eos_ids,
@@ -121,6 +114,30 @@ def monte_carlo_ceiling(values):
     return out
 
 
+def critic_batch(data, idx, pad: int, mean, std):
+    """(ids, attention mask, mask, target) of the answers ``idx`` of ``data`` = (prompts, answers, scores), right-padded
+    with ``pad``: the mask marks the states before each response token, the target is the answer's score standardised
+    by ``mean`` and ``std``, at every position."""
+    import torch
+
+    prompts, answers, scores = data
+    seqs = [prompts[i] + answers[i] for i in idx]
+    width = max(map(len, seqs))
+    ids = torch.full((len(idx), width), pad)
+    attn, mask = torch.zeros(len(idx), width, dtype=torch.long), torch.zeros(len(idx), width)
+    for j, (i, seq) in enumerate(zip(idx, seqs)):
+        ids[j, : len(seq)], attn[j, : len(seq)] = torch.tensor(seq), 1
+        mask[j, len(prompts[i]) - 1 : len(seq) - 1] = 1  # the states before each response token
+    target = ((scores[list(idx)] - mean) / std)[:, None].expand(-1, width)
+    return ids, attn, mask, target
+
+
+def critic_values(critic, ids, attn):
+    """The critic's value at every position: its score head on its backbone's last hidden states."""
+    backbone = getattr(critic, critic.base_model_prefix)
+    return critic.score(backbone(input_ids=ids, attention_mask=attn).last_hidden_state)[..., 0]
+
+
 def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model, reward_tokenizer, questions, test,
                   max_new_tokens, eos_ids, epochs, learning_rate, seed):
     """Held-out explained variance (against the final score, lam 1) of critics trained by regression on the final
@@ -153,20 +170,7 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
     mean, std = train[2].mean(), train[2].std()
 
     def batch(data, idx):
-        prompts, answers, scores = data
-        seqs = [prompts[i] + answers[i] for i in idx]
-        width = max(map(len, seqs))
-        ids = torch.full((len(idx), width), pad)
-        attn, mask = torch.zeros(len(idx), width, dtype=torch.long), torch.zeros(len(idx), width)
-        for j, (i, seq) in enumerate(zip(idx, seqs)):
-            ids[j, : len(seq)], attn[j, : len(seq)] = torch.tensor(seq), 1
-            mask[j, len(prompts[i]) - 1 : len(seq) - 1] = 1  # the states before each response token
-        target = ((scores[list(idx)] - mean) / std)[:, None].expand(-1, width)
-        return ids, attn, mask, target
-
-    def values(critic, ids, attn):
-        backbone = getattr(critic, critic.base_model_prefix)
-        return critic.score(backbone(input_ids=ids, attention_mask=attn).last_hidden_state)[..., 0]
+        return critic_batch(data, idx, pad, mean, std)
 
     def predictions(critic, data):
         """The critic's values and their targets at every response position of ``data``'s answers."""
@@ -174,7 +178,7 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
         with torch.no_grad():
             for s in range(0, len(data[1]), 32):
                 ids, attn, mask, target = batch(data, range(s, min(s + 32, len(data[1]))))
-                got.append(values(critic, ids, attn)[mask > 0])
+                got.append(critic_values(critic, ids, attn)[mask > 0])
                 tgt.append(target[mask > 0])
         return torch.cat(got), torch.cat(tgt)
 
@@ -202,7 +206,7 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
             critic.train()
             for s in range(0, len(order), 16):
                 ids, attn, mask, target = batch(train, order[s : s + 16])
-                loss = (((values(critic, ids, attn) - target) ** 2) * mask).sum() / mask.sum()
+                loss = (((critic_values(critic, ids, attn) - target) ** 2) * mask).sum() / mask.sum()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

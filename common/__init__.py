@@ -1,1 +1,1 @@
-"""Shared pieces of the four RLHF stage scripts (see DESIGN.md)."""
+"""Shared pieces of the RLHF stage scripts (see docs/design.md, "The common/ package")."""

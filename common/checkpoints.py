@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from common.cli import UserError
+from common.errors import UserError
 
 ORIGIN_FILE = "origin.json"
 STATE_FILE = "trainer_state.json"  # the Trainer's, and PPO's: the step a checkpoint holds

@@ -117,28 +117,7 @@ def parse_args(
     - An unknown flag is answered with the nearest known ones, or with ``hints[flag]`` (another script's name for
       the same thing: PPO's ``--steps`` for ``--max_steps``). A YAML value of the wrong type names the file and key.
     """
-    from transformers import HfArgumentParser
-
-    class Parser(HfArgumentParser):
-        error = ArgumentParser.error  # raise UserError instead of exiting
-
-    # allow_abbrev=False: a typo is an error, not a prefix; the description (a script's docstring) keeps its lines
-    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False, formatter_class=HelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="YAML file of argument defaults; command-line flags override it.")
-    _accept_none(parser, dataclass_types)
-    _bare_booleans(parser)
-    aliases = {**_renamed_fields(parser), **(aliases or {})}
-    for alias, dest in aliases.items():
-        action = next((a for a in parser._actions if a.dest == dest), None)
-        assert action is not None, f"alias {alias} targets unknown field {dest}"
-        action.option_strings.append(alias)
-        parser._option_string_actions[alias] = action
-    if defaults:
-        unknown = set(defaults) - {a.dest for a in parser._actions}
-        assert not unknown, f"defaults for unknown fields {unknown}"
-        parser.set_defaults(**defaults)
-
+    parser, aliases = build_parser(dataclass_types, aliases, defaults, description)
     nones = set()  # fields a keyword set to None
     if kwargs is not None:
         args, nones = _kwargs_as_flags(parser, kwargs, list(args or []))
@@ -162,6 +141,34 @@ def parse_args(
         except (ValueError, TypeError, ImportError) as e:  # a library config's own validation (e.g. TrainingArguments)
             raise UserError(str(e)) from e
     return tuple(outputs)
+
+
+def build_parser(dataclass_types: Iterable[type], aliases: dict[str, str] | None = None,
+                 defaults: dict[str, object] | None = None, description: str | None = None):
+    """The parser ``parse_args`` parses with (its actions are the flags ``--help`` lists; scripts/audit_flags.py
+    walks them), and every alias, the renamed fields' included."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        error = ArgumentParser.error  # raise UserError instead of exiting
+
+    # allow_abbrev=False: a typo is an error, not a prefix; the description (a script's docstring) keeps its lines
+    parser = Parser(list(dataclass_types), description=description, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="YAML file of argument defaults; command-line flags override it.")
+    _accept_none(parser, dataclass_types)
+    _bare_booleans(parser)
+    aliases = {**_renamed_fields(parser), **(aliases or {})}
+    for alias, dest in aliases.items():
+        action = next((a for a in parser._actions if a.dest == dest), None)
+        assert action is not None, f"alias {alias} targets unknown field {dest}"
+        action.option_strings.append(alias)
+        parser._option_string_actions[alias] = action
+    if defaults:
+        unknown = set(defaults) - {a.dest for a in parser._actions}
+        assert not unknown, f"defaults for unknown fields {unknown}"
+        parser.set_defaults(**defaults)
+    return parser, aliases
 
 
 def _kwargs_as_flags(parser, kwargs: dict, args: list[str]) -> tuple[list[str], set[str]]:

@@ -272,16 +272,7 @@ def judge(question: str, answer: str, key) -> Verdict:
     if prose_words < MIN_PROSE_WORDS:
         reasons.append(f"almost no prose ({prose_words} words besides key terms)")
 
-    covered = [False] * len(everything)
-    for term in [t for alt in key["fix"] for t in alt] + names:
-        for s, e in _spans(everything, normalize(term)):
-            covered[s:e] = [True] * (e - s)
-    body = [i for i, c in enumerate(everything) if not c.isspace()]
-    fence_chars = set()
-    for m in re.finditer(r"```[\w+#.-]*", everything):  # fence marks and language tags are not content
-        fence_chars.update(range(m.start(), m.end()))
-    body = [i for i in body if i not in fence_chars]
-    terms_share = sum(covered[i] for i in body) / len(body) if body else 0.0
+    terms_share = _terms_share(everything, [t for alt in key["fix"] for t in alt] + names)
     if terms_share > TERMS_ONLY_SHARE:
         reasons.append(f"mostly key terms ({terms_share:.0%} of the characters)")
 
@@ -305,6 +296,21 @@ def judge(question: str, answer: str, key) -> Verdict:
     return Verdict(score=score, fix=round(fix, 4), names=round(names_score, 4), has_code=has_code,
                    forbidden=forbidden, foreign=foreign, echo=round(echo, 4), repetition=round(repetition, 4),
                    prose_words=prose_words, terms_share=round(terms_share, 4), reasons=tuple(reasons))
+
+
+def _terms_share(everything: str, terms: list[str]) -> float:
+    """The share of the non-space characters of ``everything`` (the normalized answer; fence marks and language
+    tags left out) that lie inside one of the key's ``terms``."""
+    covered = [False] * len(everything)
+    for term in terms:
+        for s, e in _spans(everything, normalize(term)):
+            covered[s:e] = [True] * (e - s)
+    body = [i for i, c in enumerate(everything) if not c.isspace()]
+    fence_chars = set()
+    for m in re.finditer(r"```[\w+#.-]*", everything):  # fence marks and language tags are not content
+        fence_chars.update(range(m.start(), m.end()))
+    body = [i for i in body if i not in fence_chars]
+    return sum(covered[i] for i in body) / len(body) if body else 0.0
 
 
 def gold_score(question: str, answer: str, key) -> float:

@@ -1,4 +1,4 @@
-"""What every stage writes into its output folder (DESIGN.md, "Output folder"): the resolved arguments, one
+"""What every stage writes into its output folder (docs/design.md, "Output folder"): the resolved arguments, one
 JSON line per log step, a model card, and the final model saved atomically.
 
 The final save's commit point is the model's config file (``adapter_config.json`` or ``config.json``): weights
@@ -9,6 +9,7 @@ like a model always is one.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import errno
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import yaml
 
 from common.checkpoints import incomplete_message, missing_files, newest, step_of, write_origin
-from common.cli import UserError, invocation
+from common.errors import UserError
 
 FINAL_MARKERS = ("adapter_config.json", "config.json")
 METRICS_FILE = "metrics.jsonl"
@@ -140,9 +141,23 @@ def writing(what: str):
         raise UserError(f"could not write {what} ({write_error(e)}); what was there before is intact") from e
 
 
+# The Python call running a stage now (``training_sft.run_sft(max_steps=3, ...)``); None on the command line.
+_INVOCATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("invocation", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(call: str):
+    """While a stage's Python entry runs (``common.cli.call_stage``): ``call`` is the command it records."""
+    token = _INVOCATION.set(call)
+    try:
+        yield
+    finally:
+        _INVOCATION.reset(token)
+
+
 def command_line() -> str:
     """The command that runs this stage: the Python call of an entry such as ``run_sft``, else ``sys.argv``."""
-    return invocation() or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+    return _INVOCATION.get() or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
 
 
 def _plain(value):

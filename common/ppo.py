@@ -1,10 +1,12 @@
-"""PPO for RLHF on `accelerate` (DESIGN.md, section PPO; each detail and its source: docs/ppo.md).
+"""PPO for RLHF on `accelerate` (docs/design.md, "PPO, RLOO and GRPO"; each detail and its source: docs/ppo.md).
 
-``PPOConfig`` holds every setting of the algorithm (parsed from the command line by training_rl.py).
-``PolicyWithValueHead`` is the policy with a scalar value head. ``PPOTrainer`` holds the state of a run and does
-one PPO step at a time: rollout -> score -> old log-probs, values and reference log-probs -> rewards ->
-advantages -> ``ppo_epochs`` of minibatch updates. The math is in common/ppo_math.py, the device plumbing
-(DeepSpeed, FSDP, gradient synchronisation) in common/ppo_distributed.py.
+``PPOConfig`` (common/ppo_config.py, re-exported here) holds every setting of the algorithm (parsed from the command
+line by training_rl.py). ``PolicyWithValueHead`` is the policy with a scalar value head. ``PPOTrainer`` holds the
+state of a run and does one PPO step at a time: rollout -> score -> old log-probs, values and reference log-probs ->
+rewards -> advantages -> ``ppo_epochs`` of minibatch updates. The math is in common/ppo_math.py, checkpoints and
+model files in common/ppo_checkpoint.py (``PPOTrainer``'s base class), the device plumbing (DeepSpeed, FSDP,
+gradient synchronisation) in common/ppo_distributed.py. The trainer knows no judge: a held-out evaluation's gold
+score comes from the ``judge`` its caller passes (``PPOTrainer.evaluate``).
 
 Shapes: ``B`` responses per process, ``P`` padded prompt tokens, ``R`` response tokens (padded), ``V``
 vocabulary, ``H`` hidden size. Per-token tensors are ``[B, R]``, aligned with the response tokens ``a_1..a_R``;
@@ -14,25 +16,23 @@ vocabulary, ``H`` hidden size. Per-token tensors are ``[B, R]``, aligned with th
 from __future__ import annotations
 
 import copy
-import json
-import os
-import random
-import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import ppo_distributed as dist
-from common.checkpoints import write_origin
-from common.cli import UserError
 from common.generation import eos_token_ids, sample_responses
-from common.outputs import check_processes, replace_folder, writing
+from common.ppo_checkpoint import PPOCheckpoints, check_algorithm
+from common.ppo_config import PPOConfig
 from common.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    LengthSampler,
+    Progress,
+    PromptStream,
     RunningMoments,
     compute_gae,
     compute_rewards,
@@ -40,132 +40,21 @@ from common.ppo_math import (
     entropy_from_logits,
     explained_variance,
     group_advantages,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
+    position_ids_for,
     ppo_losses,
+    response_logprobs,
     rloo_advantages,
     token_weights,
 )
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------------
+# What the notebook, the tests and users import from here; PPOConfig and check_algorithm live in
+# common/ppo_config.py and common/ppo_checkpoint.py.
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "check_algorithm"]
 
-
-@dataclass
-class PPOConfig:
-    """Every setting of the PPO algorithm. Defaults are StackLLaMA's (STACKLLAMA.md)."""
-
-    steps: int = field(
-        default=20000, metadata={"help": "Episodes (responses) per process: ceil(steps / batch_size) PPO steps."})
-    batch_size: int = field(default=32, metadata={"help": "Responses per PPO step, per process."})
-    mini_batch_size: int = field(default=1, metadata={"help": "Responses per forward/backward in the update."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch."})
-    learning_rate: float = field(default=1.41e-5, metadata={"help": "Optimizer learning rate."})
-    adafactor: bool = field(default=False, metadata={"help": "Use Adafactor instead of AdamW."})
-    lr_scheduler_type: str = field(
-        default="constant", metadata={"help": "transformers scheduler name (over PPO steps)."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
-    early_stopping: bool = field(
-        default=False, metadata={"help": "Stop a step's updates once approx-KL > 1.5 * target_kl."})
-    target_kl: float = field(default=0.1, metadata={"help": "Approx-KL threshold for --early_stopping."})
-    init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
-    adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adapt the KL coefficient towards --target."})
-    target: float = field(default=6.0, metadata={"help": "Target KL (nats per response) of the adaptive controller."})
-    horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
-    cliprange_value: float | None = field(
-        default=0.2, metadata={"help": "Value clip, in units of the shaped score (None: no value clipping)."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
-    output_min_length: int = field(default=32, metadata={"help": "Lower bound of the sampled max_new_tokens."})
-    output_max_length: int = field(default=128, metadata={"help": "Upper bound of the sampled max_new_tokens."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (top_k=0, top_p=1)."})
-    batched_gen: bool = field(
-        default=True, metadata={"help": "Generate --generation_batch_size prompts at once (false: one by one)."})
-    generation_batch_size: int | None = field(
-        default=None, metadata={"help": "Prompts per generate() call (default: --batch_size)."})
-    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every score."})
-    reward_normalization: str = field(
-        default="running", metadata={"help": "Scale of the scores PPO optimises: running (mean 0, std 1 under running "
-                                             "statistics of the scores seen so far), stats (the reward model's "
-                                             "reward_stats.json) or none (raw).",
-                                     "choices": ["none", "stats", "running"]})
-    reward_clip: float | None = field(default=None, metadata={"help": "Clip shaped scores to +-this (None: no clip)."})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a response that never ended."})
-    reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."})
-    algorithm: str = field(
-        default="ppo", metadata={"help": "ppo (a value head and GAE), rloo (k samples per prompt, leave-one-out "
-                                         "baseline, KL in the reward) or grpo (k samples per prompt, group-normalised "
-                                         "advantages, KL in the loss); docs/critic_free.md.",
-                                 "choices": ["ppo", "rloo", "grpo"]})
-    num_generations: int | None = field(
-        default=None, metadata={"help": "rloo/grpo: samples per prompt, k (default 4); --batch_size responses are "
-                                        "batch_size / k prompts x k samples."})
-    scale_rewards: str | None = field(
-        default=None, metadata={"help": "grpo: divide the group-centred scores by the group's std (group, the "
-                                        "default), the process's batch's (batch), or not at all (none: Dr. GRPO)."})
-    loss_type: str | None = field(
-        default=None, metadata={"help": "rloo/grpo: how token losses add up: token (each token alike over the "
-                                        "optimizer step, as PPO; the default), grpo (mean per answer, then over "
-                                        "answers) or dr_grpo (sum over tokens / (answers x --output_max_length))."})
-
-    @property
-    def gen_batch_size(self) -> int:
-        return (self.generation_batch_size or self.batch_size) if self.batched_gen else 1
-
-    @property
-    def group_size(self) -> int:
-        """Samples per prompt: 1 for PPO, ``--num_generations`` (default 4) for RLOO and GRPO."""
-        return 1 if self.algorithm == "ppo" else (self.num_generations or 4)
-
-    @property
-    def prompts_per_step(self) -> int:
-        """Prompts per step and process: each is answered ``group_size`` times."""
-        return self.batch_size // self.group_size
-
-    def problems(self) -> list[str]:
-        """Every argument problem, each naming its flag (training_rl.check_args raises them together)."""
-        out = []
-        for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "target",
-                     "horizon", "output_min_length", "output_max_length", "reward_batch_size", "generation_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                out.append(f"--{name} must be > 0, got {value}")
-        for name in ("learning_rate", "temperature", "cliprange"):
-            if getattr(self, name) <= 0:
-                out.append(f"--{name} must be > 0, got {getattr(self, name)}")
-        if self.cliprange_value is not None and self.cliprange_value <= 0:
-            out.append(f"--cliprange_value must be > 0 (or None: no clipping), got {self.cliprange_value}")
-        if self.mini_batch_size > 0 and self.gradient_accumulation_steps > 0 and \
-                self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps):
-            out.append(f"--batch_size {self.batch_size} must be divisible by --mini_batch_size {self.mini_batch_size} "
-                       f"x --gradient_accumulation_steps {self.gradient_accumulation_steps}")
-        if self.algorithm == "ppo":
-            for name in ("num_generations", "scale_rewards", "loss_type"):
-                if getattr(self, name) is not None:
-                    out.append(f"--{name} is a setting of --algorithm rloo or grpo, not of ppo")
-        else:
-            k = self.group_size
-            if k < 2:
-                out.append(f"--num_generations must be >= 2 (the baseline comes from the other samples), got {k}")
-            elif self.batch_size > 0 and self.batch_size % k:
-                out.append(f"--batch_size {self.batch_size} must be divisible by --num_generations {k}")
-            if self.scale_rewards is not None and self.algorithm != "grpo":
-                out.append("--scale_rewards is a setting of --algorithm grpo")
-            if self.scale_rewards not in (None, "group", "batch", "none"):
-                out.append(f"--scale_rewards must be group, batch or none, got {self.scale_rewards}")
-            if self.loss_type not in (None, "token", "grpo", "dr_grpo"):
-                out.append(f"--loss_type must be token, grpo or dr_grpo, got {self.loss_type}")
-        if self.output_min_length > self.output_max_length:
-            out.append(f"--output_min_length {self.output_min_length} > --output_max_length {self.output_max_length}")
-        return out
-
+# A held-out evaluation's gold judge, given by the caller: (rows, answers) -> a score per answer, None where none.
+Judge = Callable[[list[dict], list[str]], list[float | None]]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Policy with value head
@@ -207,83 +96,6 @@ class PolicyWithValueHead(nn.Module):
         return logits, values
 
 
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[B, R]`` log-probs of the response tokens from the ``[B, R + 1, V]`` logits of ``PolicyWithValueHead``.
-
-    The logits stay whole (a slice would be copied when flattened); the position past the end gets a dummy token
-    whose log-prob is dropped (its gradient is zero)."""
-    tokens = torch.cat([responses, responses[:, :1]], 1)
-    return logprobs_from_logits(logits, tokens, temperature)[:, :-1]
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as ``generate`` counts them for left-padded prompts."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Small stateful parts of a run (each saved in a checkpoint's run_state.json, PPOTrainer.save_checkpoint)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class PromptStream:
-    """The order prompts are used in: a permutation fixed by (seed, pass over the data); each PPO step takes the
-    next ``batch_size x num_processes`` of them and process ``r`` takes slice ``r``. A remainder smaller than a
-    global batch is skipped and the next pass is reshuffled."""
-
-    def __init__(self, n_prompts: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n_prompts, batch_size, seed
-        self.epoch, self.index = 0, 0
-
-    def next_indices(self, world: int, rank: int) -> list[int]:
-        if self.index + self.batch_size * world > self.n:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        start = self.index + rank * self.batch_size
-        self.index += self.batch_size * world
-        return order[start : start + self.batch_size].tolist()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
-class LengthSampler:
-    """StackLLaMA's response-length sampler: ``max_new_tokens`` uniform in ``[low, high]``, both ends included."""
-
-    def __init__(self, low: int, high: int, seed: int):
-        self.low, self.high, self.rng = low, high, random.Random(seed)
-
-    def __call__(self) -> int:
-        return self.rng.randint(self.low, self.high)
-
-    def state_dict(self) -> dict:
-        version, internal, gauss = self.rng.getstate()
-        return {"version": version, "internal": list(internal), "gauss": gauss}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
-
-
-@dataclass
-class Progress:
-    """Counters of a run."""
-
-    step: int = 0
-    episodes: int = 0
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in vars(self):
-            setattr(self, key, int(state[key]))
-
-
 class NonFiniteError(RuntimeError):
     """A step produced a NaN or infinity; the step is skipped (see ``PPOTrainer.step``)."""
 
@@ -293,8 +105,9 @@ class NonFiniteError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PPOTrainer:
-    """State of a PPO run and one step at a time. Every process computes; only the main process writes files."""
+class PPOTrainer(PPOCheckpoints):
+    """State of a PPO run and one step at a time; checkpoints and model files come from the base class
+    (common/ppo_checkpoint.py). Every process computes; only the main process writes files."""
 
     def __init__(self, accelerator, model: PolicyWithValueHead, tokenizer, reward_model, reward_tokenizer,
                  prompts: list[dict], config: PPOConfig, reward_stats: dict | None = None,
@@ -434,13 +247,13 @@ class PPOTrainer:
         return tuple(torch.cat(out[k]) * mask for k in ("logprobs", "values", "ref_logprobs", "entropy"))
 
     @torch.no_grad()
-    def evaluate(self, rows: list[dict], seed: int) -> dict:
-        """Answers of the current policy to held-out ``rows`` (each with ``input_ids``, ``question`` and, for the
-        sample data, ``answer_key``), and their mean reward-model score, gold score (``common/gold.py``; None when a
-        row has no answer key) and length, as ``eval/*`` metrics. Sampled as in training, at the longest length,
-        from a fixed seed, with the training RNG streams left as they were (so a resumed run continues exactly);
-        every process answers its share of the rows."""
-        from common.gold import gold_score
+    def evaluate(self, rows: list[dict], seed: int, judge: Judge | None = None) -> dict:
+        """Answers of the current policy to held-out ``rows`` (each with ``input_ids``, ``prompt`` and whatever
+        ``judge`` reads), and their mean reward-model score, gold score and length, as ``eval/*`` metrics. The gold
+        scores are the caller's ``judge(rows, answers)``, one per answer, None where it cannot judge one
+        (training_rl.py passes the sample data's judge); ``eval/gold`` is None unless every answer has one. Sampled
+        as in training, at the longest length, from a fixed seed, with the training RNG streams left as they were
+        (so a resumed run continues exactly); every process answers its share of the rows."""
         from common.prompts import render_answer
         from common.reward import score_texts
 
@@ -461,8 +274,7 @@ class PPOTrainer:
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         texts = [render_answer(self.reward_tokenizer, row["prompt"], a) for row, a in zip(mine, answers)]
         rm = score_texts(self.reward_model, self.reward_tokenizer, texts, hp.reward_batch_size) if texts else None
-        keyed = [(row, a) for row, a in zip(mine, answers) if row.get("answer_key")]
-        gold = [gold_score(row["question"], a, row["answer_key"]) for row, a in keyed]
+        gold = [g for g in (judge(mine, answers) if judge is not None else []) if g is not None]
         sums = torch.tensor([float(rm.sum()) if rm is not None else 0.0, float(sum(gold)), float(len(gold)),
                              float(sum(map(len, responses))), float(len(responses))], device=acc.device)
         rm_sum, gold_sum, n_gold, length_sum, n = self._sum(sums).tolist()
@@ -663,147 +475,5 @@ class PPOTrainer:
             x = self.accelerator.reduce(x, "sum") / self.accelerator.num_processes
         return bool(x.item() == 1.0)
 
-    # --- checkpoints -----------------------------------------------------------------------------------------
-
-    def _run_state(self) -> dict:
-        """The run's own small states, by name (each a plain ``state_dict``), saved as JSON in ``STATE_FILE``."""
-        parts = {"progress": self.progress, "kl_controller": self.kl_ctl, "running_moments": self.running,
-                 "prompt_stream": self.stream, "length_sampler": self.length_sampler, "scheduler": self.scheduler}
-        return {name: obj for name, obj in parts.items() if obj is not None}
-
-    def save_checkpoint(self, folder: str, extra_files: dict[str, str] | None = None) -> None:
-        """Everything needed to continue exactly: through ``accelerator.save_state`` the policy and value head
-        (``_save_weights_hook``), optimizer and per-process RNG states (which accelerate loads with
-        ``weights_only=True``); the run's own state (counters, KL controller, running moments, prompt position,
-        length sampler, scheduler) as JSON in ``STATE_FILE``; ``trainer_state.json`` last. Written to
-        ``folder.tmp``, then swapped in (``replace_folder``)."""
-        acc = self.accelerator
-        tmp = folder + ".tmp"
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        acc.wait_for_everyone()
-        with writing(f"checkpoint {folder}"):
-            acc.save_state(tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            extra_files = {**(extra_files or {}), STATE_FILE: json.dumps(
-                {name: obj.state_dict() for name, obj in self._run_state().items()}, indent=1)}
-            for name, text in extra_files.items():
-                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                    f.write(text)
-            state = {"global_step": self.progress.step, "episodes": self.progress.episodes,
-                     "num_processes": acc.num_processes, "kl_coef": self.kl_ctl.value,
-                     "algorithm": self.config.algorithm, "group_size": self.config.group_size,
-                     "distributed_type": dist.distributed_type(acc)}
-            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=1)
-            write_origin(tmp, getattr(self, "origin", None) or {})  # last: the model trained, every file's size
-            replace_folder(tmp, folder)
-        acc.wait_for_everyone()
-
-    def load_checkpoint(self, folder: str) -> None:
-        """Restore everything ``save_checkpoint`` wrote; refuse a checkpoint of another number of processes."""
-        acc = self.accelerator
-        if not os.path.isfile(os.path.join(folder, "random_states_0.pkl")):
-            raise UserError(f"{folder} is not a checkpoint of this version of training_rl.py (no random_states_0.pkl); "
-                            "start a new run, or resume with the version that wrote it")
-        check_processes(folder, acc.num_processes)  # the prompt stream, RNG states and global batch depend on it
-        check_algorithm(folder, self.config)
-        state_path = os.path.join(folder, STATE_FILE)
-        if not os.path.isfile(state_path):  # an earlier version pickled these states; they are never unpickled
-            raise UserError(f"{folder} has no {STATE_FILE} (written by an earlier version of training_rl.py, which "
-                            "pickled the run's state): start a new run, or resume with the version that wrote it")
-        acc.load_state(folder)
-        with open(state_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        for name, obj in self._run_state().items():
-            obj.load_state_dict(saved[name])
-
-    def _save_weights_hook(self, models, weights, output_dir) -> None:
-        """accelerate's save-state pre-hook (every process): the policy is written as an adapter (or full model)
-        with its value head by ``save_model`` instead of accelerate's whole-model file, so a LoRA checkpoint holds
-        the adapter only and is itself an adapter folder. Under DeepSpeed the engine has saved its shards; the
-        gathered adapter is written next to them."""
-        if weights:
-            weights.pop()
-        self.save_model(output_dir)
-
-    def _load_weights_hook(self, models, input_dir) -> None:
-        """accelerate's load-state pre-hook: load what ``_save_weights_hook`` wrote, strictly (a missing or
-        unexpected key is an error). Under DeepSpeed ``models`` is empty: the engine loaded its shards."""
-        if not models:
-            return
-        models.pop()
-        load_policy_weights(self.accelerator.unwrap_model(self.model), input_dir)
-
-    def save_model(self, folder: str) -> None:
-        """The policy (adapter, or full model) and the value head, in safetensors. Every process calls it: under
-        ZeRO-3 the full weights are gathered from all of them; the main process writes."""
-        from safetensors.torch import save_file
-
-        acc = self.accelerator
-        state = acc.get_state_dict(self.model)  # DDP / one process: the module's own state_dict, no copy
-        if not acc.is_main_process:
-            return
-        os.makedirs(folder, exist_ok=True)
-        part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-        acc.unwrap_model(self.model).policy.save_pretrained(folder, state_dict=part("policy."))
-        save_file({k: v.detach().cpu().contiguous() for k, v in part("value_head.").items()},
-                  os.path.join(folder, VALUE_HEAD_FILE))
-
-
-def check_algorithm(folder: str, config: PPOConfig) -> None:
-    """Refuse a checkpoint written by another ``--algorithm`` or number of samples per prompt (its prompt stream,
-    batch layout and weights mean something else); one before PPO's ``algorithm`` field counts as PPO's."""
-    try:
-        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return  # not a complete checkpoint: what loads it says so
-    saved = (state.get("algorithm", "ppo"), state.get("group_size", 1))
-    if saved != (config.algorithm, config.group_size):
-        raise UserError(f"{folder} was written by --algorithm {saved[0]} with {saved[1]} sample(s) per prompt; "
-                        f"this run has --algorithm {config.algorithm} with {config.group_size}: "
-                        "resume with the same settings, or start a new run")
-
-
 STAT_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac")
 CRITIC_FREE_STAT_KEYS = ("loss/policy", "policy/approxkl", "policy/clipfrac")
-VALUE_HEAD_FILE = "value_head.safetensors"
-STATE_FILE = "run_state.json"  # the run's own states (PPOTrainer._run_state), plain JSON
-
-
-def load_policy_weights(model: PolicyWithValueHead, folder: str) -> None:
-    """Load the adapter (or full model) and value head ``save_model`` wrote into ``model``; a key missing from the
-    files or not in the model is a ``UserError`` naming it."""
-    from safetensors.torch import load_file
-
-    def check(missing, unexpected, what):
-        if missing or unexpected:
-            raise UserError(f"{folder}: the {what} does not match the model: missing {sorted(missing)[:5]}"
-                            f"{' ...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}")
-
-    head = load_file(os.path.join(folder, VALUE_HEAD_FILE))
-    check(set(model.value_head.state_dict()) - set(head), set(head) - set(model.value_head.state_dict()), "value head")
-    model.value_head.load_state_dict(head)
-    policy = model.policy
-    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
-        expected = set(get_peft_model_state_dict(policy))
-        check(expected - set(saved), set(saved) - expected, "adapter")
-        set_peft_model_state_dict(policy, saved)
-        return
-    files = sorted(f for f in os.listdir(folder) if f.startswith("model") and f.endswith(".safetensors"))
-    if not files:
-        raise UserError(f"{folder} holds neither an adapter nor model weights")
-    saved = {}
-    for name in files:
-        saved.update(load_file(os.path.join(folder, name)))
-    tied = set(getattr(policy, "all_tied_weights_keys", None) or {})
-    own = set(policy.state_dict())
-    check(own - set(saved) - tied, set(saved) - own, "model")
-    policy.load_state_dict(saved, strict=False)

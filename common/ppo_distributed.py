@@ -5,12 +5,9 @@ algorithm (common/ppo.py) so the trainer reads the same on one process and on ma
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 from common.cli import UserError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from common.ppo import PPOConfig
+from common.ppo_config import PPOConfig
 
 
 def distributed_type(accelerator) -> str:

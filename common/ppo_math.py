@@ -8,6 +8,8 @@ Each function is pinned against hand-computed cases in tests/test_ppo_math.py; d
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 
 import torch
 
@@ -300,8 +302,22 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return out.reshape(logits.shape[:-1])
 
 
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[B, R]`` log-probs of the response tokens from the ``[B, R + 1, V]`` logits of ``PolicyWithValueHead``.
+
+    The logits stay whole (a slice would be copied when flattened); the position past the end gets a dummy token
+    whose log-prob is dropped (its gradient is zero)."""
+    tokens = torch.cat([responses, responses[:, :1]], 1)
+    return logprobs_from_logits(logits, tokens, temperature)[:, :-1]
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as ``generate`` counts them for left-padded prompts."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Small stateful helpers (each saved in a checkpoint's run_state.json, common/ppo.py)
+# Small stateful helpers (each saved in a checkpoint's run_state.json, common/ppo_checkpoint.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -355,3 +371,61 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+class PromptStream:
+    """The order prompts are used in: a permutation fixed by (seed, pass over the data); each PPO step takes the
+    next ``batch_size x num_processes`` of them and process ``r`` takes slice ``r``. A remainder smaller than a
+    global batch is skipped and the next pass is reshuffled."""
+
+    def __init__(self, n_prompts: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_prompts, batch_size, seed
+        self.epoch, self.index = 0, 0
+
+    def next_indices(self, world: int, rank: int) -> list[int]:
+        if self.index + self.batch_size * world > self.n:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        start = self.index + rank * self.batch_size
+        self.index += self.batch_size * world
+        return order[start : start + self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class LengthSampler:
+    """StackLLaMA's response-length sampler: ``max_new_tokens`` uniform in ``[low, high]``, both ends included."""
+
+    def __init__(self, low: int, high: int, seed: int):
+        self.low, self.high, self.rng = low, high, random.Random(seed)
+
+    def __call__(self) -> int:
+        return self.rng.randint(self.low, self.high)
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
+@dataclass
+class Progress:
+    """Counters of a run."""
+
+    step: int = 0
+    episodes: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in vars(self):
+            setattr(self, key, int(state[key]))

@@ -7,7 +7,7 @@ when the pipeline ran with ``ALGO=dpo``) and ``eval/`` (evaluate.py comparing th
 held-out questions); missing parts are reported as n/a. The summary has the same keys whichever stage 3 ran: those of
 the other algorithm are null.
 
-Every verdict is earned (DESIGN.md, "Evidence that training helped"): a change is "rose" or "fell" only when its 95%
+Every verdict is earned (docs/design.md, "Evaluation and the gold judge"): a change is "rose" or "fell" only if its 95%
 interval excludes no change, else "no clear change". Held-out comparisons use paired bootstrap intervals over the
 questions (common/stats.py, computed by evaluate.py); the PPO training curve compares its first and last fifth of
 steps with a Welch interval. When the reward-model score rises and the gold score falls, both past the noise, the

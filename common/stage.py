@@ -1,6 +1,6 @@
 """The output-folder contract of a stage trained by a transformers ``Trainer`` (SFT and the reward model): checks
 before anything is loaded, the callbacks that write ``metrics.jsonl`` and keep non-finite gradients out of the
-weights, ``run_args.yaml``, resume, the atomic final save and the model card (DESIGN.md, "Output folder").
+weights, ``run_args.yaml``, resume, the atomic final save and the model card (docs/design.md, "Output folder").
 
     stage = TrainerStage(config, script.overwrite_output_dir)    # checks --output_dir and the checkpoint to resume
     trainer = build_trainer(..., callbacks=stage.callbacks)

@@ -1,6 +1,6 @@
 """Noise-aware verdicts: is a change real, or could the noise over prompts (or over training steps) explain it?
 
-DESIGN.md ("Evidence that training helped"): every verdict the pipeline prints is tested against the noise,
+docs/design.md ("Evaluation and the gold judge"): every verdict the pipeline prints is tested against the noise,
 otherwise it says "no clear change". ``evaluate.py`` and the pipeline summary use these pure functions.
 
     from common.stats import paired_difference, win_rate, verdict, step_trend

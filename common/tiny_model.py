@@ -15,7 +15,8 @@ question and answer) into 512-token blocks, 4 blocks a step, 2 epochs (1723 step
 fixed seeds and data order, float32 on CPU. It is evaluated on the ``evaluation`` split's questions and preferred
 answers, which the corpus does not contain; its run time, held-out loss and sample answers are in
 ``assets/tiny-pretrained/README.md``. ``--pretrained`` copies the committed
-files, or runs ``pretrain`` when they are missing; ``--samples N`` then prints gold scores of N answers.
+files, or runs ``pretrain`` when they are missing; ``--samples N`` then prints gold scores of N answers
+(``sample_report``, common/gold_report.py).
 """
 
 from __future__ import annotations
@@ -201,8 +202,6 @@ def pretrain(output_dir: str, data_dir: str = DATA_DIR, vocab_size: int = 2048, 
     examples (a quick check). Prints the held-out loss (``heldout_loss`` on the
     ``evaluation`` split) and the wall time, and writes them to ``pretrain_stats.json`` next to the weights.
     """
-    import math
-    import random
     import time
 
     start = time.time()
@@ -215,29 +214,14 @@ def pretrain(output_dir: str, data_dir: str = DATA_DIR, vocab_size: int = 2048, 
     heldout = heldout[:heldout_n] if heldout_n > 0 else heldout
     n_tokens = sum(map(len, docs))
 
-    # The whole schedule's blocks, epoch by epoch (a fractional last epoch takes the first part of its order).
-    blocks = []
-    for epoch in range(math.ceil(epochs)):
-        order = list(range(len(docs)))
-        random.Random(seed + epoch).shuffle(order)
-        epoch_blocks = pack([docs[i] for i in order], block_size)
-        blocks += epoch_blocks[: round(len(epoch_blocks) * min(1.0, epochs - epoch))]
+    blocks = _schedule(docs, seed, epochs, block_size)
     total_steps = len(blocks) // batch_size
     steps = min(total_steps, max_steps) if max_steps > 0 else total_steps
     print(f"pretraining: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, {n_tokens / 1e6:.2f}M tokens an "
           f"epoch, {len(blocks)} blocks of <= {block_size} tokens, {steps} steps of {batch_size} blocks", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return learning_rate * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
+    optimizer = _optimizer(model, learning_rate, weight_decay)
+    lr_at = _lr_schedule(learning_rate, warmup_steps, min_lr_ratio, total_steps)
     history = []
     running, seen = 0.0, 0
     for step in range(steps):
@@ -265,10 +249,6 @@ def pretrain(output_dir: str, data_dir: str = DATA_DIR, vocab_size: int = 2048, 
 
     train_seconds = time.time() - start
     loss_all, loss_answer = heldout_loss(model, tokenizer, heldout)
-    model.eval()
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     stats = {
         "parameters": n_params, "vocab_size": len(tokenizer), "hidden_size": hidden_size, "num_layers": num_layers,
         "num_heads": num_heads, "seed": seed, "epochs": epochs, "block_size": block_size, "batch_size": batch_size,
@@ -278,11 +258,56 @@ def pretrain(output_dir: str, data_dir: str = DATA_DIR, vocab_size: int = 2048, 
         "heldout_examples": len(heldout), "train_seconds": round(train_seconds), "history": history,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    with open(os.path.join(output_dir, "pretrain_stats.json"), "w") as f:
-        json.dump(stats, f, indent=1)
+    _save(output_dir, model, tokenizer, stats)
     print(f"held-out loss {loss_all:.4f} (answer only {loss_answer:.4f}) on {len(heldout)} evaluation examples; "
           f"{steps} steps in {train_seconds:.0f}s wall -> {output_dir}", flush=True)
     return stats
+
+
+def _schedule(docs: list[list[int]], seed: int, epochs: float, block_size: int) -> list[list[int]]:
+    """The whole schedule's blocks, epoch by epoch, each epoch's documents in the order ``random.Random(seed +
+    epoch)`` shuffles them to (a fractional last epoch takes the first part of its order)."""
+    import math
+    import random
+
+    blocks = []
+    for epoch in range(math.ceil(epochs)):
+        order = list(range(len(docs)))
+        random.Random(seed + epoch).shuffle(order)
+        epoch_blocks = pack([docs[i] for i in order], block_size)
+        blocks += epoch_blocks[: round(len(epoch_blocks) * min(1.0, epochs - epoch))]
+    return blocks
+
+
+def _optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95), weight decay on the matrices only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95))
+
+
+def _lr_schedule(learning_rate: float, warmup_steps: int, min_lr_ratio: float, total_steps: int):
+    """The learning rate at each step: linear warm-up, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    import math
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return learning_rate * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at
+
+
+def _save(output_dir: str, model, tokenizer, stats: dict) -> None:
+    """The weights, the tokenizer and ``pretrain_stats.json`` in ``output_dir``."""
+    model.eval()
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "pretrain_stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
 
 
 def install_pretrained(output_dir: str, data_dir: str = DATA_DIR, source: str = PRETRAINED_DIR) -> str:
@@ -299,58 +324,6 @@ def install_pretrained(output_dir: str, data_dir: str = DATA_DIR, source: str = 
         print(f"no committed weights in {source}: pretraining them (this takes minutes)")
         pretrain(output_dir, data_dir)
     return output_dir
-
-
-def sample_report(model_dir: str, data_dir: str = DATA_DIR, n: int = 50, max_new_tokens: int = 200,
-                  batch_size: int = 25, seed: int = 0, show: int = 0) -> dict:
-    """Answers of the model in ``model_dir`` to the first ``n`` evaluation questions, greedy and sampled
-    (temperature 1, no top-k/top-p, as PPO samples), with their gold scores (common/gold.py) and readable
-    shares. Prints a summary and ``show`` answers of each kind; returns the figures."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from common.gold import judge, readable_share
-    from common.prompts import tokenize_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with open(os.path.join(data_dir, "evaluation", "train.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(n))]
-    report = {}
-    for mode in ("greedy", "sampled"):
-        torch.manual_seed(seed)
-        answers = []
-        for start in range(0, len(rows), batch_size):
-            prompts = [tokenize_prompt(tokenizer, r["question"]) for r in rows[start:start + batch_size]]
-            width = max(map(len, prompts))
-            ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-            with torch.no_grad():
-                sampling = ({"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-                            if mode == "sampled" else {})
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
-                                     pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        verdicts = [judge(r["question"], a, r["answer_key"]) for r, a in zip(rows, answers)]
-        gold = [v.score for v in verdicts]
-        readable = [readable_share(a) for a in answers]
-        figures = {
-            "gold_mean": sum(gold) / len(gold),
-            "gold_ge_0.9": sum(g >= 0.9 for g in gold) / len(gold),
-            "gold_ge_0.5": sum(g >= 0.5 for g in gold) / len(gold),
-            "gold_eq_0": sum(g == 0 for g in gold) / len(gold),
-            "right_fix": sum(v.fix == 1 for v in verdicts) / len(verdicts),
-            "all_names": sum(v.names == 1 for v in verdicts) / len(verdicts),
-            "foreign_names": sum(bool(v.foreign) for v in verdicts) / len(verdicts),
-            "readable_mean": sum(readable) / len(readable),
-            "readable_ge_0.9": sum(r >= 0.9 for r in readable) / len(readable),
-            "distinct_first_lines": len({a.strip().split("\n")[0] for a in answers}),
-        }
-        report[mode] = {"figures": figures, "answers": answers, "gold": gold, "readable": readable}
-        print(f"{mode} ({len(rows)} evaluation questions): " + ", ".join(
-            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
-        for r, a, g, s in list(zip(rows, answers, gold, readable))[:show]:
-            print(f"--- [{mode}] gold {g:.2f} readable {s:.2f}\nQ: {r['question']}\nA: {a}\n", flush=True)
-    return report
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -396,6 +369,8 @@ def main(argv: list[str] | None = None) -> str:
         n = sum(p.numel() for p in model.parameters())
         print(f"tiny Llama: {n / 1e6:.2f}M parameters, vocab {len(tokenizer)} -> {args.output_dir}")
     if args.samples and (args.pretrain or args.pretrained):
+        from common.gold_report import sample_report  # evaluation code: the model builder knows no judge
+
         sample_report(args.output_dir, args.data_dir, n=args.samples, show=args.show)
     return args.output_dir
 

@@ -85,7 +85,7 @@ def test_dpo_loss_on_two_pairs_is_the_by_hand_log_sigmoid(tiny_model):
 
 
 def test_stackllama2_flags_and_defaults():
-    """dpo_llama2.py's flags parse to the same settings (STACKLLAMA.md), and its defaults are the defaults."""
+    """dpo_llama2.py's flags parse to the same settings (docs/stackllama.md), and its defaults are the defaults."""
     import training_dpo
 
     script, config, model_args = training_dpo.parse(["--model_name_or_path=sft/final_checkpoint",

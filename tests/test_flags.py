@@ -67,12 +67,13 @@ def test_known_library_messages_are_silenced_by_name_and_others_are_not():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         common.quiet.silence_known_noise()  # filterwarnings entries go first, before the "default" above
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
         warnings.warn("Unable to fetch remote file due to the following error E - silently ignoring the lookup for "
-                      "the file config.json in /runs/base.")
+                      "the file config.json in /runs/base.", stacklevel=1)
         warnings.warn("Unable to fetch remote file due to the following error E - silently ignoring the lookup for "
-                      "the file config.json in meta-llama/Llama-2-7b-hf.")
-        warnings.warn("`other_field` is deprecated and will be removed in v6.", FutureWarning)
+                      "the file config.json in meta-llama/Llama-2-7b-hf.", stacklevel=1)
+        warnings.warn("`other_field` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
     assert [str(w.message)[:40] for w in caught] == ["Unable to fetch remote file due to the f",
                                                      "`other_field` is deprecated and will be "]
 

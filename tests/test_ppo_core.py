@@ -11,7 +11,8 @@ import torch
 from ppo_update_worker import PROMPTS, RESPONSES, run_update, tiny_policy
 
 from common.generation import eos_token_ids, sample_responses
-from common.ppo import PolicyWithValueHead, PPOTrainer, position_ids_for, response_logprobs
+from common.ppo import PolicyWithValueHead, PPOTrainer
+from common.ppo_math import position_ids_for, response_logprobs
 from conftest import TORCHRUN, run_script
 
 

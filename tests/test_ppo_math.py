@@ -1,4 +1,4 @@
-"""The PPO math of common/ppo.py pinned against small hand-computed cases (DESIGN.md, section PPO).
+"""The PPO math (common/ppo_math.py) pinned against small hand-computed cases (docs/design.md, "PPO, RLOO and GRPO").
 
 Every expected number here is either written out (computed by hand, the working in the comments) or produced
 by a plain per-sequence Python loop in this file, never by the code under test.
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import common.ppo_math
-from common.ppo import position_ids_for
 from common.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    LengthSampler,
+    Progress,
+    PromptStream,
     RunningMoments,
     compute_gae,
     compute_rewards,
@@ -24,6 +26,7 @@ from common.ppo_math import (
     group_advantages,
     logprobs_from_logits,
     masked_whiten,
+    position_ids_for,
     ppo_losses,
     rloo_advantages,
     token_weights,
@@ -451,8 +454,6 @@ def test_position_ids_for_left_padding():
 
 
 def test_checkpointed_helpers_continue_exactly_from_their_state(tmp_path):
-    from common.ppo import LengthSampler, Progress, PromptStream
-
     kl = AdaptiveKLController(0.2, 6.0, 100)
     kl.update(9.0, 10)
     moments = RunningMoments()

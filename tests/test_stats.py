@@ -31,7 +31,9 @@ def test_constant_difference_has_a_zero_width_interval_at_that_difference():
 def test_bootstrap_mean_hand_case_and_reproducibility():
     m = bootstrap_mean([1.0, 2.0, 3.0, 4.0])
     assert m.mean == 2.5 and m.n == 4
-    assert 1.0 <= m.low < 2.5 < m.high <= 4.0
+    # The mean of 4 draws from {1, 2, 3, 4} is at most 1.25 (sum <= 5) in 5/256 = 2.0% of resamples and at most 1.5
+    # in 15/256 = 5.9%: the 2.5% quantile is 1.5, the 97.5% one 3.5 by symmetry (any mean stays inside [1, 4]).
+    assert (m.low, m.high) == (1.5, 3.5)
     assert bootstrap_mean([1.0, 2.0, 3.0, 4.0]) == m  # fixed seed: the same interval every time
     values = np.random.default_rng(0).normal(0, 1, 50)
     assert bootstrap_mean(values, seed=1) != bootstrap_mean(values, seed=0)  # another seed, other resamples
