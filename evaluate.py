@@ -1,4 +1,4 @@
-"""Compare models on held-out prompts: reward-model score, gold score, win rates, KL, answer length, best-of-n.
+r"""Compare models on held-out prompts: reward-model score, gold score, win rates, KL, answer length, best-of-n.
 
     # the pipeline's models on 200 held-out questions of the sample data
     python evaluate.py --models sft=runs/pipeline/sft_merged final=runs/pipeline/final \
@@ -37,6 +37,7 @@ Means, differences and win rates come with 95% paired bootstrap intervals over p
 verdict ("rose", "fell", "better", "worse") only where the interval excludes no change.
 
 Best of n (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"): ``--best_of_n`` answers per prompt
+import common.quiet  # noqa: F401  (first: silences known library messages)
 from one model on ``--best_of_n_prompts`` prompts, sampled once; for n = 1, 2, 4, ... the reward model picks the
 best of the first n, and the curve shows the proxy and the gold score of that pick. The proxy can only rise with n;
 gold rising then falling is the reward model being over-optimised. ``kl_bound`` is the KL of best-of-n sampling

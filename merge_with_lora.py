@@ -282,7 +282,9 @@ def verify(args: MergeArguments, merged, batch, reference: torch.Tensor, layers:
         print("warning: the adapter barely changes the probe logits, so the check cannot tell merged from unmerged")
 
 
-def main(args: MergeArguments) -> StageResult:
+def check_inputs(args: MergeArguments) -> tuple[str, str, str, str]:
+    """The adapter folder, its base, the flag that named the base and the adapter's task, all checked before any
+    model loads (and the output place writable)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("merge runs on one process; run it with python, not torchrun or accelerate launch")
     adapter = find_adapter(args.adapter_model_name)
@@ -298,7 +300,11 @@ def main(args: MergeArguments) -> StageResult:
     if task not in ("CAUSAL_LM", "SEQ_CLS"):
         raise UserError(f"--adapter_model_name {adapter} is a {task} adapter; this script merges CAUSAL_LM and "
                         "SEQ_CLS adapters")
+    return adapter, base, flag, task
 
+
+def main(args: MergeArguments) -> StageResult:
+    adapter, base, flag, task = check_inputs(args)
     has_tokenizer = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
     tokenizer = load_tokenizer(adapter if has_tokenizer else base, args.trust_remote_code)
     # Never quantized: an adapter trained on a 4/8-bit base merges into the full-precision weights.
@@ -337,6 +343,20 @@ def main(args: MergeArguments) -> StageResult:
     if args.verify:
         verify(args, merged, batch, reference, layers, metrics)
 
+    out = save_merged(args, merged, tokenizer, adapter=adapter, base=base, task=task, metrics=metrics)
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        repo = args.hub_model_id or os.path.basename(out)
+        HfApi().create_repo(repo, exist_ok=True)
+        HfApi().upload_folder(repo_id=repo, folder_path=out)
+        print(f"pushed to {repo}")
+    return StageResult(out, metrics)
+
+
+def save_merged(args: MergeArguments, merged, tokenizer, *, adapter: str, base: str, task: str, metrics: dict) -> str:
+    """The merged model, its tokenizer, run_args.yaml, metrics and model card into --output_name, swapped in only
+    once complete; returns the folder."""
     out = os.path.normpath(args.output_name)
     tmp = f"{out}.tmp-{os.getpid()}"
     with writing(f"the merged model to {out}"):
@@ -357,14 +377,7 @@ def main(args: MergeArguments) -> StageResult:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp)
     print(f"saved to {out}")
-    if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        repo = args.hub_model_id or os.path.basename(out)
-        HfApi().create_repo(repo, exist_ok=True)
-        HfApi().upload_folder(repo_id=repo, folder_path=out)
-        print(f"pushed to {repo}")
-    return StageResult(out, metrics)
+    return out
 
 
 def parse(argv: list[str] | None = None, kwargs: dict | None = None) -> tuple[MergeArguments]:

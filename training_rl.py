@@ -1,4 +1,4 @@
-"""Stage 3: PPO, RLOO or GRPO against a reward model, on `accelerate` (common/ppo.py; docs/ppo.md, docs/critic_free.md).
+r"""Stage 3: PPO, RLOO or GRPO against a reward model, on accelerate (common/ppo.py; docs/ppo.md, docs/critic_free.md).
 
     # offline demo, after training_sft.py and training_reward_model.py
     python training_rl.py --model_name runs/sft --reward_model_name runs/rm --dataset_name . --subset data/rl \
@@ -37,6 +37,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+
+import common.quiet  # noqa: F401  (first: silences known library messages)
 
 import torch
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal

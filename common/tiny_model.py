@@ -26,6 +26,8 @@ import glob
 import json
 import os
 
+import common.quiet  # noqa: F401  (first: silences known library messages)
+
 import torch
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]

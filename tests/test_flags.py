@@ -78,7 +78,8 @@ def test_known_library_messages_are_silenced_by_name_and_others_are_not():
                                                      "`other_field` is deprecated and will be "]
 
 
-@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_dpo", "merge_with_lora"])
+@pytest.mark.parametrize("script", ["training_sft", "training_reward_model", "training_dpo", "training_rl",
+                                    "merge_with_lora", "evaluate"])
 def test_help_keeps_the_docstrings_lines_and_prints_no_library_message(script):
     import subprocess
     import sys
