@@ -63,6 +63,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 from common import stats
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.data import DataError
+from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
 from common.generation import eos_token_ids, sample_responses
 from common.gold import judge, load_answer_keys, readable_share, vocabulary
 from common.layouts import columns_field, load_normalized
@@ -87,9 +88,9 @@ class EvalArguments:
         default=None, metadata={"help": "Reward model: Hub id, folder, or SEQ_CLS adapter folder."})
     reward_tokenizer_name: str | None = field(
         default=None, metadata={"help": "Reward model's tokenizer (default: its own)."})
-    dataset_name: str = field(default=".", metadata={"help": "Prompts: Hub id, folder, or file (. = the sample data)."})
-    subset: str = field(default="data/evaluation", metadata={"help": "The data_dir inside --dataset_name."})
-    split: str = field(default="train", metadata={"help": "Split of the prompts."})
+    dataset_name: str = dataset_name_field(".", reads="The prompts")
+    subset: str = data_dir_field("data/evaluation", "the prompts")
+    split: str = split_field("the prompts")
     columns: list[str] | None = columns_field()
     num_prompts: int = field(default=200, metadata={"help": "Evaluate on the first N questions of the split."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest answer, in tokens."})
@@ -107,7 +108,7 @@ class EvalArguments:
     bootstrap_resamples: int = field(
         default=stats.RESAMPLES, metadata={"help": "Bootstrap resamples of each interval."})
     output_dir: str = field(default="runs/eval", metadata={"help": "Output folder."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the results already in --output_dir."})
+    overwrite_output_dir: bool = overwrite_output_dir_field("the results")
     dtype: str | None = field(
         default=None, metadata={"help": "Weights dtype (default: float32 on CPU, bfloat16 on GPUs that support it).",
                                 "choices": ["auto", "bfloat16", "float16", "float32", None]})
@@ -211,7 +212,7 @@ def load_causal_lm(path: str, a: EvalArguments):
     tokenizer = load_tokenizer(path, a.trust_remote_code, "left")
     lm = load_model(ModelArguments(model_name_or_path=path, dtype=a.dtype, use_peft=False), "CAUSAL_LM",
                     a.trust_remote_code, tokenizer.pad_token_id, flag="--models")
-    check_vocabulary(tokenizer, lm, path, path, "--models", "--models")
+    check_vocabulary(tokenizer, lm, path, path, "--models", model_flag="--models")
     return tokenizer, lm.eval().requires_grad_(False).to(device())
 
 
@@ -220,7 +221,8 @@ def load_reward_model(a: EvalArguments):
     tokenizer = load_tokenizer(source, a.trust_remote_code, "right")
     rm = load_model(ModelArguments(model_name_or_path=a.reward_model_name, dtype=a.dtype, use_peft=False), "SEQ_CLS",
                     a.trust_remote_code, tokenizer.pad_token_id, flag="--reward_model_name", require_score_head=True)
-    check_vocabulary(tokenizer, rm, source, a.reward_model_name, "--reward_tokenizer_name", "--reward_model_name")
+    check_vocabulary(tokenizer, rm, source, a.reward_model_name, "--reward_tokenizer_name",
+                     model_flag="--reward_model_name")
     return tokenizer, rm.eval().requires_grad_(False).to(device())
 
 
@@ -232,7 +234,7 @@ def chunk_seed(seed: int, stream: int, chunk: int) -> int:
     return ((seed * 1_000_003 + stream) * 1_000_003 + chunk) % 2**63
 
 
-def sample(lm, tokenizer, prompts: list[list[int]], a: EvalArguments, stream: int, desc: str) -> list[list[int]]:
+def sample(lm, tokenizer, prompts: list[list[int]], a: EvalArguments, stream: int, *, desc: str) -> list[list[int]]:
     """One answer per prompt (token ids up to and including the first EOS), ``--batch_size`` prompts at a time,
     each chunk under its own seed."""
     eos, answers = eos_token_ids(tokenizer, lm), []
@@ -240,13 +242,13 @@ def sample(lm, tokenizer, prompts: list[list[int]], a: EvalArguments, stream: in
     for i, start in enumerate(tqdm(starts, desc=desc, disable=a.disable_tqdm, leave=False)):
         torch.manual_seed(chunk_seed(a.seed, stream, i))
         answers += sample_responses(lm, prompts[start : start + a.batch_size], a.max_new_tokens, a.temperature, eos,
-                                    tokenizer.pad_token_id)
+                                    pad_id=tokenizer.pad_token_id)
     return answers
 
 
 @torch.no_grad()
 def sequence_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int, temperature: float,
-                      batch_size: int) -> list[float]:
+                      *, batch_size: int) -> list[float]:
     """``sum_t log p(a_t | prompt, a_<t)`` of each answer under ``lm`` at ``temperature``, through the model's own
     forward (``logits_to_keep``: only the answer's logits), laid out as PPO lays out a batch: left-padded prompt,
     right-padded answer, positions counted over real tokens."""
@@ -265,7 +267,7 @@ def sequence_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pa
     return sums
 
 
-def reward_scores(rm, rm_tokenizer, prompts: list, answers: list[str], batch_size: int, what: str) -> list[float]:
+def reward_scores(rm, rm_tokenizer, prompts: list, answers: list[str], batch_size: int, *, what: str) -> list[float]:
     """The reward model's score of each prompt answered (``common.prompts.render_answer``, its own tokenizer)."""
     scores = score_texts(rm, rm_tokenizer, [render_answer(rm_tokenizer, p, t) for p, t in zip(prompts, answers)],
                          batch_size)
@@ -307,32 +309,33 @@ def same_tokenizer(t1, t2) -> bool:
     return t1.get_vocab() == t2.get_vocab() and t1.all_special_ids == t2.all_special_ids
 
 
-def answer_model(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, rm, rm_tokenizer, vocab) -> dict:
+def answer_model(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, *, rm, rm_tokenizer, vocab) -> dict:
     """A model's answers to every prompt, with their scores, length and own log-probs (for the KL)."""
     prompts = [encode(tokenizer, render_prompt(tokenizer, r["prompt"])) for r in rows]
-    ids = sample(lm, tokenizer, prompts, a, MAIN_STREAM, f"{name}: sampling")
+    ids = sample(lm, tokenizer, prompts, a, MAIN_STREAM, desc=f"{name}: sampling")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     eos = eos_token_ids(tokenizer, lm)
     verdicts = gold_verdicts(rows, texts)
     return {
         "prompts": prompts, "ids": ids, "texts": texts,
         "tokens": [len(r) for r in ids], "ended": [bool(r) and r[-1] in eos for r in ids],
-        "reward": reward_scores(rm, rm_tokenizer, [r["prompt"] for r in rows], texts, a.batch_size, f"model {name}"),
+        "reward": reward_scores(rm, rm_tokenizer, [r["prompt"] for r in rows], texts, a.batch_size,
+                                what=f"model {name}"),
         "gold": [v.score if v is not None else None for v in verdicts], "verdicts": verdicts,
         "readable": [readable_share(t, vocab) for t in texts],
-        "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, a.temperature, a.batch_size),
+        "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, a.temperature, batch_size=a.batch_size),
     }
 
 
-def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, rm, rm_tokenizer) -> dict:
+def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, *, rm, rm_tokenizer) -> dict:
     """``--best_of_n`` answers per prompt sampled once; for each n the proxy and gold score of the reward model's
     pick among the first n (the first of equal scores)."""
     rows, n_max = rows[: a.best_of_n_prompts], a.best_of_n
     prompts = [encode(tokenizer, render_prompt(tokenizer, r["prompt"])) for r in rows for _ in range(n_max)]
-    ids = sample(lm, tokenizer, prompts, a, BEST_OF_N_STREAM, f"{name}: best of {n_max}")
+    ids = sample(lm, tokenizer, prompts, a, BEST_OF_N_STREAM, desc=f"{name}: best of {n_max}")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     repeated = [r["prompt"] for r in rows for _ in range(n_max)]
-    flat = reward_scores(rm, rm_tokenizer, repeated, texts, a.batch_size, f"model {name} (best of n)")
+    flat = reward_scores(rm, rm_tokenizer, repeated, texts, a.batch_size, what=f"model {name} (best of n)")
     per_prompt = []
     for i, row in enumerate(rows):
         answers, reward = texts[i * n_max : (i + 1) * n_max], flat[i * n_max : (i + 1) * n_max]
@@ -414,19 +417,19 @@ def evaluate_models(args: EvalArguments | None = None, **kwargs) -> dict:
     answered, bon, ref = {}, None, None
     for name in [reference] + [n for n in models if n != reference]:  # the reference first; it stays loaded
         tokenizer, lm = load_causal_lm(models[name], a)
-        m = answered[name] = answer_model(name, lm, tokenizer, rows, a, rm, rm_tokenizer, vocab)
+        m = answered[name] = answer_model(name, lm, tokenizer, rows, a, rm=rm, rm_tokenizer=rm_tokenizer, vocab=vocab)
         if ref is None:
             ref = (tokenizer, lm)
             m["kl"], m["kl_note"] = [0.0] * len(rows), None  # logp - logp of the same forward: exactly 0
         elif same_tokenizer(tokenizer, ref[0]):
             ref_logp = sequence_logprobs(ref[1], m["prompts"], m["ids"], ref[0].pad_token_id, a.temperature,
-                                         a.batch_size)
+                                         batch_size=a.batch_size)
             m["kl"], m["kl_note"] = [x - y for x, y in zip(m["logp"], ref_logp)], None
         else:
             m["kl"], m["kl_note"] = None, (f"not computed: the tokenizers of {name} and the reference {reference} "
                                            "differ (the KL sums over the model's tokens; the reference must read them)")
         if a.best_of_n and name == bon_model:
-            bon = best_of_n_curve(name, lm, tokenizer, rows, a, rm, rm_tokenizer)
+            bon = best_of_n_curve(name, lm, tokenizer, rows, a, rm=rm, rm_tokenizer=rm_tokenizer)
         if lm is not ref[1]:
             del lm  # freed before the next model loads: at most the reference, this model and the reward model
     base = answered[baseline]
@@ -632,7 +635,7 @@ def main(a: EvalArguments) -> StageResult:
 def parse(argv: list[str] | None = None, kwargs: dict | None = None) -> tuple[EvalArguments]:
     if kwargs is not None and isinstance(kwargs.get("models"), dict):  # {"sft": path, ...}, as the YAML takes it
         kwargs = {**kwargs, "models": [f"{name}={path}" for name, path in kwargs["models"].items()]}
-    return parse_args((EvalArguments,), None, None, argv, __doc__, kwargs)
+    return parse_args((EvalArguments,), None, None, argv, __doc__, kwargs=kwargs)
 
 
 def run_evaluate(**kwargs) -> StageResult:

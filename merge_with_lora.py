@@ -255,7 +255,7 @@ def fixed_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     return rel * max(1.0, reference.abs().max().item())
 
 
-def verify(args: MergeArguments, merged, batch, reference: torch.Tensor, layers: LayerRecord, metrics: dict) -> None:
+def verify(args: MergeArguments, merged, batch, reference: torch.Tensor, layers: LayerRecord, *, metrics: dict) -> None:
     """Raise UserError unless the merge computes base + adapter: layer by layer, and on the probe logits."""
     diff = (probe(merged, batch) - reference).abs().max().item()
     share, name = layers.check(merged)
@@ -314,7 +314,7 @@ def main(args: MergeArguments) -> StageResult:
     if getattr(model, "is_quantized", False):
         raise UserError(f"{flag} {base} is a quantized checkpoint; merging needs the full-precision base")
     check_vocabulary(tokenizer, model, adapter if has_tokenizer else base, base, "--adapter_model_name (its tokenizer)",
-                     "--base_model_name")
+                     model_flag="--base_model_name")
     base_is_classifier = any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
     if task == "SEQ_CLS" and not base_is_classifier and not saves_head(adapter):  # StackLLaMA's lost `score` head
         raise UserError(f"--adapter_model_name {adapter} is a reward-model adapter without its trained `score` head "
@@ -341,7 +341,7 @@ def main(args: MergeArguments) -> StageResult:
             metrics["adapter_effect"] = (probe(model, batch) - reference).abs().max().item()
     merged = model.merge_and_unload()
     if args.verify:
-        verify(args, merged, batch, reference, layers, metrics)
+        verify(args, merged, batch, reference, layers, metrics=metrics)
 
     out = save_merged(args, merged, tokenizer, adapter=adapter, base=base, task=task, metrics=metrics)
     if args.push_to_hub:
@@ -371,7 +371,7 @@ def save_merged(args: MergeArguments, merged, tokenizer, *, adapter: str, base: 
             cls = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
             write_model_card(tmp, "merged " + ("reward model" if task == "SEQ_CLS" else "causal LM"), base,
                              f"none (a merge, checked on {len(PROBES)} fixed probe texts)", metrics,
-                             f"\nA plain model: `{cls}.from_pretrained(...)` loads it without peft.\n")
+                             notes=f"\nA plain model: `{cls}.from_pretrained(...)` loads it without peft.\n")
             replace_folder(tmp, out)  # with --overwrite (or an empty folder): swapped in once the new one is complete
         finally:
             if os.path.isdir(tmp):
@@ -381,7 +381,7 @@ def save_merged(args: MergeArguments, merged, tokenizer, *, adapter: str, base: 
 
 
 def parse(argv: list[str] | None = None, kwargs: dict | None = None) -> tuple[MergeArguments]:
-    return parse_args((MergeArguments,), ALIASES, None, argv, __doc__, kwargs)
+    return parse_args((MergeArguments,), ALIASES, None, argv, __doc__, kwargs=kwargs)
 
 
 def run_merge(**kwargs) -> StageResult:

@@ -41,6 +41,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
 from common.interrupt import save_on_interrupt_field
 from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
@@ -52,6 +53,7 @@ from common.modeling import (
     lora_config,
     plain_lm_head,
     trainer_device_defaults,
+    trainer_flag_problems,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import TemplateError, encode, render_prompt, tokenize_segments
@@ -61,15 +63,11 @@ from common.stage import TimeLimit, TrainerStage
 
 @dataclass
 class ScriptArguments:
-    dataset_name: str = field(
-        default="lvwerra/stack-exchange-paired",
-        metadata={"help": "Hub id, local folder (with the data dirs below as its sub-folders), data file, or "
-                          "save_to_disk folder."},
-    )
+    dataset_name: str = dataset_name_field(reads="The preference pairs")
     train_data_dir: str = field(default="data/rl", metadata={"help": "The data_dir of the training pairs "
                                                                      "(StackLLaMA-2 trained on data/rl)."})
-    eval_data_dir: str = field(default="data/evaluation", metadata={"help": "The data_dir of the evaluation pairs."})
-    split: str = field(default="train", metadata={"help": "Split to read from both data dirs."})
+    eval_data_dir: str = data_dir_field("data/evaluation", "the evaluation pairs")
+    split: str = split_field("both data dirs")
     train_subset: int = field(default=0, metadata={"help": "Use the first N training pairs (<= 0: all)."})
     eval_subset: int = field(default=1000, metadata={"help": "Use the first N evaluation pairs (<= 0: all)."})
     max_prompt_length: int | None = field(
@@ -77,10 +75,7 @@ class ScriptArguments:
         metadata={"help": "Pairs whose prompt is longer than this many tokens are dropped (and counted). Default: half "
                           "of --max_length (512 with StackLLaMA-2's 1024)."},
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace a final model already in --output_dir."},
-    )
+    overwrite_output_dir: bool = overwrite_output_dir_field()
     columns: list[str] | None = columns_field()
     save_on_interrupt: bool = save_on_interrupt_field()
     eval_first_step: bool = field(
@@ -155,10 +150,11 @@ def check_args(script: ScriptArguments, config: DPOConfig) -> None:
     if config.precompute_ref_log_probs:
         problems.append("--precompute_ref_log_probs is not supported here: with LoRA the reference is the model with "
                         "its adapter disabled, which costs no memory")
+    problems += trainer_flag_problems(config)
     collect(problems)
 
 
-def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, verbose: bool):
+def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, *, verbose: bool):
     """`prompt_ids`/`chosen_ids`/`rejected_ids` as DPOTrainer's collator takes them: the prompt's ids as SFT and PPO
     have them (special tokens included), each answer's ids then EOS. Over-long pairs are dropped and counted.
     Returns the tokenized pairs and the kept rows (the text, for the evaluation report)."""
@@ -201,12 +197,12 @@ class Trainer(AtomicCheckpoints, DPOTrainer):
 
 
 def build_trainer(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments, tokenizer, train_ds,
-                  eval_ds=None, callbacks=()) -> Trainer:
+                  *, eval_ds=None, callbacks=()) -> Trainer:
     """The policy (and, without LoRA, the frozen reference) and `DPOTrainer` as the stage trains them."""
     set_seed(config.seed)  # the LoRA weights are initialised at random
     model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
     check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
-                     model_args.model_name_or_path, "--tokenizer_name", "--model_name_or_path")
+                     model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name_or_path")
     ref_model = None
     if not model_args.use_peft:
         ref_model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
@@ -261,12 +257,12 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
                                config.trust_remote_code, "right")
     if stage.is_main:
         print(f"data: train {train_layout.describe(tokenizer)}; eval {eval_layout.describe(tokenizer)}")
-    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
-    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", stage.is_main)
+    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", verbose=stage.is_main)
+    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", verbose=stage.is_main)
 
     time_limit = TimeLimit(script.max_train_seconds) if script.max_train_seconds else None
-    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds,
-                            stage.callbacks + ([time_limit] if time_limit else []))
+    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds=eval_ds,
+                            callbacks=stage.callbacks + ([time_limit] if time_limit else []))
     stage.begin(script, model_args, config, trainer=trainer, tokenizer=tokenizer, stage="DPO")
     if script.eval_first_step and not stage.resume:
         trainer.evaluate()
@@ -281,7 +277,7 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
         return StageResult(config.output_dir, {})
     kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
     report = pair_report(eval_rows["question"], [answer_display(a) for a in eval_rows["chosen"]],
-                         [answer_display(a) for a in eval_rows["rejected"]], r_j, r_k, kinds)
+                         [answer_display(a) for a in eval_rows["rejected"]], r_j, r_k, kinds=kinds)
     report["what"] = f"DPO's implicit reward beta * (log pi - log ref), beta {config.beta}"
     write_report(tmp, report, title="DPO implicit reward evaluation")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -308,7 +304,7 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
 def parse(argv: list[str] | None = None, kwargs: dict | None = None
           ) -> tuple[ScriptArguments, DPOConfig, ModelArguments]:
     return parse_args((ScriptArguments, DPOConfig, ModelArguments), ALIASES, {**DEFAULTS, **device_defaults()},
-                      argv, __doc__, kwargs)
+                      argv, __doc__, kwargs=kwargs)
 
 
 def run_dpo(**kwargs) -> StageResult:

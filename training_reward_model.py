@@ -35,6 +35,7 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
 from common.interrupt import save_on_interrupt_field
 from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
@@ -45,6 +46,7 @@ from common.modeling import (
     load_tokenizer,
     lora_config,
     trainer_device_defaults,
+    trainer_flag_problems,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import TemplateError, encode, ends_with_eos, render_prompt
@@ -56,14 +58,10 @@ FIELDS = ["question", "response_j", "response_k"]  # the StackLLaMA layout (comm
 
 @dataclass
 class ScriptArguments:
-    dataset_name: str = field(
-        default="lvwerra/stack-exchange-paired",
-        metadata={"help": "Hub id, local folder (with the data dirs below as its sub-folders), data file, or "
-                          "save_to_disk folder."},
-    )
-    train_data_dir: str = field(default="data/reward", metadata={"help": "The data_dir of the training pairs."})
-    eval_data_dir: str = field(default="data/evaluation", metadata={"help": "The data_dir of the evaluation pairs."})
-    split: str = field(default="train", metadata={"help": "Split to read from both data dirs."})
+    dataset_name: str = dataset_name_field(reads="The preference pairs")
+    train_data_dir: str = data_dir_field("data/reward", "the training pairs")
+    eval_data_dir: str = data_dir_field("data/evaluation", "the evaluation pairs")
+    split: str = split_field("both data dirs")
     train_subset: int = field(default=100000, metadata={"help": "Use the first N training pairs (<= 0: all)."})
     eval_subset: int = field(default=50000, metadata={"help": "Use the first N evaluation pairs (<= 0: all)."})
     margin: float = field(
@@ -71,10 +69,7 @@ class ScriptArguments:
         metadata={"help": "Constant margin m in the loss -logsigmoid(r_j - r_k - m): r_j must beat r_k by m "
                           "(0: none)."},
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace a final model already in --output_dir."},
-    )
+    overwrite_output_dir: bool = overwrite_output_dir_field()
     eval_first_step: bool = field(
         default=False,
         metadata={"help": "Evaluate once before training (the untrained baseline)."},
@@ -113,6 +108,7 @@ def check_args(script: ScriptArguments, config: RewardConfig) -> None:
         problems.append(f"--per_device_train_batch_size must be > 0, got {config.per_device_train_batch_size}")
     if config.per_device_eval_batch_size is not None and config.per_device_eval_batch_size <= 0:
         problems.append(f"--per_device_eval_batch_size must be > 0, got {config.per_device_eval_batch_size}")
+    problems += trainer_flag_problems(config)
     collect(problems)
     if script.margin < 0:
         warnings.warn(f"--margin {script.margin} is negative: pairs count as learned before r_j beats r_k",
@@ -129,7 +125,7 @@ def pair_texts(tokenizer, rows, side: str) -> list[str]:
         raise UserError(f"--model_name_or_path/--tokenizer_name: {e}") from e
 
 
-def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, verbose: bool):
+def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, *, verbose: bool):
     """`chosen_ids`/`rejected_ids` exactly as RewardTrainer makes them (text + EOS, special tokens added), so it
     skips its own tokenizing; pairs over `max_length` dropped here, so the count can be reported. Returns the
     tokenized pairs and the kept rows (the text, for the evaluation report)."""
@@ -163,12 +159,12 @@ class Trainer(AtomicCheckpoints, RewardTrainer):
 
 
 def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, train_ds, eval_ds=None,
-                  callbacks=()) -> Trainer:
+                  *, callbacks=()) -> Trainer:
     """The model and `RewardTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     set_seed(config.seed)  # the score head is initialised at random when the classifier is built
     model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
-                     model_args.model_name_or_path, "--tokenizer_name", "--model_name_or_path")
+                     model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name_or_path")
     return Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                    peft_config=lora_config(model_args, "SEQ_CLS"), callbacks=list(callbacks))
 
@@ -190,10 +186,10 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
         print(f"data: train {train_layout.describe(tokenizer)}; eval {eval_layout.describe(tokenizer)}")
     if config.eos_token:  # RewardTrainer would switch to it only after the pairs below are tokenized
         tokenizer.eos_token = config.eos_token
-    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", stage.is_main)
-    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", stage.is_main)
+    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", verbose=stage.is_main)
+    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", verbose=stage.is_main)
 
-    trainer = build_trainer(config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
+    trainer = build_trainer(config, model_args, tokenizer, train_ds, eval_ds, callbacks=stage.callbacks)
     stage.begin(script, model_args, config, trainer=trainer, tokenizer=tokenizer, stage="reward model")
     if script.eval_first_step and not stage.resume:
         trainer.evaluate()
@@ -206,13 +202,13 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
     # RewardTrainer's per-batch averages.
     r_j, r_k = score_pairs(trainer.model, tokenizer, pair_texts(tokenizer, eval_rows, "chosen"),
                            pair_texts(tokenizer, eval_rows, "rejected"), config.per_device_eval_batch_size,
-                           trainer.accelerator)
+                           accelerator=trainer.accelerator)
     trainer.accelerator.wait_for_everyone()
     if not stage.is_main:
         return StageResult(config.output_dir, {})
     kinds = eval_rows["pair_kind"] if "pair_kind" in eval_rows.column_names else None
     report = pair_report(eval_rows["question"], [answer_display(a) for a in eval_rows["chosen"]],
-                         [answer_display(a) for a in eval_rows["rejected"]], r_j, r_k, kinds)
+                         [answer_display(a) for a in eval_rows["rejected"]], r_j, r_k, kinds=kinds)
     all_scores = torch.cat([r_j, r_k])
     stats = {"mean": float(all_scores.mean()), "std": float(all_scores.std(unbiased=False)), "n": len(all_scores),
              "what": f"scores of both answers of the {len(r_j)} evaluation pairs ({script.eval_data_dir})"}
@@ -241,7 +237,7 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
 def parse(argv: list[str] | None = None, kwargs: dict | None = None
           ) -> tuple[ScriptArguments, RewardConfig, ModelArguments]:
     return parse_args((ScriptArguments, RewardConfig, ModelArguments), ALIASES,
-                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__, kwargs)
+                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__, kwargs=kwargs)
 
 
 def run_reward_model(**kwargs) -> StageResult:

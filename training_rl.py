@@ -46,6 +46,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 from common import interrupt
 from common.checkpoints import check_origin, origin
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
 from common.gold import gold_score
 from common.interrupt import save_on_interrupt_field
 from common.layouts import columns_field, load_normalized
@@ -83,10 +84,9 @@ class ScriptArguments:
         default=None, metadata={"help": "Reward model: Hub id, folder, or SEQ_CLS adapter folder."})
     reward_tokenizer_name: str | None = field(
         default=None, metadata={"help": "Reward model's tokenizer (default: its own)."})
-    dataset_name: str = field(
-        default="lvwerra/stack-exchange-paired", metadata={"help": "Prompts: Hub id, folder, or file."})
-    subset: str = field(default="data/rl", metadata={"help": "The data_dir inside --dataset_name."})
-    split: str = field(default="train", metadata={"help": "Split of the prompts."})
+    dataset_name: str = dataset_name_field(reads="The prompts")
+    subset: str = data_dir_field("data/rl", "the prompts")
+    split: str = split_field("the prompts")
     max_prompt_length: int = field(
         default=256, metadata={"help": "Prompts longer than this (in policy tokens) are dropped."})
     output_dir: str = field(default="runs/", metadata={"help": "Output folder."})
@@ -94,8 +94,7 @@ class ScriptArguments:
         default=None, metadata={"help": "Checkpoint every N PPO steps (None: only the final model)."})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, tensorboard, wandb (comma-separated)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N folder, or latest."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a final model already in --output_dir."})
+    overwrite_output_dir: bool = overwrite_output_dir_field()
     columns: list[str] | None = columns_field()
     save_on_interrupt: bool = save_on_interrupt_field()
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
@@ -105,8 +104,7 @@ class ScriptArguments:
                                         "--eval_prompts held-out questions and log their reward-model score, gold "
                                         "score (sample-data questions) and length as eval/* in metrics.jsonl "
                                         "(None: no evaluation)."})
-    eval_subset: str = field(
-        default="data/evaluation", metadata={"help": "The data_dir inside --dataset_name of the held-out questions."})
+    eval_data_dir: str = data_dir_field("data/evaluation", "the held-out questions of --eval_freq")
     eval_prompts: int = field(default=64, metadata={"help": "Held-out questions per evaluation (the first N)."})
     max_skipped_steps: int = field(default=3, metadata={"help": "Stop after this many consecutive non-finite steps."})
     samples_per_step: int = field(
@@ -115,7 +113,8 @@ class ScriptArguments:
 
 
 # Other scripts' names for what PPO counts differently (an unknown flag's error names the one to use).
-HINTS = {"--max_steps": "PPO counts episodes: use --steps N (N / --batch_size PPO steps), as StackLLaMA did",
+HINTS = {"--eval_subset": "the held-out questions' folder is --eval_data_dir (--eval_prompts: how many)",
+         "--max_steps": "PPO counts episodes: use --steps N (N / --batch_size PPO steps), as StackLLaMA did",
          "--num_train_epochs": "PPO counts episodes: use --steps N (N / --batch_size PPO steps), as StackLLaMA did"}
 ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to",
            "--reward_model_name_or_path": "reward_model_name"}
@@ -185,7 +184,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
     if config.reward_normalization == "stats":
         with open(os.path.join(a.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
             reward_stats = json.load(f)
-    trainer = build_trainer(a, config, model_args, accelerator, tokenizer, prompts, reward_stats)
+    trainer = build_trainer(a, config, model_args, accelerator, tokenizer, prompts=prompts, reward_stats=reward_stats)
     total_steps = total_ppo_steps(config)
 
     writer = MetricsWriter(a.output_dir, enabled=is_main)
@@ -210,7 +209,7 @@ def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> S
         accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**vars(a), **vars(config)}.items()
                                                       if isinstance(v, (int, float, str, bool))})
 
-    train_steps(a, trainer, total_steps, eval_rows, resume, writer, samples_path, trackers)
+    train_steps(a, trainer, total_steps, eval_rows, resume, writer=writer, samples_path=samples_path, trackers=trackers)
     card_metrics = save_final(a, model_args, trainer, tokenizer)
     # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
     # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
@@ -235,12 +234,12 @@ def training_prompts(a: ScriptArguments, config: PPOConfig, tokenizer, accelerat
 
 
 def held_out_rows(a: ScriptArguments, tokenizer, num_processes: int) -> list[dict]:
-    """The first --eval_prompts questions of --eval_subset, as many on every process."""
-    held_out, _, _ = load_prompts(a, tokenizer, a.eval_subset)
+    """The first --eval_prompts questions of --eval_data_dir, as many on every process."""
+    held_out, _, _ = load_prompts(a, tokenizer, a.eval_data_dir)
     usable = min(a.eval_prompts, len(held_out)) // num_processes * num_processes
     eval_rows = [held_out[i] for i in range(usable)]  # the same number on every process
     if not eval_rows:
-        raise UserError(f"--eval_subset {a.eval_subset}: fewer usable questions than processes")
+        raise UserError(f"--eval_data_dir {a.eval_data_dir}: fewer usable questions than processes")
     return eval_rows
 
 
@@ -252,7 +251,7 @@ def held_out_gold(rows: list[dict], answers: list[str]) -> list[float | None]:
 
 
 def train_steps(a: ScriptArguments, trainer: PPOTrainer, total_steps: int, eval_rows: list[dict], resume: str | None,
-                writer: MetricsWriter, samples_path: str, trackers: list[str]) -> None:
+                *, writer: MetricsWriter, samples_path: str, trackers: list[str]) -> None:
     """PPO steps up to ``total_steps``: each step's metrics to metrics.jsonl (and the trackers) with, every
     --eval_freq steps, the held-out evaluation (judged by ``held_out_gold``), its first samples to samples.jsonl, a
     checkpoint every --save_freq steps or on a signal with --save_on_interrupt; too many skipped steps in a row stop
@@ -365,7 +364,7 @@ def total_ppo_steps(config: PPOConfig) -> int:
 
 
 def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments, accelerator, tokenizer,
-                  prompts: list[dict], reward_stats: dict | None = None) -> PPOTrainer:
+                  *, prompts: list[dict], reward_stats: dict | None = None) -> PPOTrainer:
     """The reward model, the policy with its value head (and a reference copy with full fine-tuning), the optimizer
     and the `PPOTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     from transformers import get_scheduler
@@ -376,12 +375,12 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
         reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
                                   flag="--reward_model_name", require_score_head=True)
     check_vocabulary(reward_tokenizer, reward_model, a.reward_tokenizer_name or a.reward_model_name,
-                     a.reward_model_name, "--reward_tokenizer_name", "--reward_model_name")
+                     a.reward_model_name, "--reward_tokenizer_name", model_flag="--reward_model_name")
     reward_model.eval().requires_grad_(False).to(accelerator.device)
 
     policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
     check_vocabulary(tokenizer, policy, model_args.tokenizer_name or model_args.model_name_or_path,
-                     model_args.model_name_or_path, "--tokenizer_name", "--model_name")
+                     model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name")
     ref_model = None
     if model_args.use_peft:
         from peft import get_peft_model
@@ -405,8 +404,9 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0,
                               num_training_steps=total_ppo_steps(config))
-    return PPOTrainer(accelerator, model, tokenizer, reward_model, reward_tokenizer, prompts, config, reward_stats,
-                      ref_model, optimizer, scheduler)
+    return PPOTrainer(accelerator, model, tokenizer, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                      prompts=prompts, config=config, reward_stats=reward_stats, ref_model=ref_model,
+                      optimizer=optimizer, scheduler=scheduler)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -442,7 +442,8 @@ def build_optimizer(config: PPOConfig, params: list) -> torch.optim.Optimizer:
 
 def parse(argv: list[str] | None = None, kwargs: dict | None = None
           ) -> tuple[ScriptArguments, PPOConfig, ModelArguments]:
-    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__, kwargs, HINTS)
+    return parse_args((ScriptArguments, PPOConfig, ModelArguments), ALIASES, None, argv, __doc__, kwargs=kwargs,
+                      hints=HINTS)
 
 
 def run_rl(**kwargs) -> StageResult:

@@ -33,6 +33,7 @@ from transformers import IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
+from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
 from common.interrupt import save_on_interrupt_field
 from common.layouts import Layout, columns_field, load_normalized
 from common.modeling import (
@@ -44,6 +45,7 @@ from common.modeling import (
     lora_config,
     plain_lm_head,
     trainer_device_defaults,
+    trainer_flag_problems,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import TemplateError, conversation_segments, tokenize_segments
@@ -54,12 +56,9 @@ FIELDS = ["question", "response_j"]  # the StackLLaMA layout (common/layouts.py 
 
 @dataclass
 class ScriptArguments:
-    dataset_name: str = field(
-        default="lvwerra/stack-exchange-paired",
-        metadata={"help": "Hub id, local folder (with --subset as its sub-folder), data file, or save_to_disk folder."},
-    )
-    subset: str = field(default="data/finetune", metadata={"help": "The data_dir inside --dataset_name."})
-    split: str = field(default="train", metadata={"help": "Split to train on; the validation rows are held out of it."})
+    dataset_name: str = dataset_name_field(reads="The training rows")
+    subset: str = data_dir_field("data/finetune", "the training rows")
+    split: str = split_field("the training rows (the validation rows are held out of it)")
     size_valid_set: int = field(default=4000, metadata={"help": "Rows held out of --split for evaluation (0: none)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data set instead of downloading it whole."})
     shuffle_buffer: int = field(default=5000, metadata={"help": "Shuffle buffer size when streaming."})
@@ -67,10 +66,7 @@ class ScriptArguments:
         default=None,
         metadata={"help": "EOS id to end each example with (default: the tokenizer's)."},
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace a final model already in --output_dir."},
-    )
+    overwrite_output_dir: bool = overwrite_output_dir_field()
     eval_first_step: bool = field(
         default=False,
         metadata={"help": "Evaluate once before training (the baseline eval loss)."},
@@ -124,6 +120,7 @@ def check_args(script: ScriptArguments, config: SFTConfig) -> None:
     if config.per_device_train_batch_size <= 0:
         problems.append(f"--batch_size/--per_device_train_batch_size must be > 0, "
                         f"got {config.per_device_train_batch_size}")
+    problems += trainer_flag_problems(config)
     collect(problems)
 
 
@@ -178,11 +175,11 @@ class Trainer(AtomicCheckpoints, SFTTrainer):
 
 
 def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments, tokenizer, train_ds,
-                  eval_ds=None, callbacks=()) -> Trainer:
+                  *, eval_ds=None, callbacks=()) -> Trainer:
     """The model and `SFTTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
     check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
-                     model_args.model_name_or_path, "--tokenizer_name", "--model_name_or_path")
+                     model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name_or_path")
     trainer = Trainer(
         model=model,
         args=config,
@@ -208,7 +205,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     if not columns and config.dataset_text_field != "text":  # TRL's name for the text column
         columns = [f"text={config.dataset_text_field}"]
     loaded, layout = load_normalized("sft", script.dataset_name, script.subset, script.split, columns,
-                                     script.streaming)
+                                     streaming=script.streaming)
     check_layout(layout, config)
     train_rows, valid_rows = split_valid(loaded, script)
     if valid_rows is None:
@@ -234,7 +231,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
         print(f"train: {len(lengths)} examples, {sum(lengths)} tokens; {over} longer than --seq_length "
               f"{config.max_length} {what}")
 
-    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds, stage.callbacks)
+    trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds=eval_ds, callbacks=stage.callbacks)
     config.assistant_only_loss, config.completion_only_loss = assistant_only, completion_only
     stage.begin(script, model_args, config, trainer=trainer, tokenizer=tokenizer, stage="SFT")
     if script.eval_first_step and eval_ds is not None and not stage.resume:
@@ -264,7 +261,7 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
 def parse(argv: list[str] | None = None, kwargs: dict | None = None
           ) -> tuple[ScriptArguments, SFTConfig, ModelArguments]:
     return parse_args((ScriptArguments, SFTConfig, ModelArguments), ALIASES,
-                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__, kwargs)
+                      {**DEFAULTS, **trainer_device_defaults()}, argv, __doc__, kwargs=kwargs)
 
 
 def run_sft(**kwargs) -> StageResult:

@@ -183,11 +183,11 @@ def run_ours(a) -> dict:
         wall = time.perf_counter() - t0
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         metrics = [json.loads(line) for line in f if line.strip()]
-    return ours_report(a, clock.steps, metrics, widths, wall, load_avg_start)
+    return ours_report(a, clock.steps, metrics, widths, wall, load_avg_start=load_avg_start)
 
 
 def ours_report(a, steps: list[dict], metrics: list[dict], widths: list[int], wall: float,
-                load_avg_start: list[str]) -> dict:
+                *, load_avg_start: list[str]) -> dict:
     """Our side's JSON line from its step times and `metrics.jsonl`; exits if a response was not full length."""
     import torch
 

@@ -39,7 +39,7 @@ def build(model: str, reward_model: str, out_dir: str, extra: list[str] | None =
     set_seed(c.seed)
     tok = load_tokenizer(m.tokenizer_name or m.model_name_or_path, a.trust_remote_code, "left")
     prompts, _, _ = training_rl.load_prompts(a, tok)
-    trainer = training_rl.build_trainer(a, c, m, accelerator, tok, prompts)
+    trainer = training_rl.build_trainer(a, c, m, accelerator, tok, prompts=prompts)
     trainer.eos_ids = []  # every response is exactly 32 tokens (our sampling ignores generation_config)
     return trainer
 

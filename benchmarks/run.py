@@ -339,7 +339,7 @@ def build_rm(models: dict, p: dict, out_dir: str):
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code, "right")
     if config.eos_token:
         tokenizer.eos_token = config.eos_token
-    train_ds, _ = rm_script.tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", False)
+    train_ds, _ = rm_script.tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", verbose=False)
     writer = MetricsWriter(config.output_dir)
     trainer = rm_script.build_trainer(config, model_args, tokenizer, train_ds,
                                       callbacks=[nonfinite_guard(), metrics_callback(writer)])
@@ -408,7 +408,7 @@ def build_ppo_trainer(models: dict, p: dict, out_dir: str):
     set_seed(config.seed)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
     prompts, _, _ = training_rl.load_prompts(a, tokenizer)
-    return training_rl.build_trainer(a, config, model_args, accelerator, tokenizer, prompts), config
+    return training_rl.build_trainer(a, config, model_args, accelerator, tokenizer, prompts=prompts), config
 
 
 def left_pad(prompts: list[list[int]], rows: int, pad: int):

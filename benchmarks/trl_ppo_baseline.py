@@ -190,7 +190,7 @@ def load_models(args) -> tuple:
     return tok, policy, value_model, reward_model
 
 
-def build_trainer(args, work_dir: str, tok, policy, value_model, reward_model):
+def build_trainer(args, work_dir: str, tok, policy, value_model, *, reward_model):
     """TRL's PPOTrainer on the setup (module docstring), its dataloader giving the prompts in our trainer's order."""
     import torch
     from datasets import Dataset
@@ -313,7 +313,7 @@ def step_times(args, timer: PhaseTimer, marks: dict, steps: list[dict], log_entr
     return StepTimes()
 
 
-def report(args, trainer, steps: list[dict], log_entries: list[dict], widths: list[int], load_s: float,
+def report(args, trainer, steps: list[dict], log_entries: list[dict], widths: list[int], *, load_s: float,
            load_avg_start: list[str]) -> dict:
     """The JSON line of TRL's side; a warning on stderr if EOS was sampled."""
     import torch
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_s = time.perf_counter() - t_load
         trainer.train()
 
-    result = report(args, trainer, steps, log_entries, widths, load_s, load_avg_start)
+    result = report(args, trainer, steps, log_entries, widths, load_s=load_s, load_avg_start=load_avg_start)
     print(json.dumps(result))
     if tmp is not None:
         tmp.cleanup()

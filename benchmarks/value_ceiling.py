@@ -32,7 +32,7 @@ import argparse
 from _setup import ROOT  # first: the repository on sys.path, offline, passive OpenMP
 
 
-def monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer, questions, max_new_tokens, k, eos_ids,
+def monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer, questions, *, max_new_tokens, k, eos_ids,
                        batch_size=256):
     """(answers, values, scores): one sampled answer per question; ``values[i]`` is ``[len(answers[i]), k]``, the
     final scores of ``k`` completions from each prefix ``answers[i][:t]``; ``scores[i]`` the answer's own score."""
@@ -44,7 +44,7 @@ def monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer, questi
 
     prompts = [tokenize_prompt(tokenizer, q) for q in questions]
     pad = tokenizer.pad_token_id
-    answers = sample_responses(policy, prompts, max_new_tokens, 1.0, eos_ids, pad)
+    answers = sample_responses(policy, prompts, max_new_tokens, 1.0, eos_ids, pad_id=pad)
 
     def scores_of(rows, responses):
         texts = [format_example(questions[i], tokenizer.decode(r, skip_special_tokens=True))
@@ -59,7 +59,7 @@ def monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer, questi
         for s in range(0, len(jobs), batch_size):
             chunk = jobs[s : s + batch_size]
             prefixes = [prompts[i] + answers[i][:t] for i, _ in chunk]
-            tails = sample_responses(policy, prefixes, max_new_tokens - t, 1.0, eos_ids, pad)
+            tails = sample_responses(policy, prefixes, max_new_tokens - t, 1.0, eos_ids, pad_id=pad)
             got = scores_of([i for i, _ in chunk], [answers[i][:t] + tail for (i, _), tail in zip(chunk, tails)])
             for (i, j), g in zip(chunk, got.tolist()):
                 values[i][t, j] = g
@@ -138,7 +138,7 @@ def critic_values(critic, ids, attn):
     return critic.score(backbone(input_ids=ids, attention_mask=attn).last_hidden_state)[..., 0]
 
 
-def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model, reward_tokenizer, questions, test,
+def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model, *, reward_tokenizer, questions, test,
                   max_new_tokens, eos_ids, epochs, learning_rate, seed):
     """Held-out explained variance (against the final score, lam 1) of critics trained by regression on the final
     scores of answers the policy gives to ``questions``, tested on answers to ``test``: one initialised from the
@@ -162,7 +162,7 @@ def train_critics(policy_dir, reward_model_dir, policy, tokenizer, reward_model,
         answers = []
         for s in range(0, len(qs), 64):  # as PPO: a sampled maximum length per generation batch
             length = rng.randint(max_new_tokens // 2, max_new_tokens)
-            answers += sample_responses(policy, prompts[s : s + 64], length, 1.0, eos_ids, pad)
+            answers += sample_responses(policy, prompts[s : s + 64], length, 1.0, eos_ids, pad_id=pad)
         texts = [format_example(q, tokenizer.decode(a, skip_special_tokens=True)) for q, a in zip(qs, answers)]
         return prompts, answers, score_texts(reward_model, reward_tokenizer, texts, 64)
 
@@ -253,8 +253,8 @@ def main(argv=None):
         p.error(f"--prompts + --critics (+ 128 held out) exceed the {len(questions)} questions of {args.subset}")
     if args.prompts:  # 0: the learned critics only
         answers, values, scores = monte_carlo_values(policy, tokenizer, reward_model, reward_tokenizer,
-                                                     questions[-args.prompts :], args.max_new_tokens,
-                                                     args.continuations, eos_ids)
+                                                     questions[-args.prompts :], max_new_tokens=args.max_new_tokens,
+                                                     k=args.continuations, eos_ids=eos_ids)
         ended = sum(bool(a) and a[-1] in eos_ids for a in answers)
         print(f"{len(answers)} answers ({ended} ended with EOS), {sum(map(len, answers))} response tokens, "
               f"K = {args.continuations} completions per prefix; score mean {scores.mean():.3f}, "
@@ -271,10 +271,12 @@ def main(argv=None):
             print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     if args.critics:
         first = len(questions) - args.prompts - args.critics - 128
-        curves = train_critics(args.model, args.reward_model, policy, tokenizer, reward_model, reward_tokenizer,
-                               questions[first : first + args.critics],
-                               questions[first + args.critics : len(questions) - args.prompts],
-                               args.max_new_tokens, eos_ids, args.epochs, args.critic_learning_rate, args.seed)
+        curves = train_critics(args.model, args.reward_model, policy, tokenizer, reward_model,
+                               reward_tokenizer=reward_tokenizer,
+                               questions=questions[first : first + args.critics],
+                               test=questions[first + args.critics : len(questions) - args.prompts],
+                               max_new_tokens=args.max_new_tokens, eos_ids=eos_ids, epochs=args.epochs,
+                               learning_rate=args.critic_learning_rate, seed=args.seed)
         print(f"\n| learned critic ({args.critics} answers, held-out 128), EV against the final score | "
               "untrained, calibrated | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " |")
         print("| --- " * (args.epochs + 2) + "|")

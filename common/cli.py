@@ -100,7 +100,7 @@ def parse_args(
     defaults: dict[str, object] | None = None,
     args: list[str] | None = None,
     description: str | None = None,
-    kwargs: dict | None = None,
+    *, kwargs: dict | None = None,
     hints: dict[str, str] | None = None,
 ) -> tuple:
     """Parse ``args`` (default ``sys.argv[1:]``) into one instance of each dataclass.
@@ -132,6 +132,7 @@ def parse_args(
     if remaining:
         raise UserError(f"unrecognized arguments: {' '.join(remaining)}{_suggestions(parser, remaining, hints)} "
                         "(see --help)")
+    _check_before_validation(namespace)
     outputs = []
     for dtype in parser.dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}
@@ -158,6 +159,7 @@ def build_parser(dataclass_types: Iterable[type], aliases: dict[str, str] | None
                         help="YAML file of argument defaults; command-line flags override it.")
     _accept_none(parser, dataclass_types)
     _bare_booleans(parser)
+    _structured_values(parser, dataclass_types)
     aliases = {**_renamed_fields(parser), **(aliases or {})}
     for alias, dest in aliases.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
@@ -169,6 +171,19 @@ def build_parser(dataclass_types: Iterable[type], aliases: dict[str, str] | None
         assert not unknown, f"defaults for unknown fields {unknown}"
         parser.set_defaults(**defaults)
     return parser, aliases
+
+
+def _check_before_validation(namespace) -> None:
+    """Flags that a library config rejects while it is built (``TrainingArguments.__post_init__``) with a message
+    that names neither the flag nor the fix: a ``--deepspeed`` file that is not there, and ``--ddp_backend`` in a
+    plain python run (accelerate then asks torch for a process group that was never formed)."""
+    deepspeed = getattr(namespace, "deepspeed", None)
+    if isinstance(deepspeed, str) and not deepspeed.lstrip().startswith("{") and not os.path.isfile(deepspeed) and \
+            (deepspeed.endswith(".json") or os.sep in deepspeed):
+        raise UserError(f"--deepspeed {deepspeed}: no such file (a DeepSpeed JSON config)")
+    if getattr(namespace, "ddp_backend", None) and "LOCAL_RANK" not in os.environ:
+        raise UserError(f"--ddp_backend {namespace.ddp_backend} is for several processes started by a launcher "
+                        "(torchrun --nproc_per_node N, accelerate launch); a plain python run needs none: drop it")
 
 
 def _kwargs_as_flags(parser, kwargs: dict, args: list[str]) -> tuple[list[str], set[str]]:
@@ -290,6 +305,54 @@ def _accept_none(parser, dataclass_types: Iterable[type]) -> None:
 
             parse.__name__ = number.__name__  # argparse names the type in its error message
             action.type = parse
+
+
+def _json_object(value: str) -> dict:
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"name\": true}}', got {value!r}")
+    return parsed
+
+
+def _structured_values(parser, dataclass_types: Iterable[type]) -> None:
+    """Flags the Hugging Face parser gives a type no command-line word converts to: a field typed ``dict`` only
+    (``--liger_kernel_config``) or a config object (``--parallelism_config``, a dataclass) reads a JSON object (the
+    object's fields); a field typed ``str | bool`` (``--include_num_input_tokens_seen``) takes its words as well as
+    true/false, where the parser made it a boolean."""
+    import typing
+
+    from transformers.hf_argparser import string_to_bool
+
+    str_or_bool = set()
+    for dtype in dataclass_types:
+        for name, hint in typing.get_type_hints(dtype).items():
+            if {str, bool} <= set(typing.get_args(hint)):
+                str_or_bool.add(name)
+    for action in parser._actions:
+        if action.type is dict or typing.get_origin(action.type) is dict:
+            action.type = _json_object
+        elif isinstance(action.type, type) and dataclasses.is_dataclass(action.type):
+            def to_config(value, cls=action.type):
+                try:
+                    return cls(**_json_object(value))
+                except TypeError as e:
+                    raise argparse.ArgumentTypeError(f"{cls.__name__}: {e}") from e
+
+            to_config.__name__ = action.type.__name__
+            action.type = to_config
+        elif action.dest in str_or_bool and action.type is string_to_bool:
+            def word_or_bool(value):
+                try:
+                    return string_to_bool(value)
+                except argparse.ArgumentTypeError:
+                    return value
+
+            action.type = word_or_bool
 
 
 # transformers 5 renamed these TrainingArguments fields; the old name still sets the field but warns at every run.

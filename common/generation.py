@@ -66,7 +66,7 @@ def cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def sample_responses(lm, prompts: list[list[int]], max_new_tokens: int, temperature: float, eos_ids: list[int],
-                     pad_id: int, return_logprobs: bool = False):
+                     *, pad_id: int, return_logprobs: bool = False):
     """One sampled answer per prompt (token ids, cut after the first EOS), left-padded in one batch, KV cache on.
 
     ``lm`` is the causal LM (LoRA layers inside it stay active). With ``return_logprobs``, also the log-probability

@@ -16,7 +16,7 @@ from common.prompts import tokenize_prompt
 
 
 def sample_report(model_dir: str, data_dir: str = DATA_DIR, n: int = 50, max_new_tokens: int = 200,
-                  batch_size: int = 25, seed: int = 0, show: int = 0) -> dict:
+                  batch_size: int = 25, *, seed: int = 0, show: int = 0) -> dict:
     """Answers of the model in ``model_dir`` to the first ``n`` evaluation questions, greedy and sampled
     (temperature 1, no top-k/top-p, as PPO samples), with their gold scores (common/gold.py) and readable
     shares. Prints a summary and ``show`` answers of each kind; returns the figures."""

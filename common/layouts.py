@@ -249,7 +249,7 @@ def _first_row(ds) -> dict | None:
 
 
 def load_layout(kind: str, dataset_name: str, data_dir: str | None, split: str, columns: list[str] | None = None,
-                streaming: bool = False) -> tuple[LoadedSplit, Layout]:
+                *, streaming: bool = False) -> tuple[LoadedSplit, Layout]:
     """Load a split, detect its layout (``kind``: sft, pairs or prompts) and check every row (a stream: its first
     rows here, every later row as it is read), before any model is loaded. Errors name the file, row and field."""
     loaded = load_split(dataset_name, data_dir, split, streaming)
@@ -351,9 +351,9 @@ def answer_display(value) -> str:
 
 
 def load_normalized(kind: str, dataset_name: str, data_dir: str | None, split: str, columns: list[str] | None = None,
-                    streaming: bool = False) -> tuple[LoadedSplit, Layout]:
+                    *, streaming: bool = False) -> tuple[LoadedSplit, Layout]:
     """``load_layout`` then ``normalize``: the loaded split's dataset is replaced by its normalized form."""
-    loaded, layout = load_layout(kind, dataset_name, data_dir, split, columns, streaming)
+    loaded, layout = load_layout(kind, dataset_name, data_dir, split, columns, streaming=streaming)
     loaded.dataset = normalize(kind, loaded.dataset, layout)
     return loaded, layout
 

@@ -47,12 +47,36 @@ class ModelArguments(ModelConfig):
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Modules LoRA adapts (default: every linear layer but the output head)."},
     )
-
+    lora_task_type: str | None = field(
+        default=None,
+        metadata={"help": "LoRA task type; each script sets its own (CAUSAL_LM; SEQ_CLS for the reward model), so "
+                          "another value is refused."},
+    )
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise UserError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+        if problem := attention_problem(self.attn_implementation):
+            raise UserError(problem)
         super().__post_init__()
+
+
+def attention_problem(name: str | None) -> str | None:
+    """Why ``--attn_implementation name`` cannot train here, or None: a kernel package that is not installed (or
+    needs a GPU), or FlexAttention on CPU, which has no backward pass there."""
+    if name in (None, "", "eager", "sdpa"):
+        return None
+    from transformers.utils import import_utils
+
+    if name == "flex_attention" and not torch.cuda.is_available():
+        return ("--attn_implementation flex_attention has no backward pass on CPU (torch raises at the first step): "
+                "use sdpa or eager")
+    check = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}
+    available = getattr(import_utils, check.get(name, ""), None)
+    if available is not None and not available():
+        return (f"--attn_implementation {name} needs the {name.replace('_attention_', '-attn ')} package and a CUDA "
+                "GPU, not found here: use sdpa or eager")
+    return None
 
 
 def trainer_device_defaults() -> dict:
@@ -69,6 +93,116 @@ def trainer_device_defaults() -> dict:
         "dataloader_pin_memory": on_gpu,
         "use_cpu": not on_gpu,
     }
+
+
+# The package each --report_to tracker of transformers needs (pip names).
+TRACKER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "mlflow": "mlflow", "neptune": "neptune",
+                    "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
+                    "clearml": "clearml", "dagshub": "dagshub mlflow", "flyte": "flytekit", "dvclive": "dvclive",
+                    "swanlab": "swanlab", "aim": "aim"}
+
+
+def tracker_problems(report_to, known=None, available=None, flag: str = "--report_to") -> list[str]:
+    """``report_to`` (a name, comma-separated names or a list) against the trackers ``known`` and those
+    ``available`` here (default: transformers' integrations): an unknown name, or one whose package is not
+    installed, is a problem naming the flag. ``none`` and ``all`` (whatever is installed) always pass."""
+    if known is None or available is None:
+        from transformers.integrations.integration_utils import (
+            INTEGRATION_TO_CALLBACK,
+            get_available_reporting_integrations,
+        )
+
+        known, available = list(INTEGRATION_TO_CALLBACK), get_available_reporting_integrations()
+    names = report_to if isinstance(report_to, (list, tuple)) else str(report_to or "none").split(",")
+    problems = []
+    for name in (n.strip() for n in names):
+        if name in ("", "none", "all") or name in available:
+            continue
+        if name not in known:
+            problems.append(f"{flag} {name}: not a tracker; one of none, all, {', '.join(known)}")
+        elif name == "kubeflow":
+            problems.append(f"{flag} kubeflow reports to a Kubeflow TrainJob (KUBEFLOW_TRAINER_SERVER_URL is not set "
+                            "here): leave it out")
+        else:
+            problems.append(f"{flag} {name}: {name} is not installed (pip install {TRACKER_PACKAGES.get(name, name)}); "
+                            f"leave it out, or --report_to none")
+    return problems
+
+
+def scheduler_problem(name: str, kwargs: dict | None, kwargs_flag: str | None = "--lr_scheduler_kwargs") -> str | None:
+    """Why transformers' ``get_scheduler(name, ..., scheduler_specific_kwargs=kwargs)`` fails (an unknown name, an
+    argument the schedule needs or does not take), tried on a throwaway optimizer; None when it builds."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=dict(kwargs or {}))
+    except (ValueError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        given = f" with {kwargs_flag} {json.dumps(kwargs)}" if kwargs else ""
+        hint = f"; its arguments go in {kwargs_flag} as JSON" if kwargs_flag else ""
+        return f"--lr_scheduler_type {name}{given}: {why}{hint}"
+    return None
+
+
+def launched() -> bool:
+    """Whether a distributed launcher (torchrun, accelerate launch, deepspeed) started this process."""
+    return "LOCAL_RANK" in os.environ
+
+
+def trainer_flag_problems(config) -> list[str]:
+    """Problems with a transformers ``TrainingArguments`` (SFT, reward model, DPO) that the libraries would only
+    meet after the model is loaded, or meet with a traceback or an anonymous message: trackers, optimizers and
+    kernels whose package is not installed, a schedule missing its arguments, the Hub while offline, and
+    multi-process features in a single process."""
+    problems = tracker_problems(config.report_to)
+    name = lambda value: str(getattr(value, "value", value))  # noqa: E731  (enums by their flag value)
+    optim_args_ok = True
+    if config.optim_args:
+        try:
+            from transformers.trainer_optimizer import _parse_optim_args
+
+            _parse_optim_args(config.optim_args)
+        except ImportError:
+            pass
+        except ValueError:
+            optim_args_ok = False
+            problems.append(f"--optim_args must be comma-separated key=value pairs (e.g. 'amsgrad=True,foreach=False'),"
+                            f" got {config.optim_args!r}")
+    if optim_args_ok:
+        try:
+            from transformers import Trainer
+
+            Trainer.get_optimizer_cls_and_kwargs(config)  # imports the optimizer's package; no model needed mostly
+        except (ImportError, ValueError, TypeError, NotImplementedError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "pass a model" not in why and "pass a `model`" not in why:  # checked when the model is built
+                problems.append(f"--optim {name(config.optim)}: {why}")
+    if problem := scheduler_problem(name(config.lr_scheduler_type), config.lr_scheduler_kwargs):
+        problems.append(problem)
+    if config.use_liger_kernel:
+        from transformers.utils import is_liger_kernel_available
+
+        if not is_liger_kernel_available():
+            problems.append("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel) and a GPU")
+    if getattr(config, "activation_offloading", False) and not torch.cuda.is_available():
+        problems.append("--activation_offloading moves activations from the GPU to CPU memory: it needs a GPU")
+    if name(config.save_strategy) == "best" and not config.metric_for_best_model:
+        problems.append("--save_strategy best needs --metric_for_best_model (e.g. eval_loss) to compare checkpoints")
+    if config.push_to_hub:
+        from huggingface_hub import constants, get_token
+
+        if constants.HF_HUB_OFFLINE:
+            problems.append("--push_to_hub cannot reach the Hub: HF_HUB_OFFLINE is set; unset it or drop "
+                            "--push_to_hub (push the saved folder later with `hf upload`)")
+        elif not (config.hub_token or get_token()):
+            problems.append("--push_to_hub needs a Hugging Face token: `hf auth login`, or --hub_token")
+    for flag, value in (("--fsdp", config.fsdp), ("--deepspeed", config.deepspeed)):
+        if value and not launched():
+            problems.append(f"{flag} needs several processes started by a launcher (torchrun --nproc_per_node N, "
+                            "accelerate launch or deepspeed); this is a plain python run")
+    return problems
 
 
 def default_dtype() -> torch.dtype:
@@ -151,6 +285,7 @@ def quantization_config(args: ModelArguments, dtype: torch.dtype | str):
         bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+        bnb_4bit_quant_storage=args.bnb_4bit_quant_storage,
     )
 
 
@@ -178,7 +313,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 
 
 def check_vocabulary(tokenizer, model, tokenizer_source: str, model_source: str, tokenizer_flag: str,
-                     model_flag: str) -> None:
+                     *, model_flag: str) -> None:
     """Stop with one message when the tokenizer does not fit the model's embedding matrix.
 
     Too large: an id past the last embedding row (a bigger vocabulary, or a special token the tokenizer class adds
@@ -237,7 +372,7 @@ def load_model(
     trust_remote_code: bool = False,
     pad_token_id: int | None = None,
     flag: str = "--model_name_or_path",
-    name_or_path: str | None = None,
+    *, name_or_path: str | None = None,
     require_score_head: bool = False,
 ):
     """Load a causal LM (``task="CAUSAL_LM"``) or a one-score sequence classifier (``"SEQ_CLS"``).
@@ -258,7 +393,7 @@ def load_model(
         # one first, down to the root of the chain; the override applies to the first link only.
         model = load_model(dataclasses.replace(args, base_model_name_or_path=None), task, trust_remote_code,
                            pad_token_id, flag, name_or_path=base)
-        return _merge_adapter(model, adapter, task, name_or_path, flag, require_score_head)
+        return _merge_adapter(model, adapter, task, name_or_path, flag, require_score_head=require_score_head)
     dtype = resolve_dtype(args.dtype)
     kwargs = dict(
         dtype=dtype,
@@ -286,7 +421,8 @@ def load_model(
     if args.load_in_4bit:
         _keep_4bit_layers_differentiable(model)
     if adapter:
-        model = _merge_adapter(model, adapter, task, name_or_path, flag, False)  # the score head was checked above
+        model = _merge_adapter(model, adapter, task, name_or_path, flag,
+                               require_score_head=False)  # the score head was checked above
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
         if getattr(model, "generation_config", None) is not None:
@@ -294,7 +430,7 @@ def load_model(
     return model
 
 
-def _merge_adapter(model, adapter: str, task: str, name_or_path: str, flag: str, require_score_head: bool):
+def _merge_adapter(model, adapter: str, task: str, name_or_path: str, flag: str, *, require_score_head: bool):
     """``adapter`` merged into ``model`` in memory (into a 4/8-bit base too, with peft's rounding), so that a new
     adapter can go on top. An SFT (CAUSAL_LM) adapter merges into a classifier's backbone: peft's causal-LM wrapper
     expects a generate() the classifier lacks, and an `lm_head` it targets or saves has no counterpart there."""
@@ -343,6 +479,9 @@ def _adapter_has(adapter: str, module: str) -> bool:
 
 def lora_config(args: ModelArguments, task: str = "CAUSAL_LM"):
     """The LoRA config from flags; a reward model also trains and saves its ``score`` head."""
+    if args.lora_task_type not in (None, task):
+        raise UserError(f"--lora_task_type {args.lora_task_type}: this stage trains a {task} adapter (the task type "
+                        "follows the stage); drop the flag")
     if not args.use_peft:
         return None
     from peft import LoraConfig
@@ -359,6 +498,7 @@ def lora_config(args: ModelArguments, task: str = "CAUSAL_LM"):
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=target,
+        target_parameters=args.lora_target_parameters,
         modules_to_save=modules_to_save or None,
         use_rslora=args.use_rslora,
         use_dora=args.use_dora,

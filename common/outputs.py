@@ -274,7 +274,7 @@ def atomic_save(output_dir: str, save: Callable[[str], None]) -> None:
     commit_final(tmp, output_dir)
 
 
-def write_model_card(output_dir: str, stage: str, base_model: str, dataset: str, metrics: dict, notes: str = "",
+def write_model_card(output_dir: str, stage: str, base_model: str, dataset: str, metrics: dict, *, notes: str = "",
                      logs_metrics: bool = True) -> str:
     """A short ``README.md``: what this folder is, how it was made, and its key numbers. ``logs_metrics``: the
     folder has a ``metrics.jsonl`` to point to (an evaluation folder has none)."""

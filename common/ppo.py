@@ -109,7 +109,7 @@ class PPOTrainer(PPOCheckpoints):
     """State of a PPO run and one step at a time; checkpoints and model files come from the base class
     (common/ppo_checkpoint.py). Every process computes; only the main process writes files."""
 
-    def __init__(self, accelerator, model: PolicyWithValueHead, tokenizer, reward_model, reward_tokenizer,
+    def __init__(self, accelerator, model: PolicyWithValueHead, tokenizer, *, reward_model, reward_tokenizer,
                  prompts: list[dict], config: PPOConfig, reward_stats: dict | None = None,
                  ref_model: nn.Module | None = None, optimizer=None, scheduler=None):
         dist.check_supported(accelerator)
@@ -155,7 +155,7 @@ class PPOTrainer(PPOCheckpoints):
             for start in range(0, len(batch), hp.gen_batch_size):
                 chunk = [row["input_ids"] for row in batch[start : start + hp.gen_batch_size]]
                 responses += sample_responses(lm, chunk, self.length_sampler(), hp.temperature, self.eos_ids,
-                                              self.tokenizer.pad_token_id)
+                                              pad_id=self.tokenizer.pad_token_id)
             lm.train(was_training)
         return responses
 
@@ -269,7 +269,7 @@ class PPOTrainer(PPOCheckpoints):
             for start in range(0, len(mine), hp.gen_batch_size):
                 chunk = [row["input_ids"] for row in mine[start : start + hp.gen_batch_size]]
                 responses += sample_responses(lm, chunk, hp.output_max_length, hp.temperature, self.eos_ids,
-                                              self.tokenizer.pad_token_id)
+                                              pad_id=self.tokenizer.pad_token_id)
             lm.train(was_training)
         answers = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         texts = [render_answer(self.reward_tokenizer, row["prompt"], a) for row, a in zip(mine, answers)]
@@ -308,7 +308,8 @@ class PPOTrainer(PPOCheckpoints):
             advantages = group_advantages(scores, hp.group_size, hp.scale_rewards or "group")
 
         finite = torch.isfinite(scores).all() & torch.isfinite(rewards).all() & torch.isfinite(old_logprobs).all()
-        stats = (self.update(b, old_logprobs, old_values, advantages, returns, ref_logprobs, kl_coef)
+        stats = (self.update(b, old_logprobs, old_values, advantages, returns, ref_logprobs=ref_logprobs,
+                             kl_coef=kl_coef)
                  if self._all(finite) else None)
         skipped = stats is None
         t3 = time.perf_counter()
@@ -361,7 +362,8 @@ class PPOTrainer(PPOCheckpoints):
             return STAT_KEYS
         return CRITIC_FREE_STAT_KEYS + (("loss/kl",) if self.config.algorithm == "grpo" else ())
 
-    def update(self, b, old_logprobs, old_values, advantages, returns, ref_logprobs=None, kl_coef=0.0) -> dict | None:
+    def update(self, b, old_logprobs, old_values, advantages, returns, *, ref_logprobs=None,
+               kl_coef=0.0) -> dict | None:
         """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per ``mini x grad_accum`` rows.
 
         Each optimizer step's loss is a sum over its response tokens divided by their number across all its
@@ -395,8 +397,9 @@ class PPOTrainer(PPOCheckpoints):
                         if hp.algorithm == "ppo":
                             loss, stats = ppo_losses(
                                 logprobs, old_logprobs[mb_inds, :R], values, old_values[mb_inds, :R],
-                                advantages[mb_inds, :R], returns[mb_inds, :R], mask[mb_inds, :R],
-                                hp.cliprange, hp.cliprange_value, hp.vf_coef, n_tokens=n_tokens,
+                                advantages[mb_inds, :R], returns=returns[mb_inds, :R], mask=mask[mb_inds, :R],
+                                cliprange=hp.cliprange, cliprange_value=hp.cliprange_value, vf_coef=hp.vf_coef,
+                                n_tokens=n_tokens,
                             )
                         else:
                             mb_mask = mask[mb_inds, :R]
@@ -404,7 +407,8 @@ class PPOTrainer(PPOCheckpoints):
                                                     hp.output_max_length)
                             loss, stats = critic_free_losses(
                                 logprobs, old_logprobs[mb_inds, :R], ref_logprobs[mb_inds, :R], advantages[mb_inds],
-                                mb_mask, weights, n_tokens, hp.cliprange, kl_coef if hp.algorithm == "grpo" else 0.0,
+                                mb_mask, weights=weights, n_tokens=n_tokens, cliprange=hp.cliprange,
+                                kl_coef=kl_coef if hp.algorithm == "grpo" else 0.0,
                             )
                         finite = self._all(torch.isfinite(loss))
                         if finite:

@@ -159,7 +159,7 @@ def _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange: float):
 
 def ppo_losses(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
-    advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    advantages: torch.Tensor, *, returns: torch.Tensor, mask: torch.Tensor,
     cliprange: float, cliprange_value: float | None, vf_coef: float, n_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate and clipped value loss (Schulman et al. 2017, eq. 7 and 9; CleanRL ``ppo.py``).
@@ -196,7 +196,7 @@ def ppo_losses(
 
 def critic_free_losses(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, advantages: torch.Tensor,
-    mask: torch.Tensor, weights: torch.Tensor, n_tokens, cliprange: float, kl_coef: float,
+    mask: torch.Tensor, *, weights: torch.Tensor, n_tokens, cliprange: float, kl_coef: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RLOO's and GRPO's loss: the clipped surrogate with one advantage per sequence (``[B]``, broadcast to its
     tokens), plus ``kl_coef`` times the per-token KL estimate ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3,

@@ -23,7 +23,7 @@ N_WORST = 5
 SHOWN_CHARS = 300
 
 
-def score_pairs(model, tokenizer, chosen: list[str], rejected: list[str], batch_size: int, accelerator=None):
+def score_pairs(model, tokenizer, chosen: list[str], rejected: list[str], batch_size: int, *, accelerator=None):
     """Scores of the chosen and rejected texts, each ``[len(chosen)]`` float32 on CPU.
 
     Under several processes each scores an equal share (the last pair repeated to even them out, so every process
@@ -78,7 +78,7 @@ def calibration(p: torch.Tensor, n_bins: int = N_BINS) -> tuple[float, list[dict
 
 
 def pair_report(questions: list[str], chosen: list[str], rejected: list[str], r_j: torch.Tensor,
-                r_k: torch.Tensor, kinds: list[str] | None = None) -> dict:
+                r_k: torch.Tensor, *, kinds: list[str] | None = None) -> dict:
     """The whole report as a JSON-ready dict (``chosen``/``rejected`` are the answers, without the question).
 
     ``kinds``: each pair's kind (the sample data's ``pair_kind`` column), for the accuracy per kind, and over the

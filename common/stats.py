@@ -109,7 +109,7 @@ def wins(a: Sequence[float], b: Sequence[float], same: Sequence[bool] | None = N
 
 
 def win_rate(a: Sequence[float], b: Sequence[float], same: Sequence[bool] | None = None,
-             resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> Interval:
+             resamples: int = RESAMPLES, seed: int = SEED, *, level: float = LEVEL) -> Interval:
     """Share of pairs where ``a`` beats ``b`` (ties count 1/2, see ``wins``), with a paired bootstrap interval.
     0.5 is "as good as"; test it with ``verdict(interval, null=0.5)``."""
     return bootstrap_mean(wins(a, b, same), resamples, seed, level)

@@ -190,7 +190,7 @@ def heldout_loss(model, tokenizer, examples: list[tuple[str, str]], batch_size: 
 
 
 def pretrain(output_dir: str, data_dir: str = DATA_DIR, vocab_size: int = 2048, hidden_size: int = 256,
-             num_layers: int = 4, num_heads: int = 4, seed: int = 0, epochs: float = 2.0, block_size: int = 512,
+             num_layers: int = 4, *, num_heads: int = 4, seed: int = 0, epochs: float = 2.0, block_size: int = 512,
              batch_size: int = 4, learning_rate: float = 2e-3, warmup_steps: int = 30, min_lr_ratio: float = 0.1,
              weight_decay: float = 0.01, max_steps: int = 0, eval_every: int = 200, log_every: int = 25,
              heldout_n: int = 0) -> dict:
@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     if args.pretrain:
-        pretrain(args.output_dir, args.data_dir, args.vocab_size, args.hidden_size, args.num_layers, args.num_heads,
-                 args.seed, args.epochs, args.block_size, args.batch_size, args.learning_rate, args.warmup_steps,
+        pretrain(args.output_dir, args.data_dir, args.vocab_size, args.hidden_size, args.num_layers,
+                 num_heads=args.num_heads, seed=args.seed, epochs=args.epochs, block_size=args.block_size,
+                 batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                  max_steps=args.max_steps, eval_every=args.eval_every)
     elif args.pretrained:
         install_pretrained(args.output_dir, args.data_dir)

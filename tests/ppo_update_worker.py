@@ -59,8 +59,8 @@ def run_update(mini: int, accum: int, cliprange_value: float | None = 0.2, algor
                        learning_rate=1.0, max_grad_norm=None, cliprange_value=cliprange_value, algorithm=algorithm,
                        num_generations=2 if critic_free else None, loss_type=loss_type, output_max_length=12)
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
-    trainer = PPOTrainer(accelerator, model, tokenizer, None, None, [], config,
-                         optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    trainer = PPOTrainer(accelerator, model, tokenizer, reward_model=None, reward_tokenizer=None, prompts=[],
+                         config=config, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     b = trainer.collate([{"input_ids": p} for p in PROMPTS], RESPONSES)  # all four, then this process's rows
     g = torch.Generator().manual_seed(1)
     advantages = torch.randn(4, b["mask"].shape[1], generator=g) * b["mask"]
@@ -74,7 +74,8 @@ def run_update(mini: int, accum: int, cliprange_value: float | None = 0.2, algor
     mine = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
     if critic_free:
         ref_logprobs = old_logprobs + 0.3 * torch.cos(torch.arange(R, dtype=torch.float32))
-        stats = trainer.update(mine, old_logprobs[rows], old_values[rows], advantages[rows], None, ref_logprobs[rows],
+        stats = trainer.update(mine, old_logprobs[rows], old_values[rows], advantages[rows], None,
+                               ref_logprobs=ref_logprobs[rows],
                                kl_coef=0.5)
     else:
         stats = trainer.update(mine, old_logprobs[rows], old_values[rows], advantages[rows, :R], returns[rows, :R])

@@ -55,7 +55,7 @@ def test_dpo_loss_on_two_pairs_is_the_by_hand_log_sigmoid(tiny_model):
     from common.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model, padding_side="right")
-    ds, _ = training_dpo.tokenize_pairs(_rows(PAIRS), tokenizer, script, config.max_length, "test", False)
+    ds, _ = training_dpo.tokenize_pairs(_rows(PAIRS), tokenizer, script, config.max_length, "test", verbose=False)
     # The prompt is exactly what SFT puts before an answer and PPO generates from.
     from common.prompts import tokenize_example
 
@@ -63,7 +63,7 @@ def test_dpo_loss_on_two_pairs_is_the_by_hand_log_sigmoid(tiny_model):
         for key, answer in (("chosen_ids", "response_j"), ("rejected_ids", "response_k")):
             assert row["prompt_ids"] + row[key] == tokenize_example(tokenizer, pair["question"], pair[answer])[
                 "input_ids"]
-    trainer = training_dpo.build_trainer(script, config, model_args, tokenizer, ds, ds)
+    trainer = training_dpo.build_trainer(script, config, model_args, tokenizer, ds, eval_ds=ds)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in trainer.model.parameters():

@@ -258,7 +258,8 @@ def test_kl_log_probs_are_those_the_answers_were_sampled_with(paths):
     prompts = [tokenize_prompt(tokenizer, q) for q in questions]
     assert len(set(map(len, prompts))) > 1  # prompts of several lengths: left padding is exercised
     torch.manual_seed(0)
-    answers, sampled = sample_responses(lm, prompts, 8, 0.7, eos_token_ids(tokenizer, lm), tokenizer.pad_token_id,
+    answers, sampled = sample_responses(lm, prompts, 8, 0.7, eos_token_ids(tokenizer, lm),
+                                        pad_id=tokenizer.pad_token_id,
                                         return_logprobs=True)
     ours = evaluate.sequence_logprobs(lm, prompts, answers, tokenizer.pad_token_id, 0.7, batch_size=2)
     assert ours == pytest.approx([sum(lp) for lp in sampled], abs=1e-4)  # 5e-6 seen: float32 rounding

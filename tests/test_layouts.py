@@ -189,9 +189,9 @@ def _tokens(tiny_model, tmp_path, layout, kind):
     if kind == "pairs":
         rows, _ = load_pairs(path, None, "train", 0)
         rm, _ = training_reward_model.tokenize_pairs(rows, right, training_reward_model.ScriptArguments(), 512, "t",
-                                                     False)
+                                                     verbose=False)
         dpo, _ = training_dpo.tokenize_pairs(rows, right, training_dpo.ScriptArguments(max_prompt_length=200), 512,
-                                             "t", False)
+                                             "t", verbose=False)
         return rm["chosen_ids"], rm["rejected_ids"], dpo["prompt_ids"], dpo["chosen_ids"], dpo["rejected_ids"]
     left = load_tokenizer(tiny_model, padding_side="left")
     prompts, _, _ = training_rl.load_prompts(training_rl.ScriptArguments(dataset_name=path, subset=""), left)
@@ -228,10 +228,11 @@ def test_with_a_chat_template_every_stage_renders_one_text(chat_model, tmp_path)
     whole = rendered + completion_text(tok, row["prompt"], row["chosen"])
     assert whole == render_answer(tok, row["prompt"], GOOD[0]) == rendered + GOOD[0] + "</s>\n"
 
-    rm, _ = training_reward_model.tokenize_pairs(rows, tok, training_reward_model.ScriptArguments(), 512, "t", False)
+    rm, _ = training_reward_model.tokenize_pairs(rows, tok, training_reward_model.ScriptArguments(), 512, "t",
+                                                 verbose=False)
     assert rm["chosen_ids"][0] == tok(whole)["input_ids"]  # the template's </s> ends it: no second EOS
     dpo, _ = training_dpo.tokenize_pairs(rows, tok, training_dpo.ScriptArguments(max_prompt_length=200), 512, "t",
-                                         False)
+                                         verbose=False)
     left = load_tokenizer(chat_model, padding_side="left")
     prompts, _, _ = training_rl.load_prompts(
         training_rl.ScriptArguments(dataset_name=write(tmp_path, "r", LAYOUTS["prompt-chat"]), subset=""), left)
@@ -330,7 +331,7 @@ def test_each_stage_runs_on_the_new_layouts(tiny_model, chat_model, tmp_path):
     for algorithm, name in (("ppo", "prompt-chat"), ("grpo", "prompt")):
         out = str(tmp_path / algorithm)
         run_rl(algorithm=algorithm, model_name=chat_model, reward_model_name=rms["preference-chat"].output_dir,
-               dataset_name=data[name], subset="", eval_subset="", output_dir=out, **rl)
+               dataset_name=data[name], subset="", eval_data_dir="", output_dir=out, **rl)
         samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"), encoding="utf-8")]
         assert {s["question"] for s in samples} <= set(QUESTIONS) | {prompt_text(q) for q in QUESTIONS}
         assert [m["step"] for m in read_metrics(out) if "objective/scores" in m] == [1, 2]

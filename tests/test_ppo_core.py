@@ -125,7 +125,7 @@ def test_sampling_ignores_the_models_generation_config_and_stops_at_every_eos():
     assert eos == [2, 7]
     torch.manual_seed(3)
     prompts = [[1, 5 + i, 9, 10 + i] for i in range(24)]
-    responses, gen_logprobs = sample_responses(lm, prompts, 12, 1.0, eos, 0, return_logprobs=True)
+    responses, gen_logprobs = sample_responses(lm, prompts, 12, 1.0, eos, pad_id=0, return_logprobs=True)
     tokens = [t for r in responses for t in r]
     assert sum(3 <= t < 45 for t in tokens) > 0.5 * len(tokens)  # suppressed tokens are sampled as often as not
     assert any(len(r) < 6 for r in responses)  # min_new_tokens did not apply
@@ -143,7 +143,7 @@ def test_temperature_scales_the_sampled_and_the_trained_distribution_alike():
     lm = _llama()
     torch.manual_seed(4)
     prompts = [[1, 5, 9], [1, 6, 7, 8]]
-    responses, gen_logprobs = sample_responses(lm, prompts, 8, 0.6, [2], 0, return_logprobs=True)
+    responses, gen_logprobs = sample_responses(lm, prompts, 8, 0.6, [2], pad_id=0, return_logprobs=True)
     policy = _with_value_head(lm)
     trained = _training_logprobs(policy, prompts, responses, 0.6)
     for gen, train in zip(gen_logprobs, trained):
@@ -167,7 +167,7 @@ def test_gemma2_soft_capping_is_in_rollout_reference_and_training_log_probs():
         lm.lm_head.weight.mul_(20)  # raw logits well past the cap, so capping them changes the log-probs
     torch.manual_seed(5)
     prompts = [[2, 10, 11, 12], [2, 13, 14]]
-    responses, rollout = sample_responses(lm, prompts, 10, 1.0, [1], 0, return_logprobs=True)
+    responses, rollout = sample_responses(lm, prompts, 10, 1.0, [1], pad_id=0, return_logprobs=True)
     policy = _with_value_head(lm)
     training = _training_logprobs(policy, prompts, responses)
     ref_model = copy.deepcopy(lm)  # the full fine-tuning reference path of PPOTrainer.forward
@@ -245,7 +245,7 @@ def test_disable_dropout_sets_every_dropout_to_zero_so_training_sees_the_rollout
     model = _with_value_head(policy)
     torch.manual_seed(3)
     prompts = [[1, 5, 9, 11], [1, 6, 7]]
-    responses, rollout = sample_responses(model.lm().eval(), prompts, 8, 1.0, [2], 0, return_logprobs=True)
+    responses, rollout = sample_responses(model.lm().eval(), prompts, 8, 1.0, [2], pad_id=0, return_logprobs=True)
     model.train()
     for gen, train in zip(rollout, _training_logprobs(model, prompts, responses)):
         torch.testing.assert_close(torch.tensor(gen), torch.tensor(train), atol=1e-5, rtol=0)
@@ -283,7 +283,7 @@ def test_every_family_trains_on_the_log_probs_it_sampled_with_its_dropouts_confi
     model = _with_value_head(lm)
     torch.manual_seed(1)
     prompts = [[1, 5, 9, 11, 40], [1, 6, 7], [1, 30, 31, 32], [1, 50]]
-    responses, rollout = sample_responses(lm, prompts, 12, 1.0, eos, 0, return_logprobs=True)
+    responses, rollout = sample_responses(lm, prompts, 12, 1.0, eos, pad_id=0, return_logprobs=True)
     assert all(t not in eos for r in responses for t in r[:-1])  # nothing after an EOS
     assert torch.tensor([x for row in rollout for x in row]).std() > 0.1  # measured 0.7 to 1.6 (OPT 0.2)
     model.train()

@@ -239,7 +239,8 @@ def _losses_case():
 
 def test_ppo_losses_hand_case_1x3():
     logp, old, values, old_v, adv, returns, mask = _losses_case()
-    loss, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=0.2,
+    loss, stats = ppo_losses(logp, old, values, old_v, adv, returns=returns, mask=mask, cliprange=0.2,
+                             cliprange_value=0.2,
                              vf_coef=0.1)
 
     # policy, cliprange 0.2 -> ratio clipped to [0.8, 1.2]:
@@ -280,7 +281,9 @@ def test_ppo_losses_mask_and_out_of_range_unclipped_branch():
     values = t([[0.0, 0.0, 0.0, 50.0]], requires_grad=True)
     old_v, returns = t([[0.0, 0.0, 0.0, 0.0]]), t([[0.0, 0.0, 0.0, -50.0]])
     mask = t([[1, 1, 1, 0]])
-    loss, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, 0.2, 0.2, 0.5)
+    loss, stats = ppo_losses(logp, old, values, old_v, adv, returns=returns, mask=mask, cliprange=0.2,
+                             cliprange_value=0.2,
+                             vf_coef=0.5)
     # tok0 A=1, r=1.5: max(-1.5, -1.2) = -1.2 clipped, grad 0
     # tok1 A=1, r=0.5: max(-0.5, -0.8) = -0.5 unclipped although r is out of range: grad -A*r/3 = -0.5/3
     # tok2 A=-1, r=1.1: max(1.1, 1.1) = 1.1 in range: grad -A*r/3 = 1.1/3
@@ -355,21 +358,22 @@ def test_ppo_losses_over_the_steps_token_count_add_up_across_micro_batches():
     logp, old, adv = (torch.randn(2, 3, generator=g, dtype=D) for _ in range(3))
     values, old_v, ret = (torch.randn(2, 3, generator=g, dtype=D) for _ in range(3))
     mask = t([[1, 1, 1], [1, 0, 0]])
-    args = (0.2, 0.2, 0.1)
-    whole, whole_stats = ppo_losses(logp, old, values, old_v, adv, ret, mask, *args)
+    args = {"cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1}
+    whole, whole_stats = ppo_losses(logp, old, values, old_v, adv, returns=ret, mask=mask, **args)
     parts = [ppo_losses(logp[i : i + 1], old[i : i + 1], values[i : i + 1], old_v[i : i + 1], adv[i : i + 1],
-                        ret[i : i + 1], mask[i : i + 1], *args, n_tokens=4.0) for i in range(2)]
+                        returns=ret[i : i + 1], mask=mask[i : i + 1], **args, n_tokens=4.0) for i in range(2)]
     close(parts[0][0] + parts[1][0], whole, atol=1e-12)
     for key in whole_stats:
         close(parts[0][1][key] + parts[1][1][key], whole_stats[key], atol=1e-12)
     own_means = [ppo_losses(logp[i : i + 1], old[i : i + 1], values[i : i + 1], old_v[i : i + 1], adv[i : i + 1],
-                            ret[i : i + 1], mask[i : i + 1], *args)[0] for i in range(2)]
+                            returns=ret[i : i + 1], mask=mask[i : i + 1], **args)[0] for i in range(2)]
     assert abs((own_means[0] + own_means[1]) / 2 - whole.item()) > 1e-3  # the per-micro-batch mean is another loss
 
 
 def test_ppo_losses_without_value_clipping():
     logp, old, values, old_v, adv, returns, mask = _losses_case()
-    _, stats = ppo_losses(logp, old, values, old_v, adv, returns, mask, cliprange=0.2, cliprange_value=None,
+    _, stats = ppo_losses(logp, old, values, old_v, adv, returns=returns, mask=mask, cliprange=0.2,
+                          cliprange_value=None,
                           vf_coef=0.1)
     # unclipped: 0.5 * ((0.5-1)^2 + (1.1-0)^2 + (0-0.5)^2) / 3 = 0.5 * (0.25 + 1.21 + 0.25) / 3 = 0.285
     assert stats["loss/value"].item() == pytest.approx(0.285, abs=1e-9)
@@ -535,7 +539,8 @@ def test_critic_free_loss_and_gradient_hand_case():
     old, ref = torch.tensor([[-1.0, -2.0]], dtype=D), torch.tensor([[-1.5, -2.0]], dtype=D)
     mask = torch.ones(1, 2, dtype=D)
     w = mask / 2
-    loss, stats = critic_free_losses(logp, old, ref, torch.tensor([2.0], dtype=D), mask, w, 2, 0.2, kl_coef=0.1)
+    loss, stats = critic_free_losses(logp, old, ref, torch.tensor([2.0], dtype=D), mask, weights=w, n_tokens=2,
+                                     cliprange=0.2, kl_coef=0.1)
     # policy: -A * ratio = -2 per token, mean -2; k3 KL: exp(-0.5) + 0.5 - 1 = 0.106531 and 0, mean 0.0532653
     k3 = math.exp(-0.5) + 0.5 - 1
     assert loss.item() == pytest.approx(-2 + 0.1 * k3 / 2, abs=1e-12)
@@ -547,7 +552,8 @@ def test_critic_free_loss_and_gradient_hand_case():
     torch.testing.assert_close(logp.grad, torch.tensor([[-1 + 0.05 * (1 - math.exp(-0.5)), -1.0]], dtype=D))
     # A ratio past 1 + cliprange with a positive advantage is clipped: no policy gradient, counted in clipfrac
     logp2 = (old + 0.5).clone().requires_grad_(True)
-    loss, stats = critic_free_losses(logp2, old, old, torch.tensor([1.0], dtype=D), mask, w, 2, 0.2, kl_coef=0.0)
+    loss, stats = critic_free_losses(logp2, old, old, torch.tensor([1.0], dtype=D), mask, weights=w, n_tokens=2,
+                                     cliprange=0.2, kl_coef=0.0)
     assert loss.item() == pytest.approx(-1.2)
     assert stats["policy/clipfrac"].item() == 1.0
     assert stats["policy/approxkl"].item() == pytest.approx(0.5 * 0.25)

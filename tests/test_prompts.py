@@ -42,7 +42,7 @@ def test_sft_reward_model_and_ppo_tokenize_the_same_prefix_on_their_real_paths(t
     sft = training_sft.tokenize(load_normalized("sft", str(path), "", "train")[0].dataset, right, False)
     script = training_reward_model.ScriptArguments(dataset_name=str(path))
     pairs, _ = training_reward_model.tokenize_pairs(load_pairs(str(path), "", "train", 0)[0], right, script, 512,
-                                                    "test", False)
+                                                    "test", verbose=False)
     assert dropped == 0 and len(prompts) == len(sft) == len(pairs) == 3
     for row, prompt, example, pair in zip(rows, prompts, sft, pairs):
         literal = "Question: " + row["question"] + "\n\nAnswer: "

@@ -257,7 +257,7 @@ def test_pair_report_accuracy_by_kind_and_on_the_look_alike_pairs():
 
     r_j, r_k = torch.tensor([2.0, 0.0, 1.0, 3.0, 1.0]), torch.tensor([0.0, 1.0, 0.5, -2.0, 1.0])
     kinds = ["lookalike_wrong_names", "lookalike_wrong_names", "lookalike_broken", "dismissive", "lookalike_broken"]
-    report = pair_report(["q"] * 5, ["a"] * 5, ["b"] * 5, r_j, r_k, kinds)
+    report = pair_report(["q"] * 5, ["a"] * 5, ["b"] * 5, r_j, r_k, kinds=kinds)
     # right: pairs 0, 2, 3; wrong: 1 (lower), 4 (a tie)
     assert report["accuracy_by_kind"] == {"dismissive": {"count": 1, "accuracy": 1.0},
                                           "lookalike_broken": {"count": 2, "accuracy": 0.5},
