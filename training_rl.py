@@ -120,126 +120,130 @@ ALIASES = {"--model_name": "model_name_or_path", "--log_with": "report_to",
            "--reward_model_name_or_path": "reward_model_name"}
 
 
-def check_args(a: ScriptArguments, c: PPOConfig, m: ModelArguments) -> None:
-    problems = c.problems()
+def check_args(script: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> None:
+    problems = config.problems()
     for name in ("max_prompt_length", "max_skipped_steps", "eval_prompts"):
-        if getattr(a, name) <= 0:
-            problems.append(f"--{name} must be > 0, got {getattr(a, name)}")
-    if not a.reward_model_name:
+        if getattr(script, name) <= 0:
+            problems.append(f"--{name} must be > 0, got {getattr(script, name)}")
+    if not script.reward_model_name:
         problems.append("--reward_model_name is required")
-    if not m.model_name_or_path:
+    if not model_args.model_name_or_path:
         problems.append("--model_name/--model_name_or_path is required")
-    if not m.use_peft and (m.load_in_4bit or m.load_in_8bit):
+    if not model_args.use_peft and (model_args.load_in_4bit or model_args.load_in_8bit):
         problems.append("full fine-tuning (--use_peft false) of a 4/8-bit model is not possible: "
                         "drop --load_in_4bit/--load_in_8bit")
-    if a.save_freq is not None and a.save_freq <= 0:
-        problems.append(f"--save_freq must be > 0, got {a.save_freq}")
-    if a.eval_freq is not None and a.eval_freq <= 0:
-        problems.append(f"--eval_freq must be > 0 (or None: no evaluation), got {a.eval_freq}")
-    if c.reward_normalization == "stats" and a.reward_model_name and \
-            not os.path.isfile(os.path.join(a.reward_model_name, "reward_stats.json")):
-        problems.append(f"--reward_normalization stats needs {os.path.join(a.reward_model_name, 'reward_stats.json')} "
-                        "(written by training_reward_model.py): use running or none")
+    if script.save_freq is not None and script.save_freq <= 0:
+        problems.append(f"--save_freq must be > 0, got {script.save_freq}")
+    if script.eval_freq is not None and script.eval_freq <= 0:
+        problems.append(f"--eval_freq must be > 0 (or None: no evaluation), got {script.eval_freq}")
+    if config.reward_normalization == "stats" and script.reward_model_name and \
+            not os.path.isfile(os.path.join(script.reward_model_name, "reward_stats.json")):
+        stats_file = os.path.join(script.reward_model_name, "reward_stats.json")
+        problems.append(f"--reward_normalization stats needs {stats_file} (written by training_reward_model.py): "
+                        "use running or none")
     collect(problems)
 
 
-def load_prompts(a: ScriptArguments, tokenizer, subset: str | None = None):
+def load_prompts(script: ScriptArguments, tokenizer, subset: str | None = None):
     """Validated, tokenized prompts (of --subset, or ``subset``) in any prompt layout (common/layouts.py); those over
     --max_prompt_length are dropped and counted. Each keeps its ``prompt`` (the reward model's text is rendered from
     it) and ``question`` (readable); an ``answer_key`` column (the sample data's) is kept for the gold judge."""
-    loaded, layout = load_normalized("prompts", a.dataset_name, a.subset if subset is None else subset, a.split,
-                                     a.columns)
+    loaded, layout = load_normalized("prompts", script.dataset_name, script.subset if subset is None else subset,
+                                     script.split, script.columns)
     # The prefix SFT trained on, byte for byte (common.prompts.tokenize_segments's first piece).
     def tokenize(rows):
         return {"input_ids": [encode(tokenizer, render_prompt(tokenizer, p)) for p in rows["prompt"]]}
 
     ds = loaded.dataset.map(tokenize, batched=True, remove_columns=[
         c for c in loaded.dataset.column_names if c not in ("prompt", "question", "answer_key")])
-    kept = ds.filter(lambda row: len(row["input_ids"]) <= a.max_prompt_length)
+    kept = ds.filter(lambda row: len(row["input_ids"]) <= script.max_prompt_length)
     if len(kept) == 0:
-        raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length {a.max_prompt_length}: "
-                        "nothing to train on")
+        raise UserError(f"every prompt of {loaded.source} is longer than --max_prompt_length "
+                        f"{script.max_prompt_length}: nothing to train on")
     return kept, len(ds) - len(kept), f"{loaded.source}, {layout.describe(tokenizer)}"
 
 
-def main(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> StageResult:
+def main(script: ScriptArguments, config: PPOConfig, model_args: ModelArguments) -> StageResult:
     from accelerate.utils import set_seed
 
-    check_args(a, config, model_args)
+    check_args(script, config, model_args)
     check_model_path(model_args.model_name_or_path, "--model_name", base_override=model_args.base_model_name_or_path)
-    check_model_path(a.reward_model_name, "--reward_model_name")
-    resume = prepare_output_dir(a.output_dir, a.overwrite_output_dir, a.resume_from_checkpoint)
-    trackers = [t for t in a.report_to.split(",") if t and t != "none"]
-    accelerator = make_accelerator(a, trackers)
+    check_model_path(script.reward_model_name, "--reward_model_name")
+    resume = prepare_output_dir(script.output_dir, script.overwrite_output_dir, script.resume_from_checkpoint)
+    trackers = [t for t in script.report_to.split(",") if t and t != "none"]
+    accelerator = make_accelerator(script, trackers)
     if resume:  # before any model loads
         check_processes(resume, accelerator.num_processes)
         check_algorithm(resume, config)
     is_main = accelerator.is_main_process
     set_seed(config.seed)
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, a.trust_remote_code, "left")
-    prompts = training_prompts(a, config, tokenizer, accelerator)
-    eval_rows = held_out_rows(a, tokenizer, accelerator.num_processes) if a.eval_freq else []
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, script.trust_remote_code,
+                               "left")
+    prompts = training_prompts(script, config, tokenizer, accelerator)
+    eval_rows = held_out_rows(script, tokenizer, accelerator.num_processes) if script.eval_freq else []
     reward_stats = None
     if config.reward_normalization == "stats":
-        with open(os.path.join(a.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
+        with open(os.path.join(script.reward_model_name, "reward_stats.json"), encoding="utf-8") as f:
             reward_stats = json.load(f)
-    trainer = build_trainer(a, config, model_args, accelerator, tokenizer, prompts=prompts, reward_stats=reward_stats)
+    trainer = build_trainer(script, config, model_args, accelerator, tokenizer, prompts=prompts,
+                            reward_stats=reward_stats)
     total_steps = total_ppo_steps(config)
 
-    writer = MetricsWriter(a.output_dir, enabled=is_main)
-    samples_path = os.path.join(a.output_dir, "samples.jsonl")
+    writer = MetricsWriter(script.output_dir, enabled=is_main)
+    samples_path = os.path.join(script.output_dir, "samples.jsonl")
     policy = accelerator.unwrap_model(trainer.model).lm()
     trainer.origin = origin(model_args.model_name_or_path, policy, tokenizer, config.algorithm.upper())
     if resume:  # another model stops here, before any step
         note = check_origin(resume, trainer.origin)
         if is_main:
-            print(resume_line(resume, total_steps, bool(a.resume_from_checkpoint), note), flush=True)
+            print(resume_line(resume, total_steps, bool(script.resume_from_checkpoint), note), flush=True)
         trainer.load_checkpoint(resume)
     step = trainer.progress.step
     if is_main:
-        if a.overwrite_output_dir and not resume and (removed := clear_checkpoints(a.output_dir)):
+        if script.overwrite_output_dir and not resume and (removed := clear_checkpoints(script.output_dir)):
             print(f"--overwrite_output_dir: removed {removed} checkpoint folder(s) of the earlier run", flush=True)
-        final_tmp_dir(a.output_dir, clear=True)
-        write_run_args(a.output_dir, a, config, model_args,
+        final_tmp_dir(script.output_dir, clear=True)
+        write_run_args(script.output_dir, script, config, model_args,
                        extra={"total_ppo_steps": total_steps, "num_processes": accelerator.num_processes})
         writer.truncate_after(step) if resume else writer.reset()
         _truncate_samples(samples_path, step)
     if trackers:
-        accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**vars(a), **vars(config)}.items()
+        accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**vars(script), **vars(config)}.items()
                                                       if isinstance(v, (int, float, str, bool))})
 
-    train_steps(a, trainer, total_steps, eval_rows, resume, writer=writer, samples_path=samples_path, trackers=trackers)
-    card_metrics = save_final(a, model_args, trainer, tokenizer)
+    train_steps(script, trainer, total_steps, eval_rows, resume, writer=writer, samples_path=samples_path,
+                trackers=trackers)
+    card_metrics = save_final(script, model_args, trainer, tokenizer)
     # Last, once every process is here: drop the DDP wrapper first (its reducer holds the process group; freed after
     # the group is destroyed, gloo's destructor can deadlock), then end the trackers and the process group.
     accelerator.wait_for_everyone()
     del trainer
     accelerator.free_memory()
     accelerator.end_training()
-    return StageResult(a.output_dir, card_metrics)
+    return StageResult(script.output_dir, card_metrics)
 
 
-def training_prompts(a: ScriptArguments, config: PPOConfig, tokenizer, accelerator) -> list:
+def training_prompts(script: ScriptArguments, config: PPOConfig, tokenizer, accelerator) -> list:
     """The prompts of --subset (``load_prompts``), at least one global batch of them."""
-    prompts, dropped, source = load_prompts(a, tokenizer)
+    prompts, dropped, source = load_prompts(script, tokenizer)
     if len(prompts) < config.prompts_per_step * accelerator.num_processes:
         per_prompt = f" / --num_generations {config.group_size}" if config.group_size > 1 else ""
         raise UserError(f"{len(prompts)} usable prompts in {source} are fewer than one batch "
                         f"(--batch_size {config.batch_size}{per_prompt} x {accelerator.num_processes} processes)")
     if accelerator.is_main_process:
         print(f"prompts: {len(prompts)} from {source}; {dropped} longer than --max_prompt_length "
-              f"{a.max_prompt_length} dropped")
+              f"{script.max_prompt_length} dropped")
     return prompts
 
 
-def held_out_rows(a: ScriptArguments, tokenizer, num_processes: int) -> list[dict]:
+def held_out_rows(script: ScriptArguments, tokenizer, num_processes: int) -> list[dict]:
     """The first --eval_prompts questions of --eval_data_dir, as many on every process."""
-    held_out, _, _ = load_prompts(a, tokenizer, a.eval_data_dir)
-    usable = min(a.eval_prompts, len(held_out)) // num_processes * num_processes
+    held_out, _, _ = load_prompts(script, tokenizer, script.eval_data_dir)
+    usable = min(script.eval_prompts, len(held_out)) // num_processes * num_processes
     eval_rows = [held_out[i] for i in range(usable)]  # the same number on every process
     if not eval_rows:
-        raise UserError(f"--eval_data_dir {a.eval_data_dir}: fewer usable questions than processes")
+        raise UserError(f"--eval_data_dir {script.eval_data_dir}: fewer usable questions than processes")
     return eval_rows
 
 
@@ -250,8 +254,8 @@ def held_out_gold(rows: list[dict], answers: list[str]) -> list[float | None]:
             for row, answer in zip(rows, answers)]
 
 
-def train_steps(a: ScriptArguments, trainer: PPOTrainer, total_steps: int, eval_rows: list[dict], resume: str | None,
-                *, writer: MetricsWriter, samples_path: str, trackers: list[str]) -> None:
+def train_steps(script: ScriptArguments, trainer: PPOTrainer, total_steps: int, eval_rows: list[dict],
+                resume: str | None, *, writer: MetricsWriter, samples_path: str, trackers: list[str]) -> None:
     """PPO steps up to ``total_steps``: each step's metrics to metrics.jsonl (and the trackers) with, every
     --eval_freq steps, the held-out evaluation (judged by ``held_out_gold``), its first samples to samples.jsonl, a
     checkpoint every --save_freq steps or on a signal with --save_on_interrupt; too many skipped steps in a row stop
@@ -263,52 +267,54 @@ def train_steps(a: ScriptArguments, trainer: PPOTrainer, total_steps: int, eval_
         held_out = trainer.evaluate(eval_rows, eval_seed, judge=held_out_gold)  # where the policy starts
         if is_main:
             writer.write({"step": 0, "episodes": 0, **held_out})
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main or a.disable_tqdm, desc=config.algorithm.upper())
-    interrupt.start(a.output_dir, total_steps, a.save_on_interrupt, step)
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main or script.disable_tqdm,
+               desc=config.algorithm.upper())
+    interrupt.start(script.output_dir, total_steps, script.save_on_interrupt, step)
     while trainer.progress.step < total_steps:
         metrics, samples = trainer.step()
         interrupt.progress.step = trainer.progress.step
-        if eval_rows and (trainer.progress.step % a.eval_freq == 0 or trainer.progress.step == total_steps):
+        if eval_rows and (trainer.progress.step % script.eval_freq == 0 or trainer.progress.step == total_steps):
             metrics.update(trainer.evaluate(eval_rows, eval_seed, judge=held_out_gold))
         if is_main:
             writer.write(metrics)
             with open(samples_path, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(s) + "\n" for s in samples[: a.samples_per_step])
+                f.writelines(json.dumps(s) + "\n" for s in samples[: script.samples_per_step])
             bar.update(1)
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if trackers:
             accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=trainer.progress.step)
-        if trainer.progress.consecutive_skips >= a.max_skipped_steps:
+        if trainer.progress.consecutive_skips >= script.max_skipped_steps:
             for tracker in accelerator.trackers:  # the run ends here, its tracker runs too (a notebook lives on)
                 tracker.finish()
             raise UserError(f"stopping: {trainer.progress.consecutive_skips} consecutive PPO steps had non-finite "
                             f"scores or losses (skipped, the weights are untouched); the last checkpoint in "
-                            f"{a.output_dir} is intact")
-        stopping = a.save_on_interrupt and interrupt.requested(accelerator.device)
-        if stopping or a.save_freq and trainer.progress.step % a.save_freq == 0:
-            trainer.save_checkpoint(os.path.join(a.output_dir, f"checkpoint-{trainer.progress.step}"))
+                            f"{script.output_dir} is intact")
+        stopping = script.save_on_interrupt and interrupt.requested(accelerator.device)
+        if stopping or script.save_freq and trainer.progress.step % script.save_freq == 0:
+            trainer.save_checkpoint(os.path.join(script.output_dir, f"checkpoint-{trainer.progress.step}"))
         if stopping:
             interrupt.stop()
     bar.close()
 
 
-def save_final(a: ScriptArguments, model_args: ModelArguments, trainer: PPOTrainer, tokenizer) -> dict:
+def save_final(script: ScriptArguments, model_args: ModelArguments, trainer: PPOTrainer, tokenizer) -> dict:
     """The final model and its card in --output_dir; returns the card's metrics (empty on other processes)."""
     accelerator, config = trainer.accelerator, trainer.config
-    tmp = final_tmp_dir(a.output_dir)
+    tmp = final_tmp_dir(script.output_dir)
     accelerator.wait_for_everyone()
     with writing(f"the final model to {tmp}"):
         trainer.save_model(tmp)  # every process takes part (ZeRO-3 gathers); the main one writes
     if not accelerator.is_main_process:
         return {}
-    with writing(f"the final model to {a.output_dir}"):
+    with writing(f"the final model to {script.output_dir}"):
         tokenizer.save_pretrained(tmp)
-        commit_final(tmp, a.output_dir)
-    card_metrics = model_card_metrics(read_metrics(a.output_dir), trainer.progress)
+        commit_final(tmp, script.output_dir)
+    card_metrics = model_card_metrics(read_metrics(script.output_dir), trainer.progress)
     kind = "LoRA adapter + value head" if model_args.use_peft else "model + value head"
-    write_model_card(a.output_dir, f"{config.algorithm.upper()} policy " + kind, model_args.model_name_or_path,
-                     f"{a.dataset_name} ({a.subset}, {a.split}); reward model {a.reward_model_name}", card_metrics)
-    print(f"saved to {a.output_dir}")
+    write_model_card(script.output_dir, f"{config.algorithm.upper()} policy " + kind, model_args.model_name_or_path,
+                     f"{script.dataset_name} ({script.subset}, {script.split}); reward model "
+                     f"{script.reward_model_name}", card_metrics)
+    print(f"saved to {script.output_dir}")
     return card_metrics
 
 
@@ -338,7 +344,7 @@ def _truncate_samples(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
+def make_accelerator(script: ScriptArguments, trackers: list[str] | None = None):
     from accelerate import Accelerator
 
     # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
@@ -355,7 +361,7 @@ def make_accelerator(a: ScriptArguments, trackers: list[str] | None = None):
         from deepspeed.accelerator import get_accelerator
 
         handlers.append(InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name()))
-    return Accelerator(log_with=trackers or None, project_dir=a.output_dir, kwargs_handlers=handlers,
+    return Accelerator(log_with=trackers or None, project_dir=script.output_dir, kwargs_handlers=handlers,
                        cpu=not torch.cuda.is_available() and not deepspeed)
 
 
@@ -363,22 +369,23 @@ def total_ppo_steps(config: PPOConfig) -> int:
     return math.ceil(config.steps / config.batch_size)  # as TRL's PPOConfig counted: per process
 
 
-def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArguments, accelerator, tokenizer,
+def build_trainer(script: ScriptArguments, config: PPOConfig, model_args: ModelArguments, accelerator, tokenizer,
                   *, prompts: list[dict], reward_stats: dict | None = None) -> PPOTrainer:
     """The reward model, the policy with its value head (and a reference copy with full fine-tuning), the optimizer
     and the `PPOTrainer` as the stage trains them (benchmarks/run.py times this same object)."""
     from transformers import get_scheduler
 
-    reward_tokenizer = load_tokenizer(a.reward_tokenizer_name or a.reward_model_name, a.trust_remote_code, "right")
-    rm_args = ModelArguments(model_name_or_path=a.reward_model_name, dtype=model_args.dtype, use_peft=False)
+    reward_tokenizer = load_tokenizer(script.reward_tokenizer_name or script.reward_model_name,
+                                      script.trust_remote_code, "right")
+    rm_args = ModelArguments(model_name_or_path=script.reward_model_name, dtype=model_args.dtype, use_peft=False)
     with whole_models_under_zero3(accelerator):  # inference only, never prepared: a full copy on every process
-        reward_model = load_model(rm_args, "SEQ_CLS", a.trust_remote_code, reward_tokenizer.pad_token_id,
+        reward_model = load_model(rm_args, "SEQ_CLS", script.trust_remote_code, reward_tokenizer.pad_token_id,
                                   flag="--reward_model_name", require_score_head=True)
-    check_vocabulary(reward_tokenizer, reward_model, a.reward_tokenizer_name or a.reward_model_name,
-                     a.reward_model_name, "--reward_tokenizer_name", model_flag="--reward_model_name")
+    check_vocabulary(reward_tokenizer, reward_model, script.reward_tokenizer_name or script.reward_model_name,
+                     script.reward_model_name, "--reward_tokenizer_name", model_flag="--reward_model_name")
     reward_model.eval().requires_grad_(False).to(accelerator.device)
 
-    policy = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
+    policy = load_model(model_args, "CAUSAL_LM", script.trust_remote_code, tokenizer.pad_token_id, flag="--model_name")
     check_vocabulary(tokenizer, policy, model_args.tokenizer_name or model_args.model_name_or_path,
                      model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name")
     ref_model = None
@@ -388,14 +395,14 @@ def build_trainer(a: ScriptArguments, config: PPOConfig, model_args: ModelArgume
         policy = get_peft_model(policy, lora_config(model_args, "CAUSAL_LM"))
     elif is_zero3(accelerator):  # the policy was built partitioned: a copy of it would hold no weights
         with whole_models_under_zero3(accelerator):
-            ref_model = load_model(model_args, "CAUSAL_LM", a.trust_remote_code, tokenizer.pad_token_id,
+            ref_model = load_model(model_args, "CAUSAL_LM", script.trust_remote_code, tokenizer.pad_token_id,
                                    flag="--model_name")
     else:
         ref_model = copy.deepcopy(policy)
     if ref_model is not None:
         ref_model.eval().requires_grad_(False).to(accelerator.device)
     disable_dropout(policy)
-    if a.gradient_checkpointing if a.gradient_checkpointing is not None else torch.cuda.is_available():
+    if script.gradient_checkpointing if script.gradient_checkpointing is not None else torch.cuda.is_available():
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyWithValueHead(policy)
     if config.algorithm != "ppo":  # RLOO and GRPO have no critic: the value head is not trained
