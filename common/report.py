@@ -187,9 +187,7 @@ def summary_lines(s: dict) -> list[str]:
         f"{_fmt(s['rm_lookalike_pairs'])} look-alike pairs {_fmt(s['rm_accuracy_lookalike'])}",
     ]
     if s.get("rm_accuracy_by_kind"):
-        kinds = s["rm_accuracy_by_kind"]
-        lines.append("  by kind     " + ", ".join(f"{k.removeprefix('lookalike_')} {_fmt(v, 2)}"
-                                                  for k, v in sorted(kinds.items(), key=lambda kv: kv[1])))
+        lines.append("  by kind     " + _kinds_text(s["rm_accuracy_by_kind"]))
     lines.append(_stage3_line(s, t))
     if s["eval_final"]:
         n = s["eval_prompts"]
@@ -219,6 +217,19 @@ def summary_lines(s: dict) -> list[str]:
         lines.append("time          " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds_per_stage"].items()))
     lines.append("=" * len(lines[0]))
     return lines
+
+
+def _kinds_text(kinds: dict) -> str:
+    """The look-alike kinds one by one (worst first), the other kinds as a range: ``wrong_fix 0.60, broken 0.75;
+    5 other kinds 1.00``."""
+    alike = sorted(((k, v) for k, v in kinds.items() if k.startswith("lookalike_")), key=lambda kv: kv[1])
+    others = [v for k, v in kinds.items() if not k.startswith("lookalike_")]
+    text = ", ".join(f"{k.removeprefix('lookalike_')} {v:.2f}" for k, v in alike)
+    if others:
+        low, high = min(others), max(others)
+        span = f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}"
+        text += ("; " if text else "") + f"{len(others)} other kind{'s' * (len(others) > 1)} {span}"
+    return text
 
 
 def _stage3_line(s: dict, t: dict) -> str:

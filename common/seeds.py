@@ -52,6 +52,7 @@ TARGETS = [
     Target("whole pipeline, minutes (2-core CPU)", _minutes, 12, True, 1),
     Target("SFT answers: share of corpus words", lambda s: s.get("sft_vocabulary_share"), 0.9, False),
     Target("SFT answers ended with EOS", lambda s: s.get("sft_eos_share"), 0.9, False, 2),
+    Target("reward model accuracy, look-alike pairs", lambda s: s.get("rm_accuracy_lookalike"), 0.85, False),
     Target("reward model accuracy, wrong-fix pairs", lambda s: _by_kind(s, "lookalike_wrong_fix"), 0.85, False),
     Target("reward model accuracy, broken pairs", lambda s: _by_kind(s, "lookalike_broken"), 0.85, False),
     Target("gold win rate, final vs SFT", lambda s: s.get("gold_win_rate_vs_sft"), 0.65, False),

@@ -203,7 +203,9 @@ def test_the_gold_parts_and_the_reward_models_kinds_reach_the_summary_and_the_re
     (tmp_path / "rm" / "eval_report.json").write_text((tmp_path / "rm_kept" / "eval_report.json").read_text())
     s = report.summarize(str(tmp_path))
     assert s["rm_accuracy_by_kind"] == {"lookalike_broken": 0.875, "dismissive": 1.0}
-    assert "by kind     broken 0.88, dismissive 1.00" in "\n".join(report.summary_lines(s))
+    assert "by kind     broken 0.88; 1 other kind 1.00" in "\n".join(report.summary_lines(s))
+    assert report._kinds_text({"lookalike_wrong_fix": 0.6, "lookalike_broken": 0.75, "a": 1.0, "b": 0.95}) == \
+        "wrong_fix 0.60, broken 0.75; 2 other kinds 0.95-1.00"
 
 
 def test_the_best_of_n_table_prints_numbers_with_intervals(tmp_path):
