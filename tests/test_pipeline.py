@@ -51,7 +51,12 @@ def test_pipeline_learns_and_summarises_with_the_gold_judge(pipeline):
     assert s["rm_lookalike_pairs"] >= 0.4 * s["rm_pairs"] and s["rm_eval_accuracy"] >= 0.65
     assert s["rm_accuracy_lookalike"] > 0.5
     assert 0 <= s["ppo_kl_to_sft"] < 10 and s["ppo_kl_max"] < 30  # held near the SFT model by the KL penalty
-    assert 0.0 <= s["gold_score_sft"] <= 1.0 and 0.0 <= s["gold_win_rate_vs_sft"] <= 1.0
+    # The summary's gold figures are those of the evaluation's own rows: the SFT mean and the win rate (ties 1/2).
+    rows = [r["answers"] for r in json.load(open(os.path.join(out, "eval", "eval.json")))["rows"]]
+    assert s["gold_score_sft"] == pytest.approx(sum(r["sft"]["gold"] for r in rows) / len(rows), abs=1e-9)
+    wins = [1.0 if f["gold"] > b["gold"] else 0.5 if f["gold"] == b["gold"] or f["answer"] == b["answer"] else 0.0
+            for b, f in ((r["sft"], r["final"]) for r in rows)]
+    assert s["gold_win_rate_vs_sft"] == pytest.approx(sum(wins) / len(wins), abs=1e-9)
     assert s["eval_prompts"] == 32 and [c["n"] for c in s["best_of_n"]["curve"]] == [1, 2, 4]
     # PPO's held-out evaluation ran at steps 0, 8 and 16, with the gold judge beside the reward model.
     held_out = [h for h in s["ppo_held_out"] if h["eval/gold"] is not None]
