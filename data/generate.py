@@ -3142,7 +3142,13 @@ def main(argv: list[str] | None = None) -> int:
                              "prompt/chosen/rejected, prompt: strings) or chat (the same as lists of messages; "
                              "messages for SFT); trl and chat write the four splits to --out_dir (default "
                              "runs/data/FORMAT), no pretraining corpus")
+    parser.add_argument("--extra_pairs", type=int, default=0,
+                        help="write a folder (--out_dir, default runs/data/reward_plus_N) whose reward/ holds the "
+                             "sample pairs and N new ones from further draws (no question of the sample data, no "
+                             "question core of evaluation or rl) and whose evaluation/ is the sample data's")
     args = parser.parse_args(argv)
+    if args.extra_pairs:
+        return write_extra_pairs(args)
     if args.format != "stackllama":
         return write_format(args)
 
@@ -3191,6 +3197,46 @@ def write_format(args) -> int:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         print(f"{split:<11} {len(rows):>5} rows  {path}  sha256 {digest}  ({SPLIT_LAYOUT[split]}: "
               f"{', '.join(k for k in in_format(rows[0], split, args.format) if k not in rows[0])})")
+    return 0
+
+
+def extra_pairs(n: int, seed: int = SEED) -> list[dict]:
+    """``n`` reward-model pairs beyond the sample data: the rows of new draws of the generator (seeds ``seed + 1000``,
+    ``seed + 2000``, ...), without any question of the sample data and without any question core of its held-out
+    splits (evaluation, rl), so that more training pairs never leak the evaluation. Shuffled; kinds in the
+    generator's shares."""
+    base = generate(seed)
+    held_out_cores = {r["_core"] for split in HELD_OUT for r in base[split]}
+    seen = {r["question"] for rows in base.values() for r in rows}
+    rows, draw = [], 0
+    while len(rows) < n:
+        draw += 1
+        for split_rows in generate(seed + 1000 * draw).values():
+            for r in split_rows:
+                if r["_core"] not in held_out_cores and r["question"] not in seen:
+                    seen.add(r["question"])
+                    rows.append({k: v for k, v in r.items() if not k.startswith("_")})
+    random.Random(seed + draw).shuffle(rows)
+    return rows[:n]
+
+
+def write_extra_pairs(args) -> int:
+    """``--extra_pairs N``: a data folder whose reward/ holds the sample data's pairs and N new ones (checked as the
+    sample data is), and whose evaluation/ is the sample data's: ``--dataset_name OUT_DIR`` for the reward model."""
+    out_dir = args.out_dir
+    if out_dir == Path(__file__).resolve().parent:  # the default: never over the committed sample data
+        out_dir = Path(__file__).resolve().parent.parent / "runs" / "data" / f"reward_plus_{args.extra_pairs}"
+    here = Path(__file__).resolve().parent
+    sample = read_jsonl(here / "reward" / "train.jsonl")
+    new = extra_pairs(args.extra_pairs, args.seed)
+    for i, row in enumerate(new):
+        check_pair(f"extra pair {i}", row)
+    rows = sample + new
+    random.Random(args.seed).shuffle(rows)
+    paths = [write_jsonl(out_dir / "reward" / "train.jsonl", rows),
+             write_jsonl(out_dir / "evaluation" / "train.jsonl", read_jsonl(here / "evaluation" / "train.jsonl"))]
+    for path in paths:
+        print(f"{path}  {sum(1 for _ in open(path, encoding='utf-8'))} rows")
     return 0
 
 

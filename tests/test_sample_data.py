@@ -107,3 +107,27 @@ def test_pretraining_corpus_is_disjoint_from_held_out_questions(gen):
     for doc, question in zip(docs, questions):
         if doc["source"] != "extra":
             assert doc["text"].endswith("\n\nAnswer: " + preferred[question])
+
+
+def test_extra_reward_pairs_never_touch_the_sample_datas_questions_or_held_out_cores(gen, tmp_path):
+    """``--extra_pairs N``: the sample pairs plus N new ones, none of which repeats a question of the sample data or
+    fills a question template of the held-out splits (evaluation, rl) with the same values."""
+    proc = subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--extra_pairs", "300", "--out_dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "reward" / "train.jsonl", encoding="utf-8") as f:
+        written = [json.loads(line) for line in f]
+    sample = rows("reward")
+    assert len(written) == len(sample) + 300
+    sample_questions = {r["question"] for s in ("finetune", "reward", "evaluation", "rl") for r in rows(s)}
+    new = [r for r in written if r["question"] not in sample_questions]
+    assert len(new) == 300 and len({r["question"] for r in new}) == 300
+    assert {r["question"] for r in written} - {r["question"] for r in new} == {r["question"] for r in sample}
+    held_out_cores = {r["_core"] for s in ("evaluation", "rl") for r in gen.generate()[s]}
+    assert {r["question"] for r in gen.extra_pairs(300)} == {r["question"] for r in new}  # deterministic
+    cores = {r["_core"] for draw in (1, 2) for rows_ in gen.generate(gen.SEED + 1000 * draw).values() for r in rows_
+             if r["question"] in {q["question"] for q in new}}
+    assert cores and not cores & held_out_cores
+    assert {r["pair_kind"] for r in new} >= set(LOOKALIKE)
+    assert (tmp_path / "evaluation" / "train.jsonl").read_bytes() == open(
+        os.path.join(DATA, "evaluation", "train.jsonl"), "rb").read()
