@@ -80,7 +80,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--reward_model", required=True)
-    p.add_argument("--out_dir", default="/tmp/profile_ppo_step")
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "runs", "profile_ppo_step"),
+                   help="The PPO run's output folder (default runs/profile_ppo_step)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cprofile", action="store_true", help="cProfile (Python functions) instead of torch.profiler")

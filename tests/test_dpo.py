@@ -43,14 +43,14 @@ def _answer_logps(model, tokenizer, question, answer):
     return token_logp[torch.tensor(ex["completion_mask"][1:]).bool()].sum()
 
 
-def test_dpo_loss_on_two_pairs_is_the_by_hand_log_sigmoid(tiny_model):
+def test_dpo_loss_on_two_pairs_is_the_by_hand_log_sigmoid(tiny_model, tmp_path):
     """Full fine-tuning with a policy moved away from its reference: TRL's loss on our tokenized batch equals
     mean(-logsigmoid(beta * ((pi_j - ref_j) - (pi_k - ref_k)))) with log-probs summed over the answer and EOS."""
     import training_dpo
 
     script, config, model_args = training_dpo.parse([
-        "--model_name_or_path", tiny_model, "--output_dir", "/tmp/unused", "--use_peft", "false", "--beta", "0.5",
-        "--max_length", "128", "--per_device_train_batch_size", "2", "--report_to", "none"])
+        "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "unused"), "--use_peft", "false",
+        "--beta", "0.5", "--max_length", "128", "--per_device_train_batch_size", "2", "--report_to", "none"])
     training_dpo.check_args(script, config)
     from common.modeling import load_tokenizer
 
