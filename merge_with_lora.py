@@ -39,6 +39,7 @@ import common.quiet  # noqa: F401  (first: silences known library messages)
 import torch
 
 from common.cli import StageResult, UserError, call_stage, parse_args, run
+from common.flag_checks import hub_problem
 from common.modeling import (
     ModelArguments,
     check_model_path,
@@ -287,6 +288,8 @@ def check_inputs(args: MergeArguments) -> tuple[str, str, str, str]:
     model loads (and the output place writable)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("merge runs on one process; run it with python, not torchrun or accelerate launch")
+    if args.push_to_hub and (problem := hub_problem("--push_to_hub")):
+        raise UserError(problem)  # before the merge, not after it
     adapter = find_adapter(args.adapter_model_name)
     base = args.base_model_name or resolve_base(adapter)[0]
     flag = "--base_model_name" + ("" if args.base_model_name else f" (from {adapter}/adapter_config.json)")

@@ -32,6 +32,8 @@ calibration, length bias, worst pairs: the reward model stage's report, common/r
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import common.quiet  # noqa: F401  (first: silences known library messages)
@@ -42,6 +44,7 @@ from trl import DPOConfig, DPOTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
+from common.flag_checks import trainer_flag_problems, trainer_validation
 from common.interrupt import save_on_interrupt_field
 from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
@@ -53,7 +56,6 @@ from common.modeling import (
     lora_config,
     plain_lm_head,
     trainer_device_defaults,
-    trainer_flag_problems,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import TemplateError, encode, render_prompt, tokenize_segments
@@ -150,11 +152,27 @@ def check_args(script: ScriptArguments, config: DPOConfig) -> None:
     if config.precompute_ref_log_probs:
         problems.append("--precompute_ref_log_probs is not supported here: with LoRA the reference is the model with "
                         "its adapter disabled, which costs no memory")
-    problems += trainer_flag_problems(config)
+    for name, given in (("loss_type", config.loss_type), ("f_divergence_type", [config.f_divergence_type])):
+        known = listed_values(DPOConfig, name)  # TRL checks these only at the first step
+        unknown = [str(getattr(v, "value", v)) for v in given if known and str(getattr(v, "value", v)) not in known]
+        if unknown:
+            problems.append(f"--{name} {' '.join(unknown)}: not one of {', '.join(known)}")
+    if "exo_pair" in config.loss_type and config.label_smoothing <= 0:
+        problems.append("--loss_type exo_pair needs --label_smoothing > 0 (the EXO paper recommends 1e-3)")
+    problems += trainer_flag_problems(config, pairs=True)
     collect(problems)
 
 
-def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, *, verbose: bool):
+def listed_values(config_cls, name: str) -> list[str]:
+    """The values the help of a TRL config field lists ("Possible values are: `'a'`, `'b'`. ..."), or none."""
+    text = next((f.metadata.get("help", "") for f in dataclasses.fields(config_cls) if f.name == name), "")
+    if "Possible values are:" not in text:
+        return []
+    return re.findall(r"`'?([\w-]+)'?`", text.split("Possible values are:", 1)[1].split(". ", 1)[0])
+
+
+def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, name: str, *, verbose: bool,
+                   num_proc: int | None = None):
     """`prompt_ids`/`chosen_ids`/`rejected_ids` as DPOTrainer's collator takes them: the prompt's ids as SFT and PPO
     have them (special tokens included), each answer's ids then EOS. Over-long pairs are dropped and counted.
     Returns the tokenized pairs and the kept rows (the text, for the evaluation report)."""
@@ -176,7 +194,8 @@ def tokenize_pairs(rows, tokenizer, script: ScriptArguments, max_length: int, na
                        for p, c, r in zip(prompts, out["chosen_ids"], out["rejected_ids"])]
         return out
 
-    ds = rows.map(fn, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {name} pairs")
+    ds = rows.map(fn, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {name} pairs",
+                  num_proc=num_proc)
     keep = [i for i, k in enumerate(ds["keep"]) if k]
     if verbose:
         print(f"{name}: {len(ds)} pairs; {len(ds) - len(keep)} longer than --max_prompt_length "
@@ -207,9 +226,10 @@ def build_trainer(script: ScriptArguments, config: DPOConfig, model_args: ModelA
     if not model_args.use_peft:
         ref_model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
         ref_model.requires_grad_(False).eval()
-    trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, peft_config=lora_config(model_args, "CAUSAL_LM"),
-                      callbacks=list(callbacks))
+    with trainer_validation():  # TRL's checks of its flags against the model (--sync_ref_model with LoRA)
+        trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=train_ds,
+                          eval_dataset=eval_ds, processing_class=tokenizer,
+                          peft_config=lora_config(model_args, "CAUSAL_LM"), callbacks=list(callbacks))
     if script.lm_head == "plain" or (script.lm_head == "auto" and trainer.args.device.type == "cpu"):
         for m in (trainer.model, trainer.ref_model):
             if m is not None:
@@ -257,8 +277,10 @@ def main(script: ScriptArguments, config: DPOConfig, model_args: ModelArguments)
                                config.trust_remote_code, "right")
     if stage.is_main:
         print(f"data: train {train_layout.describe(tokenizer)}; eval {eval_layout.describe(tokenizer)}")
-    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", verbose=stage.is_main)
-    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", verbose=stage.is_main)
+    train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", verbose=stage.is_main,
+                                 num_proc=config.dataset_num_proc)
+    eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", verbose=stage.is_main,
+                                        num_proc=config.dataset_num_proc)
 
     time_limit = TimeLimit(script.max_train_seconds) if script.max_train_seconds else None
     trainer = build_trainer(script, config, model_args, tokenizer, train_ds, eval_ds=eval_ds,

@@ -36,6 +36,7 @@ from trl import RewardConfig, RewardTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
+from common.flag_checks import trainer_flag_problems, trainer_validation
 from common.interrupt import save_on_interrupt_field
 from common.layouts import answer_display, columns_field, completion_text, load_pairs
 from common.modeling import (
@@ -45,8 +46,9 @@ from common.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
+    set_chat_template,
+    set_eos_token,
     trainer_device_defaults,
-    trainer_flag_problems,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import TemplateError, encode, ends_with_eos, render_prompt
@@ -108,7 +110,7 @@ def check_args(script: ScriptArguments, config: RewardConfig) -> None:
         problems.append(f"--per_device_train_batch_size must be > 0, got {config.per_device_train_batch_size}")
     if config.per_device_eval_batch_size is not None and config.per_device_eval_batch_size <= 0:
         problems.append(f"--per_device_eval_batch_size must be > 0, got {config.per_device_eval_batch_size}")
-    problems += trainer_flag_problems(config)
+    problems += trainer_flag_problems(config, pairs=True)
     collect(problems)
     if script.margin < 0:
         warnings.warn(f"--margin {script.margin} is negative: pairs count as learned before r_j beats r_k",
@@ -165,8 +167,18 @@ def build_trainer(config: RewardConfig, model_args: ModelArguments, tokenizer, t
     model = load_model(model_args, "SEQ_CLS", config.trust_remote_code, tokenizer.pad_token_id)
     check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
                      model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name_or_path")
-    return Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                   peft_config=lora_config(model_args, "SEQ_CLS"), callbacks=list(callbacks))
+    with trainer_validation():
+        trainer = Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, peft_config=lora_config(model_args, "SEQ_CLS"),
+                          callbacks=list(callbacks))
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        # TRL casts a quantized model's trainable weights to bfloat16 (QLoRA). LoRA's layers cast their input; the
+        # score head does not, and meets hidden states of the model's own dtype (float32 on CPU): it keeps that dtype.
+        dtype = model.get_input_embeddings().weight.dtype
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and ".score." in f".{name}" and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return trainer
 
 
 def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArguments) -> StageResult:
@@ -184,8 +196,8 @@ def main(script: ScriptArguments, config: RewardConfig, model_args: ModelArgumen
                                config.trust_remote_code, "right")
     if stage.is_main:
         print(f"data: train {train_layout.describe(tokenizer)}; eval {eval_layout.describe(tokenizer)}")
-    if config.eos_token:  # RewardTrainer would switch to it only after the pairs below are tokenized
-        tokenizer.eos_token = config.eos_token
+    set_eos_token(tokenizer, config.eos_token)  # RewardTrainer would switch only after the pairs below are tokenized
+    set_chat_template(tokenizer, config.chat_template_path)  # likewise
     train_ds, _ = tokenize_pairs(train_rows, tokenizer, script, config.max_length, "train", verbose=stage.is_main)
     eval_ds, eval_rows = tokenize_pairs(eval_rows, tokenizer, script, config.max_length, "eval", verbose=stage.is_main)
 

@@ -47,6 +47,7 @@ from common import interrupt
 from common.checkpoints import check_origin, origin
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
+from common.flag_checks import accelerate_tracker_problems, scheduler_problem
 from common.gold import gold_score
 from common.interrupt import save_on_interrupt_field
 from common.layouts import columns_field, load_normalized
@@ -141,6 +142,8 @@ def check_args(script: ScriptArguments, config: PPOConfig, model_args: ModelArgu
         stats_file = os.path.join(script.reward_model_name, "reward_stats.json")
         problems.append(f"--reward_normalization stats needs {stats_file} (written by training_reward_model.py): "
                         "use running or none")
+    if problem := scheduler_problem(config.lr_scheduler_type, None, kwargs_flag=None):  # built after the models
+        problems.append(problem)
     collect(problems)
 
 
@@ -323,11 +326,13 @@ def model_card_metrics(records: list[dict], progress) -> dict:
     history = [m for m in records if "objective/scores" in m]
     held_out = [m for m in records if "eval/rm_score" in m]  # step 0 (where the policy started) to the last
     fifth = max(1, len(history) // 5)
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    # None where metrics.jsonl holds no step: a run resumed from another folder's checkpoint of its last step
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows) if rows else None  # noqa: E731
+    last = history[-1] if history else {}
     card_metrics = {"ppo_steps": progress.step, "episodes": progress.episodes,
                     "score_first_fifth": mean(history[:fifth], "objective/scores"),
                     "score_last_fifth": mean(history[-fifth:], "objective/scores"),
-                    "kl_last": history[-1]["objective/kl"], "kl_coef_last": history[-1]["objective/kl_coef"],
+                    "kl_last": last.get("objective/kl"), "kl_coef_last": last.get("objective/kl_coef"),
                     "skipped_steps": progress.skipped_steps}
     for key in ("rm_score", "gold") if held_out else ():
         card_metrics[f"eval_{key}_first"] = held_out[0][f"eval/{key}"]
@@ -346,6 +351,8 @@ def _truncate_samples(path: str, step: int) -> None:
 
 def make_accelerator(script: ScriptArguments, trackers: list[str] | None = None):
     from accelerate import Accelerator
+
+    collect(accelerate_tracker_problems(trackers))  # before any model loads
 
     # cpu=True when there is no GPU: accelerate only forms a gloo process group under torchrun if told so. Not under
     # DeepSpeed, which has its own CPU back end (gloo) and which accelerate turns off when told cpu=True.

@@ -34,6 +34,7 @@ from trl import SFTConfig, SFTTrainer
 
 from common.cli import StageResult, UserError, call_stage, collect, parse_args, run
 from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
+from common.flag_checks import trainer_flag_problems, trainer_validation
 from common.interrupt import save_on_interrupt_field
 from common.layouts import Layout, columns_field, load_normalized
 from common.modeling import (
@@ -44,8 +45,9 @@ from common.modeling import (
     load_tokenizer,
     lora_config,
     plain_lm_head,
+    set_chat_template,
+    set_eos_token,
     trainer_device_defaults,
-    trainer_flag_problems,
 )
 from common.outputs import AtomicCheckpoints
 from common.prompts import TemplateError, conversation_segments, tokenize_segments
@@ -120,6 +122,9 @@ def check_args(script: ScriptArguments, config: SFTConfig) -> None:
     if config.per_device_train_batch_size <= 0:
         problems.append(f"--batch_size/--per_device_train_batch_size must be > 0, "
                         f"got {config.per_device_train_batch_size}")
+    if config.dataset_kwargs:
+        problems.append("--dataset_kwargs: this script tokenizes and masks the data itself (common/layouts.py), so "
+                        "TRL's data set options (skip_prepare_dataset) do not apply: drop it")
     problems += trainer_flag_problems(config)
     collect(problems)
 
@@ -180,15 +185,16 @@ def build_trainer(script: ScriptArguments, config: SFTConfig, model_args: ModelA
     model = load_model(model_args, "CAUSAL_LM", config.trust_remote_code, tokenizer.pad_token_id)
     check_vocabulary(tokenizer, model, model_args.tokenizer_name or model_args.model_name_or_path,
                      model_args.model_name_or_path, "--tokenizer_name", model_flag="--model_name_or_path")
-    trainer = Trainer(
-        model=model,
-        args=config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args, "CAUSAL_LM"),
-        callbacks=list(callbacks),
-    )
+    with trainer_validation():  # TRL's checks of its flags against the model (--router_aux_loss_coef)
+        trainer = Trainer(
+            model=model,
+            args=config,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=lora_config(model_args, "CAUSAL_LM"),
+            callbacks=list(callbacks),
+        )
     if script.lm_head == "plain" or (script.lm_head == "auto" and trainer.args.device.type == "cpu"):
         plain_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
     return trainer
@@ -214,7 +220,12 @@ def main(script: ScriptArguments, config: SFTConfig, model_args: ModelArguments)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "",
                                config.trust_remote_code, "right")
     if script.eos_token_id is not None:
+        if not 0 <= script.eos_token_id < len(tokenizer):
+            raise UserError(f"--eos_token_id {script.eos_token_id} is not a token id of the tokenizer "
+                            f"(0 to {len(tokenizer) - 1})")
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(script.eos_token_id)
+    set_eos_token(tokenizer, config.eos_token)  # SFTTrainer would switch only after the examples are tokenized
+    set_chat_template(tokenizer, config.chat_template_path)  # likewise
     if stage.is_main:
         print(f"data: {loaded.source}, {layout.describe(tokenizer)}")
     # The answer-only mask of every layout is ours (tokenize): TRL's assistant_only_loss needs its own chat-template

@@ -111,13 +111,17 @@ def incomplete_message(folder: str, flag: str = "--resume_from_checkpoint") -> s
 
 
 def check_origin(checkpoint: str, record: dict) -> str | None:
-    """Refuse to resume ``checkpoint`` onto a model of another architecture than the one it was trained from (one
-    ``UserError`` naming both); returns a note when only the name differs (a moved folder, a Hub id for a local
-    copy), None when they agree or the checkpoint predates ``origin.json``."""
+    """Refuse to resume ``checkpoint`` onto a model of another architecture than the one it was trained from, or in
+    another stage (one ``UserError`` naming both); returns a note when only the name differs (a moved folder, a Hub
+    id for a local copy), None when they agree or the checkpoint predates ``origin.json``."""
     saved = read_origin(checkpoint)
     if saved is None or "fingerprint" not in saved:
         return None
     was, now = saved.get("base_model"), record["base_model"]
+    if saved.get("stage") and record.get("stage") and saved["stage"] != record["stage"]:
+        raise UserError(f"cannot resume {checkpoint}: it is a checkpoint of the {saved['stage']} stage, not of "
+                        f"{record['stage']}; pass --resume_from_checkpoint a checkpoint this stage wrote, or start "
+                        "again with --overwrite_output_dir")
     if saved["fingerprint"].get("digest") != record["fingerprint"]["digest"]:
         a, b = saved["fingerprint"].get("architecture", {}), record["fingerprint"]["architecture"]
         differ = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))

@@ -16,6 +16,7 @@ import torch
 from trl import ModelConfig
 
 from common.cli import UserError
+from common.flag_checks import attention_problem
 
 
 @dataclass
@@ -61,24 +62,6 @@ class ModelArguments(ModelConfig):
         super().__post_init__()
 
 
-def attention_problem(name: str | None) -> str | None:
-    """Why ``--attn_implementation name`` cannot train here, or None: a kernel package that is not installed (or
-    needs a GPU), or FlexAttention on CPU, which has no backward pass there."""
-    if name in (None, "", "eager", "sdpa"):
-        return None
-    from transformers.utils import import_utils
-
-    if name == "flex_attention" and not torch.cuda.is_available():
-        return ("--attn_implementation flex_attention has no backward pass on CPU (torch raises at the first step): "
-                "use sdpa or eager")
-    check = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}
-    available = getattr(import_utils, check.get(name, ""), None)
-    if available is not None and not available():
-        return (f"--attn_implementation {name} needs the {name.replace('_attention_', '-attn ')} package and a CUDA "
-                "GPU, not found here: use sdpa or eager")
-    return None
-
-
 def trainer_device_defaults() -> dict:
     """Defaults for a TRL trainer config that fit the device.
 
@@ -95,114 +78,28 @@ def trainer_device_defaults() -> dict:
     }
 
 
-# The package each --report_to tracker of transformers needs (pip names).
-TRACKER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "mlflow": "mlflow", "neptune": "neptune",
-                    "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
-                    "clearml": "clearml", "dagshub": "dagshub mlflow", "flyte": "flytekit", "dvclive": "dvclive",
-                    "swanlab": "swanlab", "aim": "aim"}
+def set_chat_template(tokenizer, path: str | None, flag: str = "--chat_template_path") -> None:
+    """A ``.jinja`` chat template as the tokenizer's, before the data is tokenized (TRL's trainers set it only when
+    they are built, after the scripts have rendered every conversation). TRL's other form, a tokenizer whose template
+    is copied with its special tokens, would change the vocabulary after tokenizing: refused."""
+    if not path:
+        return
+    if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
+        raise UserError(f"{flag} {path}: give a .jinja (or .j2) template file; copying another tokenizer's template "
+                        "adds tokens after the data is tokenized, which these scripts do not support")
+    with open(path, encoding="utf-8") as f:
+        tokenizer.chat_template = f.read()
 
 
-def tracker_problems(report_to, known=None, available=None, flag: str = "--report_to") -> list[str]:
-    """``report_to`` (a name, comma-separated names or a list) against the trackers ``known`` and those
-    ``available`` here (default: transformers' integrations): an unknown name, or one whose package is not
-    installed, is a problem naming the flag. ``none`` and ``all`` (whatever is installed) always pass."""
-    if known is None or available is None:
-        from transformers.integrations.integration_utils import (
-            INTEGRATION_TO_CALLBACK,
-            get_available_reporting_integrations,
-        )
-
-        known, available = list(INTEGRATION_TO_CALLBACK), get_available_reporting_integrations()
-    names = report_to if isinstance(report_to, (list, tuple)) else str(report_to or "none").split(",")
-    problems = []
-    for name in (n.strip() for n in names):
-        if name in ("", "none", "all") or name in available:
-            continue
-        if name not in known:
-            problems.append(f"{flag} {name}: not a tracker; one of none, all, {', '.join(known)}")
-        elif name == "kubeflow":
-            problems.append(f"{flag} kubeflow reports to a Kubeflow TrainJob (KUBEFLOW_TRAINER_SERVER_URL is not set "
-                            "here): leave it out")
-        else:
-            problems.append(f"{flag} {name}: {name} is not installed (pip install {TRACKER_PACKAGES.get(name, name)}); "
-                            f"leave it out, or --report_to none")
-    return problems
-
-
-def scheduler_problem(name: str, kwargs: dict | None, kwargs_flag: str | None = "--lr_scheduler_kwargs") -> str | None:
-    """Why transformers' ``get_scheduler(name, ..., scheduler_specific_kwargs=kwargs)`` fails (an unknown name, an
-    argument the schedule needs or does not take), tried on a throwaway optimizer; None when it builds."""
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    try:
-        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
-                      scheduler_specific_kwargs=dict(kwargs or {}))
-    except (ValueError, TypeError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        given = f" with {kwargs_flag} {json.dumps(kwargs)}" if kwargs else ""
-        hint = f"; its arguments go in {kwargs_flag} as JSON" if kwargs_flag else ""
-        return f"--lr_scheduler_type {name}{given}: {why}{hint}"
-    return None
-
-
-def launched() -> bool:
-    """Whether a distributed launcher (torchrun, accelerate launch, deepspeed) started this process."""
-    return "LOCAL_RANK" in os.environ
-
-
-def trainer_flag_problems(config) -> list[str]:
-    """Problems with a transformers ``TrainingArguments`` (SFT, reward model, DPO) that the libraries would only
-    meet after the model is loaded, or meet with a traceback or an anonymous message: trackers, optimizers and
-    kernels whose package is not installed, a schedule missing its arguments, the Hub while offline, and
-    multi-process features in a single process."""
-    problems = tracker_problems(config.report_to)
-    name = lambda value: str(getattr(value, "value", value))  # noqa: E731  (enums by their flag value)
-    optim_args_ok = True
-    if config.optim_args:
-        try:
-            from transformers.trainer_optimizer import _parse_optim_args
-
-            _parse_optim_args(config.optim_args)
-        except ImportError:
-            pass
-        except ValueError:
-            optim_args_ok = False
-            problems.append(f"--optim_args must be comma-separated key=value pairs (e.g. 'amsgrad=True,foreach=False'),"
-                            f" got {config.optim_args!r}")
-    if optim_args_ok:
-        try:
-            from transformers import Trainer
-
-            Trainer.get_optimizer_cls_and_kwargs(config)  # imports the optimizer's package; no model needed mostly
-        except (ImportError, ValueError, TypeError, NotImplementedError) as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "pass a model" not in why and "pass a `model`" not in why:  # checked when the model is built
-                problems.append(f"--optim {name(config.optim)}: {why}")
-    if problem := scheduler_problem(name(config.lr_scheduler_type), config.lr_scheduler_kwargs):
-        problems.append(problem)
-    if config.use_liger_kernel:
-        from transformers.utils import is_liger_kernel_available
-
-        if not is_liger_kernel_available():
-            problems.append("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel) and a GPU")
-    if getattr(config, "activation_offloading", False) and not torch.cuda.is_available():
-        problems.append("--activation_offloading moves activations from the GPU to CPU memory: it needs a GPU")
-    if name(config.save_strategy) == "best" and not config.metric_for_best_model:
-        problems.append("--save_strategy best needs --metric_for_best_model (e.g. eval_loss) to compare checkpoints")
-    if config.push_to_hub:
-        from huggingface_hub import constants, get_token
-
-        if constants.HF_HUB_OFFLINE:
-            problems.append("--push_to_hub cannot reach the Hub: HF_HUB_OFFLINE is set; unset it or drop "
-                            "--push_to_hub (push the saved folder later with `hf upload`)")
-        elif not (config.hub_token or get_token()):
-            problems.append("--push_to_hub needs a Hugging Face token: `hf auth login`, or --hub_token")
-    for flag, value in (("--fsdp", config.fsdp), ("--deepspeed", config.deepspeed)):
-        if value and not launched():
-            problems.append(f"{flag} needs several processes started by a launcher (torchrun --nproc_per_node N, "
-                            "accelerate launch or deepspeed); this is a plain python run")
-    return problems
+def set_eos_token(tokenizer, token: str | None, flag: str = "--eos_token") -> None:
+    """Make ``token`` the tokenizer's EOS (before the data is tokenized: every example ends with it); it must be a
+    token the tokenizer has, or its id would lie past the model's embeddings."""
+    if not token:
+        return
+    if token not in tokenizer.get_vocab():
+        raise UserError(f"{flag} {token!r} is not a token of the tokenizer (its EOS is {tokenizer.eos_token!r}): pass "
+                        "one of its tokens")
+    tokenizer.eos_token = token
 
 
 def default_dtype() -> torch.dtype:
@@ -427,7 +324,22 @@ def load_model(
         model.config.pad_token_id = pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = pad_token_id
+    check_lora_parameters(model, args.lora_target_parameters)
     return model
+
+
+def check_lora_parameters(model, names: list[str] | None) -> None:
+    """``--lora_target_parameters``: each name must end the name of a parameter outside a linear layer (an MoE's
+    stacked expert weights); peft refuses a linear layer's weight with a message that names no flag."""
+    for target in names or []:
+        owners = [module for prefix, module in model.named_modules()
+                  for name, _ in module.named_parameters(recurse=False) if f"{prefix}.{name}".endswith(target)]
+        if not owners:
+            raise UserError(f"--lora_target_parameters {target} matches no parameter of the model")
+        if any(isinstance(m, torch.nn.Linear) for m in owners):
+            raise UserError(f"--lora_target_parameters {target} is a linear layer's weight: give its layer to "
+                            "--lora_target_modules (--lora_target_parameters is for parameters outside linear "
+                            "layers, such as an MoE's expert weights)")
 
 
 def _merge_adapter(model, adapter: str, task: str, name_or_path: str, flag: str, *, require_score_head: bool):
@@ -512,8 +424,8 @@ def plain_lm_head(model) -> bool:
     `SFTTrainer` and `DPOTrainer` take their loss or log-probs, entropy, mean logit and token accuracy from
     `trl.trainer.utils.add_fused_lm_head`, which never holds the `[tokens, vocab]` logits. Without Triton (on CPU)
     it does so tile by tile in torch and recomputes every tile in the backward, which costs more than the logits it
-    saves (benchmarks/README.md). This gives the same loss, log-probs, entropy, mean logits and top-1 flags
-    (tests/test_sft.py compares both heads, values and gradients).
+    saves (benchmarks/README.md). This gives the same loss, log-probs, entropy, log(sum p^2) (DPO's weighting), mean
+    logits and top-1 flags (tests/test_sft.py compares both heads, values and gradients).
     Calls it does not cover -- generation, pre-shifted labels, MoE router losses -- go to TRL's head; models with
     logit soft-capping or scaling are left alone.
     Returns whether the head was replaced.
@@ -541,14 +453,15 @@ def plain_lm_head(model) -> bool:
         logits = self.get_output_embeddings()(hidden).float()
         logp = logits.log_softmax(-1)
         log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-        with torch.no_grad():  # metrics only
+        with torch.no_grad():  # metrics only (log_sum_sq_probs: DPO's --use_weighting, WPO)
             entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0.0)
+            log_sum_sq_probs = torch.logsumexp(2 * logp, -1).masked_fill(~mask, 0.0)
             mean_logits = logits.mean(-1).masked_fill(~mask, 0.0)
             is_top1 = (logits.argmax(-1) == labels) & mask
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
-                                   is_top1=is_top1, label_mask=mask)
+                                   is_top1=is_top1, label_mask=mask, log_sum_sq_probs=log_sum_sq_probs)
 
     model.forward = types.MethodType(forward, model)
     return True

@@ -257,6 +257,10 @@ def hub_calls(monkeypatch) -> list:
             calls.append(("upload", repo_id, folder_path))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    # The fake stands in for a reachable Hub and a logged-in user (merge refuses --push_to_hub offline or without a
+    # token before it merges; the tests run offline).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     return calls
 
 
