@@ -140,52 +140,52 @@ def parse_models(spec) -> dict[str, str]:
     return models
 
 
-def check_args(a: EvalArguments) -> dict[str, str]:
+def check_args(args: EvalArguments) -> dict[str, str]:
     """Every problem with the flags at once; returns the models by name."""
-    models = parse_models(a.models)
+    models = parse_models(args.models)
     problems = [] if models else ["--models is required (NAME=PATH ...)"]
-    if not a.reward_model_name:
+    if not args.reward_model_name:
         problems.append("--reward_model_name is required")
     for flag in ("num_prompts", "max_new_tokens", "batch_size", "best_of_n_prompts", "bootstrap_resamples"):
-        if getattr(a, flag) <= 0:
-            problems.append(f"--{flag} must be > 0, got {getattr(a, flag)}")
+        if getattr(args, flag) <= 0:
+            problems.append(f"--{flag} must be > 0, got {getattr(args, flag)}")
     for flag in ("best_of_n", "num_examples"):
-        if getattr(a, flag) < 0:
-            problems.append(f"--{flag} must be >= 0, got {getattr(a, flag)}")
-    if not a.temperature > 0:
-        problems.append(f"--temperature must be > 0, got {a.temperature}")
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not args.temperature > 0:
+        problems.append(f"--temperature must be > 0, got {args.temperature}")
     for flag in ("baseline", "reference", "best_of_n_model"):
-        if getattr(a, flag) is not None and models and getattr(a, flag) not in models:
-            problems.append(f"--{flag} {getattr(a, flag)} is not one of the --models names: {', '.join(models)}")
+        if getattr(args, flag) is not None and models and getattr(args, flag) not in models:
+            problems.append(f"--{flag} {getattr(args, flag)} is not one of the --models names: {', '.join(models)}")
     collect(problems)
     for name, path in models.items():
         try:
             check_model_path(path, "--models")
         except UserError as e:
             raise UserError(f"model {name}: {e}") from None
-    check_model_path(a.reward_model_name, "--reward_model_name")
+    check_model_path(args.reward_model_name, "--reward_model_name")
     return models
 
 
-def check_output_dir(a: EvalArguments) -> None:
-    out = a.output_dir
+def check_output_dir(args: EvalArguments) -> None:
+    out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out} is a file, not a folder: choose another path")
     if holds_final_model(out):
         raise UserError(f"--output_dir {out} holds a model; the evaluation writes a README.md that would replace its "
                         "card: choose another folder")
-    if os.path.isfile(os.path.join(out, "eval.json")) and not a.overwrite_output_dir:
+    if os.path.isfile(os.path.join(out, "eval.json")) and not args.overwrite_output_dir:
         raise UserError(f"--output_dir {out} already holds eval.json; pass --overwrite_output_dir to replace it")
 
 
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def load_questions(a: EvalArguments) -> tuple[list[dict], str]:
+def load_questions(args: EvalArguments) -> tuple[list[dict], str]:
     """The first ``--num_prompts`` prompts (any prompt layout, common/layouts.py), each with its readable question and
     answer key or None, and where they come from."""
-    loaded, layout = load_normalized("prompts", a.dataset_name, a.subset, a.split, a.columns)
-    ds = loaded.dataset.select(range(min(a.num_prompts, len(loaded.dataset))))
+    loaded, layout = load_normalized("prompts", args.dataset_name, args.subset, args.split, args.columns)
+    ds = loaded.dataset.select(range(min(args.num_prompts, len(loaded.dataset))))
     own = ds["answer_key"] if "answer_key" in ds.column_names else [None] * len(ds)
     try:
         sample_keys = load_answer_keys()
@@ -207,21 +207,22 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_causal_lm(path: str, a: EvalArguments):
+def load_causal_lm(path: str, args: EvalArguments):
     """A model to evaluate and its own tokenizer (left padding, for batched generation)."""
-    tokenizer = load_tokenizer(path, a.trust_remote_code, "left")
-    lm = load_model(ModelArguments(model_name_or_path=path, dtype=a.dtype, use_peft=False), "CAUSAL_LM",
-                    a.trust_remote_code, tokenizer.pad_token_id, flag="--models")
+    tokenizer = load_tokenizer(path, args.trust_remote_code, "left")
+    lm = load_model(ModelArguments(model_name_or_path=path, dtype=args.dtype, use_peft=False), "CAUSAL_LM",
+                    args.trust_remote_code, tokenizer.pad_token_id, flag="--models")
     check_vocabulary(tokenizer, lm, path, path, "--models", model_flag="--models")
     return tokenizer, lm.eval().requires_grad_(False).to(device())
 
 
-def load_reward_model(a: EvalArguments):
-    source = a.reward_tokenizer_name or a.reward_model_name
-    tokenizer = load_tokenizer(source, a.trust_remote_code, "right")
-    rm = load_model(ModelArguments(model_name_or_path=a.reward_model_name, dtype=a.dtype, use_peft=False), "SEQ_CLS",
-                    a.trust_remote_code, tokenizer.pad_token_id, flag="--reward_model_name", require_score_head=True)
-    check_vocabulary(tokenizer, rm, source, a.reward_model_name, "--reward_tokenizer_name",
+def load_reward_model(args: EvalArguments):
+    source = args.reward_tokenizer_name or args.reward_model_name
+    tokenizer = load_tokenizer(source, args.trust_remote_code, "right")
+    rm_args = ModelArguments(model_name_or_path=args.reward_model_name, dtype=args.dtype, use_peft=False)
+    rm = load_model(rm_args, "SEQ_CLS", args.trust_remote_code, tokenizer.pad_token_id, flag="--reward_model_name",
+                    require_score_head=True)
+    check_vocabulary(tokenizer, rm, source, args.reward_model_name, "--reward_tokenizer_name",
                      model_flag="--reward_model_name")
     return tokenizer, rm.eval().requires_grad_(False).to(device())
 
@@ -234,15 +235,15 @@ def chunk_seed(seed: int, stream: int, chunk: int) -> int:
     return ((seed * 1_000_003 + stream) * 1_000_003 + chunk) % 2**63
 
 
-def sample(lm, tokenizer, prompts: list[list[int]], a: EvalArguments, stream: int, *, desc: str) -> list[list[int]]:
+def sample(lm, tokenizer, prompts: list[list[int]], args: EvalArguments, stream: int, *, desc: str) -> list[list[int]]:
     """One answer per prompt (token ids up to and including the first EOS), ``--batch_size`` prompts at a time,
     each chunk under its own seed."""
     eos, answers = eos_token_ids(tokenizer, lm), []
-    starts = range(0, len(prompts), a.batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, disable=a.disable_tqdm, leave=False)):
-        torch.manual_seed(chunk_seed(a.seed, stream, i))
-        answers += sample_responses(lm, prompts[start : start + a.batch_size], a.max_new_tokens, a.temperature, eos,
-                                    pad_id=tokenizer.pad_token_id)
+    starts = range(0, len(prompts), args.batch_size)
+    for i, start in enumerate(tqdm(starts, desc=desc, disable=args.disable_tqdm, leave=False)):
+        torch.manual_seed(chunk_seed(args.seed, stream, i))
+        answers += sample_responses(lm, prompts[start : start + args.batch_size], args.max_new_tokens,
+                                    args.temperature, eos, pad_id=tokenizer.pad_token_id)
     return answers
 
 
@@ -291,7 +292,7 @@ def gold_scores(rows: list[dict], answers: list[str]) -> list[float | None]:
 GOLD_PARTS = ("fix", "names", "broken", "code", "eos")  # what the gold score is made of, per model (``gold_parts``)
 
 
-def gold_parts(verdicts: list, ended: list[bool], a: "EvalArguments") -> dict | None:
+def gold_parts(verdicts: list, ended: list[bool], args: "EvalArguments") -> dict | None:
     """The parts of the gold score, each a mean with its interval over the questions with a key: ``fix`` and
     ``names`` (the judge's shares in [0, 1]), ``broken`` (share of answers with a marker of a broken fix),
     ``code`` (share with a non-empty code block) and ``eos`` (share that ended with EOS within the budget)."""
@@ -301,7 +302,7 @@ def gold_parts(verdicts: list, ended: list[bool], a: "EvalArguments") -> dict | 
     parts = {"fix": [v.fix for v, _ in keyed], "names": [v.names for v, _ in keyed],
              "broken": [float(bool(v.forbidden)) for v, _ in keyed], "code": [float(v.has_code) for v, _ in keyed],
              "eos": [float(e) for _, e in keyed]}
-    return {k: interval(parts[k], a) for k in GOLD_PARTS}
+    return {k: interval(parts[k], args) for k in GOLD_PARTS}
 
 
 def same_tokenizer(t1, t2) -> bool:
@@ -309,33 +310,34 @@ def same_tokenizer(t1, t2) -> bool:
     return t1.get_vocab() == t2.get_vocab() and t1.all_special_ids == t2.all_special_ids
 
 
-def answer_model(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, *, rm, rm_tokenizer, vocab) -> dict:
+def answer_model(name: str, lm, tokenizer, rows: list[dict], args: EvalArguments, *, rm, rm_tokenizer, vocab) -> dict:
     """A model's answers to every prompt, with their scores, length and own log-probs (for the KL)."""
     prompts = [encode(tokenizer, render_prompt(tokenizer, r["prompt"])) for r in rows]
-    ids = sample(lm, tokenizer, prompts, a, MAIN_STREAM, desc=f"{name}: sampling")
+    ids = sample(lm, tokenizer, prompts, args, MAIN_STREAM, desc=f"{name}: sampling")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     eos = eos_token_ids(tokenizer, lm)
     verdicts = gold_verdicts(rows, texts)
     return {
         "prompts": prompts, "ids": ids, "texts": texts,
         "tokens": [len(r) for r in ids], "ended": [bool(r) and r[-1] in eos for r in ids],
-        "reward": reward_scores(rm, rm_tokenizer, [r["prompt"] for r in rows], texts, a.batch_size,
+        "reward": reward_scores(rm, rm_tokenizer, [r["prompt"] for r in rows], texts, args.batch_size,
                                 what=f"model {name}"),
         "gold": [v.score if v is not None else None for v in verdicts], "verdicts": verdicts,
         "readable": [readable_share(t, vocab) for t in texts],
-        "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, a.temperature, batch_size=a.batch_size),
+        "logp": sequence_logprobs(lm, prompts, ids, tokenizer.pad_token_id, args.temperature,
+                                  batch_size=args.batch_size),
     }
 
 
-def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments, *, rm, rm_tokenizer) -> dict:
+def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], args: EvalArguments, *, rm, rm_tokenizer) -> dict:
     """``--best_of_n`` answers per prompt sampled once; for each n the proxy and gold score of the reward model's
     pick among the first n (the first of equal scores)."""
-    rows, n_max = rows[: a.best_of_n_prompts], a.best_of_n
+    rows, n_max = rows[: args.best_of_n_prompts], args.best_of_n
     prompts = [encode(tokenizer, render_prompt(tokenizer, r["prompt"])) for r in rows for _ in range(n_max)]
-    ids = sample(lm, tokenizer, prompts, a, BEST_OF_N_STREAM, desc=f"{name}: best of {n_max}")
+    ids = sample(lm, tokenizer, prompts, args, BEST_OF_N_STREAM, desc=f"{name}: best of {n_max}")
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     repeated = [r["prompt"] for r in rows for _ in range(n_max)]
-    flat = reward_scores(rm, rm_tokenizer, repeated, texts, a.batch_size, what=f"model {name} (best of n)")
+    flat = reward_scores(rm, rm_tokenizer, repeated, texts, args.batch_size, what=f"model {name} (best of n)")
     per_prompt = []
     for i, row in enumerate(rows):
         answers, reward = texts[i * n_max : (i + 1) * n_max], flat[i * n_max : (i + 1) * n_max]
@@ -349,12 +351,12 @@ def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments
         pick = [max(range(n), key=lambda j, p=p: (p["reward"][j], -j)) for p in per_prompt]  # first of the maxima
         picks[n] = ([p["reward"][j] for p, j in zip(per_prompt, pick)],
                     [p["gold"][j] for p, j in zip(per_prompt, pick) if p["gold"] is not None])
-        curve.append({"n": n, "reward": interval(picks[n][0], a), "gold": interval(picks[n][1], a) if keyed else None,
-                      "kl_bound": math.log(n) - (n - 1) / n})
+        curve.append({"n": n, "reward": interval(picks[n][0], args),
+                      "gold": interval(picks[n][1], args) if keyed else None, "kl_bound": math.log(n) - (n - 1) / n})
     return {
         "model": name, "prompts": len(rows), "with_answer_key": len(keyed), "n_max": n_max, "curve": curve,
-        "reward_change": difference(picks[n_max][0], picks[1][0], a),
-        "gold_change": difference(picks[n_max][1], picks[1][1], a) if keyed else None,
+        "reward_change": difference(picks[n_max][0], picks[1][0], args),
+        "gold_change": difference(picks[n_max][1], picks[1][1], args) if keyed else None,
         "rows": per_prompt,
     }
 
@@ -362,43 +364,43 @@ def best_of_n_curve(name: str, lm, tokenizer, rows: list[dict], a: EvalArguments
 # ------------------------------------------------------------------------------------------ figures
 
 
-def interval(values: list[float], a: EvalArguments) -> dict:
-    return stats.bootstrap_mean(values, a.bootstrap_resamples, a.seed).as_dict()
+def interval(values: list[float], args: EvalArguments) -> dict:
+    return stats.bootstrap_mean(values, args.bootstrap_resamples, args.seed).as_dict()
 
 
-def difference(x: list[float], y: list[float], a: EvalArguments) -> dict:
-    d = stats.paired_difference(x, y, a.bootstrap_resamples, a.seed)
+def difference(x: list[float], y: list[float], args: EvalArguments) -> dict:
+    d = stats.paired_difference(x, y, args.bootstrap_resamples, args.seed)
     return {**d.as_dict(), "verdict": stats.verdict(d)}
 
 
-def win(x: list[float], y: list[float], same: list[bool], a: EvalArguments) -> dict:
-    w = stats.win_rate(x, y, same, a.bootstrap_resamples, a.seed)
+def win(x: list[float], y: list[float], same: list[bool], args: EvalArguments) -> dict:
+    w = stats.win_rate(x, y, same, args.bootstrap_resamples, args.seed)
     v = stats.verdict(w, null=0.5)
     return {**w.as_dict(), "verdict": {stats.ROSE: "better", stats.FELL: "worse"}.get(v, v)}
 
 
-def summarize(m: dict, base: dict, a: EvalArguments) -> dict:
+def summarize(answered: dict, base: dict, args: EvalArguments) -> dict:
     """A model's figures with intervals, and its comparison with the baseline, over the same prompts."""
-    keyed = [i for i, g in enumerate(m["gold"]) if g is not None]
-    same = [t == u for t, u in zip(m["texts"], base["texts"])]
-    gold = [m["gold"][i] for i in keyed]
+    keyed = [i for i, g in enumerate(answered["gold"]) if g is not None]
+    same = [t == u for t, u in zip(answered["texts"], base["texts"])]
+    gold = [answered["gold"][i] for i in keyed]
     base_gold = [base["gold"][i] for i in keyed]
     return {
-        "reward": interval(m["reward"], a),
-        "gold": interval(gold, a) if keyed else None,
-        "gold_parts": gold_parts(m["verdicts"], m["ended"], a),
-        "length": interval(m["tokens"], a),
-        "readable_share": interval(m["readable"], a),
-        "eos_fraction": sum(m["ended"]) / len(m["ended"]),
-        "kl": interval(m["kl"], a) if m["kl"] is not None else None,
-        "kl_note": m["kl_note"],
+        "reward": interval(answered["reward"], args),
+        "gold": interval(gold, args) if keyed else None,
+        "gold_parts": gold_parts(answered["verdicts"], answered["ended"], args),
+        "length": interval(answered["tokens"], args),
+        "readable_share": interval(answered["readable"], args),
+        "eos_fraction": sum(answered["ended"]) / len(answered["ended"]),
+        "kl": interval(answered["kl"], args) if answered["kl"] is not None else None,
+        "kl_note": answered["kl_note"],
         "vs_baseline": {
-            "reward_difference": difference(m["reward"], base["reward"], a),
-            "gold_difference": difference(gold, base_gold, a) if keyed else None,
-            "win_rate_reward": win(m["reward"], base["reward"], same, a),
-            "win_rate_gold": win(gold, base_gold, [same[i] for i in keyed], a) if keyed else None,
-            "length_difference": difference(m["tokens"], base["tokens"], a),
-            "readable_share_difference": difference(m["readable"], base["readable"], a),
+            "reward_difference": difference(answered["reward"], base["reward"], args),
+            "gold_difference": difference(gold, base_gold, args) if keyed else None,
+            "win_rate_reward": win(answered["reward"], base["reward"], same, args),
+            "win_rate_gold": win(gold, base_gold, [same[i] for i in keyed], args) if keyed else None,
+            "length_difference": difference(answered["tokens"], base["tokens"], args),
+            "readable_share_difference": difference(answered["readable"], base["readable"], args),
         },
     }
 
@@ -406,45 +408,46 @@ def summarize(m: dict, base: dict, a: EvalArguments) -> dict:
 def evaluate_models(args: EvalArguments | None = None, **kwargs) -> dict:
     """Sample, score and compare (see the module docstring); ``args`` or the same fields as keywords (``models``
     may be a list of ``NAME=PATH`` or a dict). Returns the results dict that ``eval.json`` holds; writes nothing."""
-    a = dataclasses.replace(args, **kwargs) if args is not None else EvalArguments(**kwargs)
-    models = check_args(a)
-    rows, source = load_questions(a)
+    args = dataclasses.replace(args, **kwargs) if args is not None else EvalArguments(**kwargs)
+    models = check_args(args)
+    rows, source = load_questions(args)
     print(f"prompts: {len(rows)} from {source}", flush=True)
-    baseline = a.baseline or next(iter(models))
-    reference, bon_model = a.reference or baseline, a.best_of_n_model or baseline
-    rm_tokenizer, rm = load_reward_model(a)
+    baseline = args.baseline or next(iter(models))
+    reference, bon_model = args.reference or baseline, args.best_of_n_model or baseline
+    rm_tokenizer, rm = load_reward_model(args)
     vocab = vocabulary()
     answered, bon, ref = {}, None, None
     for name in [reference] + [n for n in models if n != reference]:  # the reference first; it stays loaded
-        tokenizer, lm = load_causal_lm(models[name], a)
-        m = answered[name] = answer_model(name, lm, tokenizer, rows, a, rm=rm, rm_tokenizer=rm_tokenizer, vocab=vocab)
+        tokenizer, lm = load_causal_lm(models[name], args)
+        m = answered[name] = answer_model(name, lm, tokenizer, rows, args, rm=rm, rm_tokenizer=rm_tokenizer,
+                                          vocab=vocab)
         if ref is None:
             ref = (tokenizer, lm)
             m["kl"], m["kl_note"] = [0.0] * len(rows), None  # logp - logp of the same forward: exactly 0
         elif same_tokenizer(tokenizer, ref[0]):
-            ref_logp = sequence_logprobs(ref[1], m["prompts"], m["ids"], ref[0].pad_token_id, a.temperature,
-                                         batch_size=a.batch_size)
+            ref_logp = sequence_logprobs(ref[1], m["prompts"], m["ids"], ref[0].pad_token_id, args.temperature,
+                                         batch_size=args.batch_size)
             m["kl"], m["kl_note"] = [x - y for x, y in zip(m["logp"], ref_logp)], None
         else:
             m["kl"], m["kl_note"] = None, (f"not computed: the tokenizers of {name} and the reference {reference} "
                                            "differ (the KL sums over the model's tokens; the reference must read them)")
-        if a.best_of_n and name == bon_model:
-            bon = best_of_n_curve(name, lm, tokenizer, rows, a, rm=rm, rm_tokenizer=rm_tokenizer)
+        if args.best_of_n and name == bon_model:
+            bon = best_of_n_curve(name, lm, tokenizer, rows, args, rm=rm, rm_tokenizer=rm_tokenizer)
         if lm is not ref[1]:
             del lm  # freed before the next model loads: at most the reference, this model and the reward model
     base = answered[baseline]
     keyed = sum(r["answer_key"] is not None for r in rows)
     notes = [] if keyed else ["no question has an answer key: no gold scores (gold needs the sample data's questions)"]
-    if len(rows) < a.num_prompts:
-        notes.append(f"{source} has {len(rows)} questions, fewer than --num_prompts {a.num_prompts}: all were used")
+    if len(rows) < args.num_prompts:
+        notes.append(f"{source} has {len(rows)} questions, fewer than --num_prompts {args.num_prompts}: all were used")
     notes += [f"KL of {name}: {m['kl_note']}" for name, m in answered.items() if m["kl_note"]]
     return {
         "settings": {"models": models, "baseline": baseline, "reference": reference,
-                     "best_of_n_model": bon_model if a.best_of_n else None,
-                     **{k: v for k, v in dataclasses.asdict(a).items() if k not in ("models", "baseline", "reference",
-                                                                                     "best_of_n_model")}},
+                     "best_of_n_model": bon_model if args.best_of_n else None,
+                     **{k: v for k, v in dataclasses.asdict(args).items()
+                        if k not in ("models", "baseline", "reference", "best_of_n_model")}},
         "prompts": {"source": source, "n": len(rows), "with_answer_key": keyed},
-        "models": {name: {"path": models[name], **summarize(answered[name], base, a)} for name in models},
+        "models": {name: {"path": models[name], **summarize(answered[name], base, args)} for name in models},
         "best_of_n": bon,
         "rows": [{"question": r["question"], "has_answer_key": r["answer_key"] is not None,
                   "answers": {name: {"answer": m["texts"][i], "tokens": m["tokens"][i], "ended": m["ended"][i],
@@ -615,21 +618,21 @@ def headline(results: dict) -> dict[str, dict]:
             for name, m in results["models"].items()}
 
 
-def main(a: EvalArguments) -> StageResult:
-    check_args(a)
-    check_output_dir(a)
-    check_writable(a.output_dir, "--output_dir")
-    results = evaluate_models(a)  # checks the data before any model loads
-    with writing(f"the evaluation to {a.output_dir}"):
-        write_run_args(a.output_dir, a)
-        write_results(results, a.output_dir)
+def main(args: EvalArguments) -> StageResult:
+    check_args(args)
+    check_output_dir(args)
+    check_writable(args.output_dir, "--output_dir")
+    results = evaluate_models(args)  # checks the data before any model loads
+    with writing(f"the evaluation to {args.output_dir}"):
+        write_run_args(args.output_dir, args)
+        write_results(results, args.output_dir)
     baseline = results["settings"]["baseline"]
     for name, m in results["models"].items():
         w = m["vs_baseline"]["win_rate_gold"]
         print(f"{name}: RM score {_ci(m['reward'])}, gold {_ci(m['gold'])}, win rate (gold) vs {baseline} "
               f"{_ci(w)}{' ' + w['verdict'] if w else ''}")
-    print(f"saved to {a.output_dir} (eval.md, eval.json)")
-    return StageResult(a.output_dir, headline(results), results)
+    print(f"saved to {args.output_dir} (eval.md, eval.json)")
+    return StageResult(args.output_dir, headline(results), results)
 
 
 def parse(argv: list[str] | None = None, kwargs: dict | None = None) -> tuple[EvalArguments]:

@@ -80,7 +80,13 @@ class TrainerStage:
         total = self.config.max_steps if self.config.max_steps > 0 else None
         interrupt.start(self.output_dir, total, self.save_on_interrupt,
                         checkpoint_step(self.resume) if self.resume else 0)
-        trainer.train(resume_from_checkpoint=self.resume)
+        if self.resume and total is not None and checkpoint_step(self.resume) >= total:
+            # The run stopped after its last step's checkpoint, before the final save: Trainer.train would take one
+            # step more before it checks max_steps. The weights are the checkpoint's; the final save follows.
+            print(f"the checkpoint is the last step ({total}): no step left, saving it as the final model")
+            trainer._load_from_checkpoint(self.resume)
+        else:
+            trainer.train(resume_from_checkpoint=self.resume)
         if interrupt.progress.pending is not None:  # --save_on_interrupt: the checkpoint of this step is saved
             interrupt.stop()
         if self.guard.stopped:

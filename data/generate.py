@@ -2715,7 +2715,7 @@ def redraw_names(rng: random.Random, slots: dict[str, str], names: list[str]) ->
     return other
 
 
-def wrong_names_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
+def wrong_names_answer(rng, t, spec, slots, question, *, plan, good, key) -> str | None:
     """(i) The right fix, with the names of another slot draw (none of the question's names)."""
     for _attempt in range(30):
         other = redraw_names(rng, slots, key["name_slots"])
@@ -2726,7 +2726,7 @@ def wrong_names_answer(rng, t, spec, slots, question, plan, good, key) -> str | 
     return None
 
 
-def broken_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
+def broken_answer(rng, t, spec, slots, question, *, plan, good, key) -> str | None:
     """(iii) The preferred answer with its code replaced by a subtly broken variant of the fix."""
     options = KEYS[t["name"]]["broken"][:]
     rng.shuffle(options)
@@ -2764,7 +2764,7 @@ def _donors(t: dict, spec: dict, key: dict) -> list[list[tuple[dict, dict]]]:
     return [tiers[k] for k in sorted(tiers, reverse=True)]
 
 
-def wrong_fix_answer(rng, t, spec, slots, question, plan, good, key) -> str | None:
+def wrong_fix_answer(rng, t, spec, slots, question, *, plan, good, key) -> str | None:
     """(ii) The preferred answer of another topic's question, filled with this question's names; its code holds
     at most half of the terms of any right fix (both may use ``git add`` or ``re.findall``, not more)."""
     attempts = 0
@@ -2801,7 +2801,7 @@ def qid_date(qid: int) -> str:
 
 
 def make_good_fitting(rng: random.Random, t: dict, spec: dict, slots: dict[str, str], question: str,
-                      short: bool) -> tuple[dict, str]:
+                      *, short: bool) -> tuple[dict, str]:
     """A preferred answer (plan and text) that keeps question + answer within MAX_PAIR_CHARS (about 256
     byte-level BPE tokens); redrawn if longer, short form as the last resort."""
     for _attempt in range(20):
@@ -2813,21 +2813,21 @@ def make_good_fitting(rng: random.Random, t: dict, spec: dict, slots: dict[str, 
     return plan, render(plan, slots)
 
 
-def make_row(rng: random.Random, t: dict, question: str, spec: dict, slots: dict[str, str], qid: int,
+def make_row(rng: random.Random, t: dict, question: str, spec: dict, slots: dict[str, str], *, qid: int,
              kind: str) -> dict:
     """One row. ``kind`` is ``lookalike_*`` (falls back to another look-alike kind, then a classic one, if no
     wrong answer of that kind fits) or ``classic`` (a code-free bad answer; its kind is drawn)."""
     key = make_key(t, spec, slots, question)
     long_rejected = kind == "classic" and rng.random() < LONG_REJECTED_SHARE
     short_good = rng.random() < (0.6 if long_rejected else SHORT_GOOD_SHARE)
-    plan, good = make_good_fitting(rng, t, spec, slots, question, short_good)
+    plan, good = make_good_fitting(rng, t, spec, slots, question, short=short_good)
     bad = None
     if kind != "classic":
         order = [kind] + [k for k in LOOKALIKE_MAKERS if k != kind]
         if not key["names"]:
             order.remove("lookalike_wrong_names")
         for kind in order:
-            bad = LOOKALIKE_MAKERS[kind](rng, t, spec, slots, question, plan, good, key)
+            bad = LOOKALIKE_MAKERS[kind](rng, t, spec, slots, question, plan=plan, good=good, key=key)
             if bad is not None:
                 break
     if bad is None:
@@ -2898,7 +2898,7 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
             while qid in seen_qids:
                 qid = rng.randint(QID_FIRST, QID_LAST)
             seen_qids.add(qid)
-            row = make_row(rng, t, question, spec, slots, qid, kinds[i])
+            row = make_row(rng, t, question, spec, slots, qid=qid, kind=kinds[i])
             row["_topic"], row["_core"] = t["name"], core
             rows.append(row)
         offset += size
@@ -2924,7 +2924,7 @@ def pretrain_corpus(splits: dict[str, list[dict]], seed: int = SEED, extra: int 
         t = TOPICS[i % len(TOPICS)]
         question, spec, slots, core = new_question(rng, t, seen, lambda c: c not in held_out_cores)
         seen.add(question)
-        _plan, good = make_good_fitting(rng, t, spec, slots, question, rng.random() < SHORT_GOOD_SHARE)
+        _plan, good = make_good_fitting(rng, t, spec, slots, question, short=rng.random() < SHORT_GOOD_SHARE)
         docs.append({"text": format_example(question, good), "source": "extra", "_core": core})
     rng.shuffle(docs)
     return docs

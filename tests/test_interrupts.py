@@ -13,8 +13,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from common.cli import UserError
+from common.outputs import read_metrics
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, max_weight_diff, run_script
 
 SFT = ["training_sft.py", "--dataset_name", ".", "--subset", "data/finetune", "--size_valid_set", "8",
@@ -301,3 +303,26 @@ def test_evaluate_interrupted_is_one_line(tiny_model, reward_model, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (SIGINT); nothing")
     assert not os.path.isfile(os.path.join(out, "eval.json"))
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_last_checkpoint_saves_that_checkpoint_and_takes_no_step_more(tiny_model, tmp_path):
+    """Interrupted between the last step's checkpoint and the final save: the same command again saves the
+    checkpoint's weights as the final model (Trainer.train would have taken one step past --max_steps)."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "sft")
+    cmd = [*SFT[:SFT.index("--max_steps")], "--max_steps", "3", "--save_freq", "3", "--eval_freq", "100",
+           "--learning_rate", "1e-3", "--disable_tqdm", "true", "--model_name_or_path", tiny_model, "--output_dir", out]
+    run_script(*cmd)
+    for name in os.listdir(out):  # as if stopped before the final save: only the checkpoint and the run's records
+        if name not in ("checkpoint-3", "run_args.yaml", "metrics.jsonl"):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    again = run_script(*cmd)
+    assert "resuming from " in again.stdout and "no step left" in again.stdout
+    assert max(m.get("step", 0) for m in read_metrics(out)) == 3
+    assert not os.path.exists(os.path.join(out, "checkpoint-4"))
+    final, checkpoint = (load_file(os.path.join(d, "adapter_model.safetensors"))
+                         for d in (out, os.path.join(out, "checkpoint-3")))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
