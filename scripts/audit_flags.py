@@ -437,7 +437,7 @@ def script_parser(module):
 
     captured = {}
 
-    def capture(dataclass_types, aliases=None, defaults=None, args=None, description=None, kwargs=None, hints=None):
+    def capture(dataclass_types, aliases=None, defaults=None, args=None, description=None, *, kwargs=None, hints=None):
         captured.update(types=list(dataclass_types), aliases=aliases, defaults=defaults, description=description)
         raise _Captured
 
@@ -696,7 +696,7 @@ def _child(case: Case, fx: Fixtures, out: str, result_path: str, log_path: str) 
         os._exit(code)
 
 
-def run_all(all_cases: list[Case], fx: Fixtures, work: str, jobs: int, timeout: float, verbose: bool) -> list[dict]:
+def run_all(all_cases: list[Case], fx: Fixtures, work: str, jobs: int, timeout: float, *, verbose: bool) -> list[dict]:
     """Every case in a forked child, ``jobs`` at a time."""
     results: list[dict | None] = [None] * len(all_cases)
     pending = list(range(len(all_cases)))
@@ -939,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         build_fixtures(fx, work, args.timeout)
         print(f"fixtures: {time.monotonic() - t1:.0f}s", flush=True)
         t1 = time.monotonic()
-        results = run_all(all_cases, fx, work, args.jobs, args.timeout, args.verbose)
+        results = run_all(all_cases, fx, work, args.jobs, args.timeout, verbose=args.verbose)
         seconds = time.monotonic() - t1
         for script, row in summary(results).items():
             print(f"{script}: {row}")
