@@ -28,7 +28,8 @@ between models are less noisy). Per model (docs/design.md, "Evaluation and the g
 - mean answer length in tokens (up to and including EOS, as PPO's ``response/length_mean``), the share of answers
   that ended with EOS, and the readable share (common.gold.readable_share: words of the sample data's vocabulary);
 - against the baseline (``--baseline``, default the first model): the paired difference of both scores and the
-  win rate under both judges (ties 1/2; identical answers tie);
+  win rate under both judges (ties 1/2; identical answers tie), and the gold win-rate ceiling (``common.gold.ceiling``:
+  what answers with the whole fix and nothing wrong, but only the baseline's names, would win against it);
 - the KL to the reference (``--reference``, default the baseline): the mean over prompts of
   ``sum_t logp_model(a_t) - logp_ref(a_t)`` on the model's own answers, at the sampling temperature, through each
   model's own output path (as PPO's ``objective/kl``); not computed when the two tokenizers differ.
@@ -65,7 +66,7 @@ from common.cli import StageResult, UserError, call_stage, collect, parse_args, 
 from common.data import DataError
 from common.fields import data_dir_field, dataset_name_field, overwrite_output_dir_field, split_field
 from common.generation import eos_token_ids, sample_responses
-from common.gold import judge, load_answer_keys, readable_share, vocabulary
+from common.gold import ceiling, judge, load_answer_keys, readable_share, vocabulary
 from common.layouts import columns_field, load_normalized
 from common.modeling import ModelArguments, check_model_path, check_vocabulary, load_model, load_tokenizer
 from common.outputs import check_writable, holds_final_model, write_model_card, write_run_args, writing
@@ -379,6 +380,14 @@ def win(x: list[float], y: list[float], same: list[bool], args: EvalArguments) -
     return {**w.as_dict(), "verdict": {stats.ROSE: "better", stats.FELL: "worse"}.get(v, v)}
 
 
+def _ceiling_win(base: dict, keyed: list[int], args: EvalArguments) -> dict | None:
+    """The win rate against the baseline's answers of the best answers with their names (``gold.ceiling``)."""
+    verdicts = [base["verdicts"][i] for i in keyed]
+    if not verdicts or any(v is None for v in verdicts):
+        return None
+    return win([ceiling(v) for v in verdicts], [v.score for v in verdicts], [False] * len(verdicts), args)
+
+
 def summarize(answered: dict, base: dict, args: EvalArguments) -> dict:
     """A model's figures with intervals, and its comparison with the baseline, over the same prompts."""
     keyed = [i for i, g in enumerate(answered["gold"]) if g is not None]
@@ -399,6 +408,8 @@ def summarize(answered: dict, base: dict, args: EvalArguments) -> dict:
             "gold_difference": difference(gold, base_gold, args) if keyed else None,
             "win_rate_reward": win(answered["reward"], base["reward"], same, args),
             "win_rate_gold": win(gold, base_gold, [same[i] for i in keyed], args) if keyed else None,
+            # The most a policy writing the baseline's share of the question's names could win (gold.ceiling).
+            "win_rate_gold_ceiling": _ceiling_win(base, keyed, args),
             "length_difference": difference(answered["tokens"], base["tokens"], args),
             "readable_share_difference": difference(answered["readable"], base["readable"], args),
         },
@@ -507,6 +518,12 @@ def write_markdown(results: dict, path: str) -> None:
                   "| model | " + " | ".join(GOLD_PARTS) + " |", "| --- |" + " --- |" * len(GOLD_PARTS)]
         lines += [f"| {name} | " + " | ".join(_ci(m["gold_parts"][k]) for k in GOLD_PARTS) + " |"
                   for name, m in results["models"].items() if m.get("gold_parts")]
+        top = next((m["vs_baseline"]["win_rate_gold_ceiling"] for m in results["models"].values()
+                    if m["vs_baseline"].get("win_rate_gold_ceiling")), None)
+        if top:
+            lines += ["", f"Gold win-rate ceiling: an answer with the whole fix and nothing wrong, but no more of the "
+                      f"question's names than `{s['baseline']}`'s, would beat `{s['baseline']}` in {_ci(top)} of the "
+                      "questions (ties 1/2); a model that cannot copy names cannot win more."]
     lines += ["", "| model | length difference (tokens) | verdict | readable share difference | verdict |",
               "| --- | --- | --- | --- | --- |"]
     for name, m in results["models"].items():

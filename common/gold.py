@@ -224,6 +224,19 @@ def _as_key(key) -> dict:
     return key
 
 
+def base_score(fix: float, names: float, has_code: bool) -> float:
+    """The score before the multiplying factors: ``0.85 * fix**2 * (0.4 + 0.6 * names) + 0.15 * names * has_code``."""
+    return 0.85 * fix ** 2 * (0.4 + 0.6 * names) + 0.15 * names * has_code
+
+
+def ceiling(verdict: Verdict) -> float:
+    """The highest score an answer to the same question can reach with the same ``names`` share as ``verdict``'s
+    answer: the whole fix in code, nothing broken, repeated or echoed. Over a baseline's answers, the win rate of
+    these ceilings against the answers' own scores bounds what a policy whose answers hold, question by question,
+    no larger names share than the baseline's can win against it (``evaluate.py``'s ``win_rate_gold_ceiling``)."""
+    return round(min(1.0, base_score(1.0, verdict.names, True)), 4)
+
+
 def judge(question: str, answer: str, key) -> Verdict:
     """Score ``answer`` to ``question`` against its answer key (a dict, or its JSON text); see the module doc."""
     key = _as_key(key)
@@ -283,7 +296,7 @@ def judge(question: str, answer: str, key) -> Verdict:
     if n_blocks > 2:
         reasons.append(f"{n_blocks} code blocks")
 
-    score = 0.85 * fix ** 2 * (0.4 + 0.6 * names_score) + 0.15 * names_score * has_code
+    score = base_score(fix, names_score, has_code)
     score *= 1.0 if has_code else NO_CODE_FACTOR
     score *= FORBIDDEN_IN_CODE if in_code else FORBIDDEN_IN_PROSE if forbidden else 1.0
     score *= 1.0 if prose_words >= MIN_PROSE_WORDS else 0.55 + 0.15 * prose_words

@@ -128,6 +128,7 @@ def summarize(root: str, seconds_per_stage: dict | None = None, seed: int | None
         "gold_difference": vs.get("gold_difference"),
         "gold_win_rate_vs_sft": _get(vs, "win_rate_gold", "mean"),
         "gold_win_rate_interval": vs.get("win_rate_gold"),
+        "gold_win_rate_ceiling": _get(vs, "win_rate_gold_ceiling", "mean"),
         "rm_win_rate_vs_sft": _get(vs, "win_rate_reward", "mean"),
         "ppo_kl_to_sft": _get(m_final, "kl", "mean"),
         "sft_eos_share": _get(m_base, "eos_fraction"),
@@ -199,7 +200,9 @@ def summary_lines(s: dict) -> list[str]:
             f"  gold score  {_fmt(s['gold_score_sft'])} -> {_fmt(s['gold_score_final'])}: "
             f"{_ci(s['gold_difference'])}, {_verdict(s['gold_difference'])}",
             f"  gold wins   final beats SFT in {_interval(s['gold_win_rate_interval'])} of the questions "
-            f"(ties 1/2): {_verdict_win(s['gold_win_rate_interval'])}",
+            f"(ties 1/2): {_verdict_win(s['gold_win_rate_interval'])}"
+            + (f"; ceiling {s['gold_win_rate_ceiling']:.2f} without copying names" if s.get("gold_win_rate_ceiling")
+               is not None else ""),
             f"  KL to SFT   {_fmt(s['ppo_kl_to_sft'], 2)} nats; length {_fmt(s['length_sft'], 1)} -> "
             f"{_fmt(s['length_final'], 1)} tokens; SFT answers ended with EOS: {_fmt(s.get('sft_eos_share'), 2)}",
         ]
@@ -286,6 +289,11 @@ def write_report(root: str, s: dict, plots: list[str], examples: list[dict]) -> 
                   "| model | " + " | ".join(parts["sft"]) + " |", "| --- |" + " --- |" * len(parts["sft"]),
                   *(f"| {s['eval_baseline' if role == 'sft' else 'eval_final']} | "
                     + " | ".join(f"{v:.3f}" for v in parts[role].values()) + " |" for role in ("sft", "final")), ""]
+        if s.get("gold_win_rate_ceiling") is not None:
+            lines += [f"Ceiling: answers with the whole fix and nothing wrong, but no more of the question's names "
+                      f"than the SFT model's, would beat the SFT model in {s['gold_win_rate_ceiling']:.3f} of these "
+                      "questions (ties 1/2; `common.gold.ceiling`): the gold win rate a policy reaches without "
+                      "copying names.", ""]
     if s["best_of_n"]:
         b = s["best_of_n"]
         lines += [f"## Best of n ({b['model']}): the reward model's pick among n answers", "",

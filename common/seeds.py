@@ -56,6 +56,9 @@ TARGETS = [
     Target("reward model accuracy, wrong-fix pairs", lambda s: _by_kind(s, "lookalike_wrong_fix"), 0.85, False),
     Target("reward model accuracy, broken pairs", lambda s: _by_kind(s, "lookalike_broken"), 0.85, False),
     Target("gold win rate, final vs SFT", lambda s: s.get("gold_win_rate_vs_sft"), 0.65, False),
+    # Not a target of its own: whether the one above can be met by a policy that copies no more of the question's
+    # names than the SFT model (common.gold.ceiling).
+    Target("gold win-rate ceiling without copying names", lambda s: s.get("gold_win_rate_ceiling"), 0.65, False),
     Target("RM score rise, in SFT std", lambda s: s.get("rm_score_rise_in_sft_std"), 1.0, False, 2),
     Target("KL to the SFT model, nats", lambda s: s.get("ppo_kl_to_sft"), 10, True, 2),
 ]

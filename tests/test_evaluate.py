@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_ppo import _save_reward_model
 
-from common import stats
+from common import gold, stats
 from common.cli import run
 from common.gold import answer_key, gold_score, judge
 from conftest import assert_user_error, run_script
@@ -166,6 +166,12 @@ def test_preferred_answers_beat_rejected_ones_under_gold():
     assert s["vs_baseline"]["win_rate_gold"]["mean"] == 1.0 and s["vs_baseline"]["win_rate_gold"]["verdict"] == "better"
     assert s["vs_baseline"]["gold_difference"]["verdict"] == "rose"
     assert s["vs_baseline"]["win_rate_reward"]["mean"] == 0.5  # equal reward everywhere: ties
+    # The ceiling: the whole fix with the baseline's names, against the baseline's own scores (ties 1/2).
+    ceilings = [gold.ceiling(v) for v in bad["verdicts"]]
+    assert s["vs_baseline"]["win_rate_gold_ceiling"]["mean"] == pytest.approx(
+        sum(1.0 if c > g else 0.5 for c, g in zip(ceilings, bad["gold"])) / 30, abs=1e-12)
+    assert 0.5 < s["vs_baseline"]["win_rate_gold_ceiling"]["mean"] < 1.0  # wrong-names answers cannot be beaten
+    assert evaluate.summarize(bad, good, a)["vs_baseline"]["win_rate_gold_ceiling"]["mean"] == 0.5  # all at 1.0
     # Preferred answers hold the whole fix and no broken marker; the rejected ones of broken pairs hold a marker.
     assert s["gold_parts"]["fix"]["mean"] == 1.0 and s["gold_parts"]["broken"]["mean"] == 0.0
     broken = [d["pair_kind"] == "lookalike_broken" for d in data]

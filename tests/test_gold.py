@@ -268,6 +268,20 @@ def test_evaluation_preferred_answers_score_high_and_rejected_lower():
     assert {"lookalike_wrong_names", "lookalike_wrong_fix", "lookalike_broken"} <= set(by_kind)
 
 
+def test_ceiling_keeps_the_answers_names_and_bounds_its_score():
+    """gold.ceiling: 1 for a preferred answer (all names), 0.34 for the right fix with another question's names (the
+    names share 0), and never below the answer's own score, over every answer of the evaluation split."""
+    for row in rows("evaluation"):
+        q, key = row["question"], row["answer_key"]
+        for answer in (row["response_j"], row["response_k"]):
+            v = judge(q, answer, key)
+            assert v.score <= gold.ceiling(v) <= 1.0, (row["qid"], v)
+        assert gold.ceiling(judge(q, row["response_j"], key)) == 1.0
+        if row["pair_kind"] == "lookalike_wrong_names":
+            v = judge(q, row["response_k"], key)
+            assert v.names == 0 and gold.ceiling(v) == pytest.approx(0.34), (row["qid"], v)
+
+
 def test_answer_keys_load_for_held_out_questions():
     keys = load_answer_keys()
     for split in ("evaluation", "rl"):

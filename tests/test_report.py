@@ -149,7 +149,7 @@ def test_seed_table_takes_the_worst_seed_and_names_a_missing_run(tmp_path, capsy
             "seed": seed, "seconds_per_stage": {"SFT": minutes * 30, "PPO": minutes * 30},
             "sft_vocabulary_share": share, "sft_eos_share": share,
             "rm_accuracy_by_kind": {"lookalike_wrong_fix": acc, "lookalike_broken": acc + 0.05},
-            "gold_win_rate_vs_sft": win,
+            "gold_win_rate_vs_sft": win, "gold_win_rate_ceiling": win - 0.02,
             "rm_score_rise_in_sft_std": rise, "ppo_kl_to_sft": kl}))
         runs.append(str(d))
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in
@@ -158,6 +158,7 @@ def test_seed_table_takes_the_worst_seed_and_names_a_missing_run(tmp_path, capsy
     assert rows["whole pipeline, minutes (2-core CPU)"][2:7] == ["9.0", "11.0", "10.0", "11.0", "yes |"]
     assert rows["gold win rate, final vs SFT"][2:7] == ["0.700", "0.660", "0.680", "0.660", "yes |"]
     assert rows["KL to the SFT model, nats"][5:7] == ["8.00", "yes |"]
+    assert rows["gold win-rate ceiling without copying names"][2:7] == ["0.680", "0.640", "0.660", "0.640", "**no** |"]
     # A third seed below the bar fails every row it misses, whatever the mean says.
     text = seeds.main(runs)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()[2:]}
@@ -196,8 +197,11 @@ def test_the_gold_parts_and_the_reward_models_kinds_reach_the_summary_and_the_re
     assert s["gold_parts"]["final"]["fix"] == 1.0 and s["gold_parts"]["final"]["broken"] == 0.25
     lines = "\n".join(report.summary_lines(s))
     assert "fix 0.50 -> 1.00" in lines and "broken 0.50 -> 0.25" in lines and "ended with EOS: 0.90" in lines
+    # Every SFT answer (gold 0.3, names 0.25) is below its ceiling 0.85 * (0.4 + 0.6 * 0.25) + 0.15 * 0.25 = 0.505.
+    assert s["gold_win_rate_ceiling"] == 1.0 and "ceiling 1.00 without copying names" in lines
     report_text = open(report.write_report(str(tmp_path), s, [], [])).read()
     assert "| final | 1.000 | 0.250 | 0.250 | 1.000 | 1.000 |" in report_text
+    assert "names than the SFT model's, would beat the SFT model in 1.000 of these questions" in report_text
     # The reward model's accuracy per kind of pair: the _pipeline helper wrote its own report, without kinds.
     assert s["rm_accuracy_by_kind"] == {}
     (tmp_path / "rm" / "eval_report.json").write_text((tmp_path / "rm_kept" / "eval_report.json").read_text())
