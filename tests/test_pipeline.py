@@ -3,8 +3,9 @@ README runs it with fewer steps; and the example run configs in configs/ parse.
 
 The default command's figures (12 minutes, gold win rate, five seeds) are measured by running it, not here: see the
 README's table. This run checks that every stage connects, that each reports what the summary needs, and that the
-reduced run still learns: SFT loss falls, the reward model beats chance on the look-alike pairs, and PPO's held-out
-evaluation and the final evaluation are written with the gold judge beside the reward model."""
+reduced run still learns: SFT loss falls and its answers end, the reward model beats chance on the look-alike
+pairs, and PPO's held-out evaluation and the final evaluation are written with the gold judge beside the reward
+model."""
 
 import glob
 import json
@@ -28,8 +29,9 @@ def pipeline(tmp_path_factory):
            # The reward model's report (eval_report.json, what the summary reads) scores the held-out pairs after
            # training; the Trainer's own evaluation of the same pairs is left out (suite time).
            "RM_ARGS": "--max_steps 60 --eval_strategy no --save_steps 60 --disable_tqdm true",
+           # Shorter responses than the demo's whole answers (168 tokens; suite time); the evaluation keeps them.
            "PPO_ARGS": f"--steps {16 * PPO_STEPS} --eval_freq 8 --eval_prompts 24 --save_freq 1000 "
-                       "--disable_tqdm true",
+                       "--output_min_length 64 --output_max_length 96 --disable_tqdm true",
            "EVAL_ARGS": "--num_prompts 32 --best_of_n 4 --best_of_n_prompts 8 --bootstrap_resamples 500"}
     proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500)
@@ -46,7 +48,10 @@ def test_pipeline_learns_and_summarises_with_the_gold_judge(pipeline):
                 "sft_eval_loss_after", "rm_eval_accuracy", "ppo_score_first", "ppo_score_last", "ppo_kl_last"):
         assert s[key] is not None, key
     assert s["seed"] == 3
-    assert s["sft_eval_loss_after"] < 0.9 * s["sft_eval_loss_before"]  # LoRA SFT on the pretrained base learns
+    # SFT on whole examples: the pretrained base already models them (eval loss about 0.14), SFT lowers it a little
+    # more; the answers end with EOS within the evaluation's 168 new tokens.
+    assert s["sft_eval_loss_after"] < s["sft_eval_loss_before"] < 0.2
+    assert s["sft_eos_share"] >= 0.8 and s["gold_win_rate_ceiling"] is not None
     assert s["sft_vocabulary_share"] >= 0.9  # the pretrained base writes words of the corpus
     assert s["rm_lookalike_pairs"] >= 0.4 * s["rm_pairs"] and s["rm_eval_accuracy"] >= 0.65
     assert s["rm_accuracy_lookalike"] > 0.5
