@@ -186,7 +186,8 @@ def test_algo_dpo_runs_the_chain_with_dpo_and_gives_the_same_summary(pipeline, t
     assert {"DPO", "merge DPO", "evaluate"} <= set(s["seconds_per_stage"]) and "PPO" not in s["seconds_per_stage"]
     assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
     dpo_args = yaml.safe_load(open(os.path.join(run, "dpo", "run_args.yaml")))
-    assert dpo_args["DPOConfig"]["beta"] == 0.1 and dpo_args["ScriptArguments"]["max_prompt_length"] == 128
+    # beta is TRL's default; the prompt length defaults to half the demo's --max_length 288 (whole pairs).
+    assert dpo_args["DPOConfig"]["beta"] == 0.1 and dpo_args["ScriptArguments"]["max_prompt_length"] == 144
     card = open(os.path.join(run, "dpo", "README.md")).read()
     assert "DPO LoRA adapter" in card and "eval_accuracy_lookalike" in card and "training_dpo.py" in card
     with open(os.path.join(run, "dpo.png"), "rb") as f:
