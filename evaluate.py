@@ -518,8 +518,7 @@ def write_markdown(results: dict, path: str) -> None:
                   "| model | " + " | ".join(GOLD_PARTS) + " |", "| --- |" + " --- |" * len(GOLD_PARTS)]
         lines += [f"| {name} | " + " | ".join(_ci(m["gold_parts"][k]) for k in GOLD_PARTS) + " |"
                   for name, m in results["models"].items() if m.get("gold_parts")]
-        top = next((m["vs_baseline"]["win_rate_gold_ceiling"] for m in results["models"].values()
-                    if m["vs_baseline"].get("win_rate_gold_ceiling")), None)
+        top = results["models"][s["baseline"]]["vs_baseline"].get("win_rate_gold_ceiling")  # the same for every model
         if top:
             lines += ["", f"Gold win-rate ceiling: an answer with the whole fix and nothing wrong, but no more of the "
                       f"question's names than `{s['baseline']}`'s, would beat `{s['baseline']}` in {_ci(top)} of the "

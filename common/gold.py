@@ -234,7 +234,7 @@ def ceiling(verdict: Verdict) -> float:
     answer: the whole fix in code, nothing broken, repeated or echoed. Over a baseline's answers, the win rate of
     these ceilings against the answers' own scores bounds what a policy whose answers hold, question by question,
     no larger names share than the baseline's can win against it (``evaluate.py``'s ``win_rate_gold_ceiling``)."""
-    return round(min(1.0, base_score(1.0, verdict.names, True)), 4)
+    return round(base_score(1.0, verdict.names, True), 4)  # 0.34 + 0.66 * names: at most 1
 
 
 def judge(question: str, answer: str, key) -> Verdict:
